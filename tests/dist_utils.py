@@ -7,6 +7,7 @@ is re-raised in the test with its traceback.
 """
 from __future__ import annotations
 
+import io
 import os
 import socket
 import traceback
@@ -32,7 +33,10 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple,
     try:
         dist.init_process_group('gloo', rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
-        queue.put((rank, True, result))
+        # Serialize tensors to bytes: shared-memory handles die with the rank.
+        buffer = io.BytesIO()
+        torch.save(result, buffer)
+        queue.put((rank, True, buffer.getvalue()))
     except BaseException:  # noqa: B902  report everything to the parent
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -59,7 +63,8 @@ def run_distributed(fn: Callable, world_size: int, *args: Any,
         for _ in range(world_size):
             rank, ok, value = queue.get(timeout=timeout)
             if ok:
-                results[rank] = value
+                results[rank] = torch.load(io.BytesIO(value),
+                                           weights_only=False)
             else:
                 errors.append(f'rank {rank} failed:\n{value}')
                 break

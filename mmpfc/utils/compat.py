@@ -80,3 +80,15 @@ def _export_slurm_env(port: int | None) -> None:
 
 
 allow_mmengine_checkpoint_globals()
+
+
+def grad_scaler_found_inf(scaler: torch.amp.GradScaler,
+                          optimizer: torch.optim.Optimizer) -> dict:
+    """The per-device overflow flags ``scaler.unscale_(optimizer)`` recorded.
+
+    torch 2.x (checked up to 2.14) offers no public way to change the skip
+    decision of ``GradScaler.step``; ranks whose shards overflow must share
+    that decision, so we read and overwrite these flags. The dict is empty
+    before ``unscale_``.
+    """
+    return scaler._per_optimizer_states[id(optimizer)]['found_inf_per_device']

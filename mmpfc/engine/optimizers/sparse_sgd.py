@@ -1,0 +1,59 @@
+"""SGD applied to a subset of rows of a parameter (Partial FC centers).
+
+The rule is exactly ``torch.optim.SGD``'s for the rows given, using the
+hyper-parameters of the param group that holds the parameter, so the
+optimizer config and the param schedulers drive the centers like the
+backbone. The momentum of the whole parameter lives in
+``optimizer.state[param]['momentum_buffer']`` (created as zeros), so it is
+saved and loaded with the optimizer state; only the given rows are read and
+written.
+"""
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_OPTIMIZERS = (torch.optim.SGD, )
+
+
+def find_param_group(optimizer: torch.optim.Optimizer,
+                     param: torch.Tensor) -> dict:
+    """The param group of ``optimizer`` that holds ``param``."""
+    for group in optimizer.param_groups:
+        if any(p is param for p in group['params']):
+            return group
+    raise KeyError('parameter is not managed by this optimizer')
+
+
+@torch.no_grad()
+def sparse_sgd_step(optimizer: torch.optim.Optimizer, param: torch.Tensor,
+                    rows: torch.Tensor, grad: torch.Tensor) -> None:
+    """Update ``param[rows]`` with ``grad`` by the SGD rule of its group.
+
+    Memory and work scale with ``len(rows)``; rows not given, and their
+    momentum, are untouched (original Partial FC semantics: weight decay and
+    momentum of a center apply when it is sampled).
+    """
+    if not isinstance(optimizer, SUPPORTED_OPTIMIZERS):
+        raise TypeError(
+            'Partial FC (sample_rate < 1) updates sampled centers with the '
+            f'SGD rule; optimizer {type(optimizer).__name__} is not supported '
+            '(use type=\'SGD\', or sample_rate=1.0 for any optimizer).')
+    group = find_param_group(optimizer, param)
+    lr, momentum = group['lr'], group['momentum']
+    weight_decay, dampening = group['weight_decay'], group['dampening']
+    if group.get('maximize', False):
+        grad = -grad
+    weight = param.data[rows]
+    grad = grad.to(weight.dtype)
+    if weight_decay != 0:
+        grad = grad.add(weight, alpha=weight_decay)
+    if momentum != 0:
+        state = optimizer.state[param]
+        buf_all = state.get('momentum_buffer')
+        if buf_all is None:
+            buf_all = torch.zeros_like(param.data)
+            state['momentum_buffer'] = buf_all
+        buf = buf_all[rows].mul_(momentum).add_(grad, alpha=1 - dampening)
+        buf_all[rows] = buf
+        grad = grad.add(buf, alpha=momentum) if group['nesterov'] else buf
+    param.data[rows] = weight.add_(grad, alpha=-lr)

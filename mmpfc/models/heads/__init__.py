@@ -1,0 +1,4 @@
+from .center_sampler import CenterSampler
+from .partial_fc_head import PartialFCHead
+
+__all__ = ['CenterSampler', 'PartialFCHead']

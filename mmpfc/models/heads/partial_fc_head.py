@@ -1,0 +1,233 @@
+"""The sharded, sampled classification layer (Partial FC) as an mmpretrain head."""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from mmengine.model import BaseModule
+
+from mmpfc.registry import MODELS
+from ..utils import (all_gather_with_grad, distributed_cross_entropy,
+                     get_rank_and_world_size, mark_sharded, shard_range)
+from ..utils.distributed import all_gather_no_grad
+from .center_sampler import CenterSampler
+
+
+@MODELS.register_module()
+class PartialFCHead(BaseModule):
+    """Margin softmax over class centers sharded across ranks (Partial FC).
+
+    Every rank owns the contiguous classes ``[class_start, class_start +
+    num_local)`` as ``weight`` (rows in class order). Each step all-gathers the
+    embeddings and labels of the global batch, computes cosine logits against
+    its shard (``sample_rate=1.0``: model parallel) or against the sampled rows
+    (``0 <= sample_rate < 1``: Partial FC, every positive kept), applies the
+    margin and a softmax cross-entropy whose normalizer is reduced over ranks.
+
+    Gradient convention: after ``loss(...)['loss'].backward()``, the gradient
+    of ``feats`` is ``world_size * dL/dfeats`` for the global mean loss ``L``;
+    DDP's averaging of the backbone gradients over ranks cancels the factor.
+
+    Sampled centers (``sample_rate < 1``) are not updated through
+    ``weight.grad``: each step copies the sampled rows into a small leaf
+    tensor; after backward, ``PartialFCOptimWrapper`` applies the optimizer's
+    SGD rule (its current lr, momentum, weight decay) to those rows only, and
+    keeps the momentum of the whole shard in the optimizer state of
+    ``weight``. Unsampled rows and their momentum are left untouched, and the
+    step costs memory proportional to the sampled rows only.
+
+    Example::
+
+        head=dict(type='mmpfc.PartialFCHead', num_classes=93431,
+                  in_channels=512, sample_rate=0.1,
+                  loss=dict(type='CombinedMarginLoss', s=64.0, m2=0.5))
+
+    Args:
+        num_classes: Total identities C over all ranks.
+        in_channels: Embedding size D.
+        sample_rate: Fraction of each shard used per step, in [0, 1].
+        loss: Config of the margin (``CombinedMarginLoss``).
+        init_std: Std of the normal initialization of the centers.
+        seed: Base seed of the center sampler; rank r uses ``seed + r``.
+            Defaults to ``torch.initial_seed()`` at construction.
+        init_cfg: MMEngine init config (unused by the shard itself).
+    """
+
+    def __init__(self,
+                 num_classes: int,
+                 in_channels: int,
+                 sample_rate: float = 1.0,
+                 loss: dict = dict(type='CombinedMarginLoss', s=64.0, m1=1.0,
+                                   m2=0.5, m3=0.0),
+                 init_std: float = 0.01,
+                 seed: Optional[int] = None,
+                 init_cfg: Optional[dict] = None) -> None:
+        super().__init__(init_cfg=init_cfg)
+        if not 0.0 <= sample_rate <= 1.0:
+            raise ValueError(
+                f'sample_rate must be in [0, 1], got {sample_rate}')
+        if in_channels <= 0:
+            raise ValueError(f'in_channels must be > 0, got {in_channels}')
+        self.rank, self.world_size = get_rank_and_world_size()
+        self.num_classes = num_classes
+        self.in_channels = in_channels
+        self.sample_rate = sample_rate
+        self.class_start, self.num_local = shard_range(
+            num_classes, self.rank, self.world_size)
+        self.margin_loss = MODELS.build(loss) if isinstance(loss, dict) \
+            else loss
+
+        # Rank-dependent init so shards are not copies of each other.
+        base_seed = torch.initial_seed() if seed is None else seed
+        init_gen = torch.Generator().manual_seed(
+            (base_seed + 7919 * (self.class_start + 1)) % (2**63))
+        self.weight = nn.Parameter(
+            torch.empty(self.num_local, in_channels).normal_(
+                0.0, init_std, generator=init_gen))
+        mark_sharded(self.weight, owner=self)
+        self.sampler = CenterSampler(self.num_local, sample_rate,
+                                     seed=(base_seed + self.rank) % (2**63))
+        # (rows, leaf) pairs of the steps since the last optimizer update.
+        self._sampled: List[Tuple[torch.Tensor, torch.Tensor]] = []
+
+    @property
+    def samples_centers(self) -> bool:
+        """True when steps use sampled rows (sparse update path)."""
+        return self.sample_rate < 1.0
+
+    # ----------------------------------------------------------------- API
+    def pre_logits(self, feats: Union[torch.Tensor, Sequence[torch.Tensor]]
+                   ) -> torch.Tensor:
+        """The embedding: ``feats`` itself or the last item of a tuple."""
+        if isinstance(feats, (tuple, list)):
+            feats = feats[-1]
+        return feats
+
+    def forward(self, feats) -> torch.Tensor:
+        """The embedding (logits need labels and are computed in ``loss``)."""
+        return self.pre_logits(feats)
+
+    def loss(self, feats, data_samples: Sequence, **kwargs) -> dict:
+        """Global mean margin-softmax loss; identical on every rank."""
+        labels = self._labels_from(data_samples)
+        return dict(loss=self.loss_by_labels(self.pre_logits(feats), labels))
+
+    def predict(self, feats, data_samples: Optional[Sequence] = None
+                ) -> list:
+        """Data samples carrying the L2-normalized embedding ``pred_feat``."""
+        from mmpretrain.structures import DataSample
+        emb = F.normalize(self.pre_logits(feats).float(), dim=1)
+        if data_samples is None:
+            data_samples = [DataSample() for _ in range(emb.shape[0])]
+        for sample, vector in zip(data_samples, emb):
+            sample.set_field(vector.detach(), 'pred_feat', field_type='data')
+        return list(data_samples)
+
+    # ------------------------------------------------------------ the step
+    def loss_by_labels(self, embeddings: torch.Tensor,
+                       labels: torch.Tensor) -> torch.Tensor:
+        """Loss for a (B, D) embedding batch and its (B,) class ids."""
+        labels = self._check_inputs(embeddings, labels)
+        embeddings = all_gather_with_grad(embeddings)
+        labels = all_gather_no_grad(labels.to(embeddings.device))
+
+        local = labels - self.class_start
+        local[(local < 0) | (local >= self.num_local)] = -1
+        weight = self.weight
+        if self.samples_centers:
+            index, local = self.sampler.sample(local)
+            weight = self._sampled_rows(index)
+
+        with torch.autocast(embeddings.device.type, enabled=False):
+            dtype = torch.promote_types(
+                torch.promote_types(embeddings.dtype, weight.dtype),
+                torch.float32)  # fp32 logits even under autocast
+            cos = F.linear(F.normalize(embeddings.to(dtype), dim=1),
+                           F.normalize(weight.to(dtype), dim=1))
+            logits = self.margin_loss(cos.clamp(-1.0, 1.0), local)
+            return distributed_cross_entropy(logits, local)
+
+    def _sampled_rows(self, index: torch.Tensor) -> torch.Tensor:
+        """A leaf copy of the sampled rows; its gradient is kept for update."""
+        rows = self.weight.detach()[index]
+        if not (self.training and torch.is_grad_enabled()):
+            return rows
+        rows.requires_grad_(True)
+        self._sampled.append((index, rows))
+        return rows
+
+    def pop_sampled_gradient(self
+                             ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """Merged ``(rows, grad)`` of the sampled steps since the last update.
+
+        With gradient accumulation several micro-steps sample different rows;
+        their gradients are summed per row. Returns None when nothing was
+        sampled with a gradient. Clears the record.
+        """
+        pairs = [(idx, leaf.grad) for idx, leaf in self._sampled
+                 if leaf.grad is not None]
+        self._sampled = []
+        if not pairs:
+            return None
+        if len(pairs) == 1:
+            return pairs[0]
+        index = torch.cat([idx for idx, _ in pairs])
+        rows, inverse = torch.unique(index, sorted=True, return_inverse=True)
+        grad = pairs[0][1].new_zeros(rows.numel(), self.in_channels)
+        grad.index_add_(0, inverse, torch.cat([g for _, g in pairs]))
+        return rows, grad
+
+    def clear_sampled_gradient(self) -> None:
+        """Forget sampled gradients (``zero_grad`` of the optim wrapper)."""
+        self._sampled = []
+
+    # ------------------------------------------------------------- checks
+    def _labels_from(self, data_samples: Sequence) -> torch.Tensor:
+        try:
+            labels = [sample.gt_label for sample in data_samples]
+        except AttributeError as err:
+            raise ValueError(
+                'PartialFCHead.loss needs data samples with gt_label') from err
+        return torch.cat([torch.as_tensor(lab).reshape(-1)
+                          for lab in labels])
+
+    def _check_inputs(self, embeddings: torch.Tensor,
+                      labels: torch.Tensor) -> torch.Tensor:
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.in_channels:
+            raise ValueError(
+                f'PartialFCHead expects embeddings of shape (B, '
+                f'{self.in_channels}), got {tuple(embeddings.shape)}')
+        labels = labels.reshape(-1).long()
+        if labels.numel() != embeddings.shape[0]:
+            raise ValueError(
+                f'{labels.numel()} labels for {embeddings.shape[0]} '
+                'embeddings')
+        if labels.numel() and (labels.min() < 0
+                               or labels.max() >= self.num_classes):
+            bad = labels[(labels < 0) | (labels >= self.num_classes)]
+            raise ValueError(
+                f'labels must be in [0, {self.num_classes}), got '
+                f'{bad[:5].tolist()} (num_classes={self.num_classes})')
+        if self.world_size > 1:
+            self._check_batch_sizes(embeddings)
+        return labels
+
+    def _check_batch_sizes(self, embeddings: torch.Tensor) -> None:
+        """All ranks must contribute the same batch size to the all-gather."""
+        size = torch.tensor([embeddings.shape[0]], device=embeddings.device)
+        sizes = [torch.zeros_like(size) for _ in range(self.world_size)]
+        dist.all_gather(sizes, size)
+        sizes = [int(s) for s in sizes]
+        if len(set(sizes)) != 1:
+            raise ValueError(
+                'PartialFCHead needs the same batch size on every rank, got '
+                f'{sizes} (use drop_last=True or an InfiniteSampler)')
+
+    def extra_repr(self) -> str:
+        return (f'num_classes={self.num_classes}, in_channels='
+                f'{self.in_channels}, sample_rate={self.sample_rate}, '
+                f'rank={self.rank}, class_start={self.class_start}, '
+                f'num_local={self.num_local}')

@@ -1,0 +1,3 @@
+from .combined_margin_loss import CombinedMarginLoss
+
+__all__ = ['CombinedMarginLoss']

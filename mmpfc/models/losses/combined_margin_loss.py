@@ -1,0 +1,96 @@
+"""Angular margins of ArcFace, CosFace and SphereFace on cosine logits."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from mmpfc.registry import MODELS
+
+
+def psi(angle: torch.Tensor) -> torch.Tensor:
+    """Monotonic extension of ``cos`` past pi: ``(-1)^k cos(u) - 2k``.
+
+    ``k = floor(u / pi)``. Equal to ``cos(u)`` on [0, pi], continuous and
+    strictly decreasing for every ``u >= 0`` (SphereFace's psi), so a margin
+    that pushes ``theta + m`` beyond pi still lowers the target logit instead
+    of raising it again.
+    """
+    k = torch.floor(angle.detach() / math.pi)
+    sign = 1.0 - 2.0 * torch.remainder(k, 2.0)
+    return sign * torch.cos(angle) - 2.0 * k
+
+
+@MODELS.register_module()
+class CombinedMarginLoss(nn.Module):
+    """Target logit ``psi(m1 * theta + m2) - m3``, every logit times ``s``.
+
+    ``m2`` is ArcFace's additive angular margin, ``m3`` CosFace's additive
+    cosine margin and ``m1`` SphereFace's multiplicative angular margin; any
+    combination is allowed. The margin is differentiated exactly through
+    ``theta = arccos(cos)`` (no straight-through shortcut).
+
+    Example::
+
+        loss=dict(type='CombinedMarginLoss', s=64.0, m1=1.0, m2=0.5, m3=0.0)
+
+    Args:
+        s: Scale applied to every logit.
+        m1, m2, m3: Margins as above; (1, 0, 0) is the plain normalized softmax.
+        interclass_filtering_threshold: If > 0, non-target cosines above it
+            are set to zero and get no gradient (filters noisy duplicates).
+    """
+
+    def __init__(self, s: float = 64.0, m1: float = 1.0, m2: float = 0.5,
+                 m3: float = 0.0,
+                 interclass_filtering_threshold: float = 0.0) -> None:
+        super().__init__()
+        if s <= 0:
+            raise ValueError(f'scale s must be > 0, got {s}')
+        if m1 < 1.0 or m2 < 0 or m3 < 0:
+            raise ValueError(
+                f'margins must satisfy m1 >= 1, m2 >= 0, m3 >= 0, got '
+                f'm1={m1}, m2={m2}, m3={m3}')
+        if not 0.0 <= interclass_filtering_threshold < 1.0:
+            raise ValueError('interclass_filtering_threshold must be in '
+                             f'[0, 1), got {interclass_filtering_threshold}')
+        self.s, self.m1, self.m2, self.m3 = s, m1, m2, m3
+        self.interclass_filtering_threshold = interclass_filtering_threshold
+
+    def target_logit(self, cos: torch.Tensor) -> torch.Tensor:
+        """Margin-adjusted cosine of the target class (unscaled)."""
+        if self.m1 == 1.0 and self.m2 == 0.0:
+            return cos - self.m3  # CosFace / plain: no arccos needed
+        # arccos has an infinite slope at +-1: stay a rounding step inside.
+        eps = torch.finfo(cos.dtype).eps
+        theta = torch.acos(cos.clamp(-1.0 + eps, 1.0 - eps))
+        return psi(self.m1 * theta + self.m2) - self.m3
+
+    def forward(self, cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Apply the margin to the target column and scale.
+
+        Args:
+            cos: (N, S) cosines in [-1, 1].
+            labels: (N,) target column per row, -1 when the target is not
+                among these columns (another rank's shard).
+
+        Returns:
+            (N, S) logits ``s * adjusted_cos``.
+        """
+        rows = (labels >= 0).nonzero(as_tuple=True)[0]
+        cols = labels[rows]
+        target = cos[rows, cols]
+        if self.interclass_filtering_threshold > 0:
+            with torch.no_grad():
+                keep = (cos <= self.interclass_filtering_threshold).to(
+                    cos.dtype)
+                keep[rows, cols] = 1.0
+            cos = cos * keep
+        logits = cos.index_put((rows, cols), self.target_logit(target))
+        return logits * self.s
+
+    def extra_repr(self) -> str:
+        return (f's={self.s}, m1={self.m1}, m2={self.m2}, m3={self.m3}, '
+                'interclass_filtering_threshold='
+                f'{self.interclass_filtering_threshold}')

@@ -1,0 +1,9 @@
+from .distributed import (all_gather_with_grad, distributed_cross_entropy,
+                          get_rank_and_world_size)
+from .sharding import ShardRange, is_sharded, mark_sharded, shard_range
+
+__all__ = [
+    'all_gather_with_grad', 'distributed_cross_entropy',
+    'get_rank_and_world_size', 'ShardRange', 'shard_range', 'mark_sharded',
+    'is_sharded'
+]

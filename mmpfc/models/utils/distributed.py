@@ -1,0 +1,137 @@
+"""Collectives with gradients, and the softmax cross-entropy over sharded columns.
+
+Every function works without a process group (world size 1) and with gloo on
+CPU or NCCL on GPU.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.distributed as dist
+
+
+def get_rank_and_world_size() -> Tuple[int, int]:
+    """``(rank, world_size)``; ``(0, 1)`` when no process group exists."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    world_size = dist.get_world_size()
+    out = tensor.new_empty((world_size * tensor.shape[0], *tensor.shape[1:]))
+    dist.all_gather_into_tensor(out, tensor.contiguous())
+    return out
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """All-gather rows; backward sums every rank's gradient of our rows.
+
+    Each rank's loss only sees its own columns of the logits, so the gradient
+    of the embeddings is partial on every rank; the true gradient of rank
+    ``r``'s rows is the sum over ranks (a reduce-scatter). It is multiplied by
+    the world size so that DDP's averaging of the backbone gradients yields
+    exactly the gradient of the global mean loss.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.batch = tensor.shape[0]
+        return _all_gather(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        grad = grad.contiguous()
+        if dist.get_backend() == 'nccl':
+            out = grad.new_empty((ctx.batch, *grad.shape[1:]))
+            dist.reduce_scatter_tensor(out, grad)
+        else:  # gloo has no reduce-scatter
+            dist.all_reduce(grad)
+            out = grad[rank * ctx.batch:(rank + 1) * ctx.batch].clone()
+        return out.mul_(world_size)
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` from all ranks in rank order (differentiable).
+
+    The gradient returned to each rank is ``world_size`` times its share of
+    the global gradient (see :class:`_AllGatherWithGrad`).
+    """
+    if get_rank_and_world_size()[1] == 1:
+        return tensor
+    return _AllGatherWithGrad.apply(tensor)
+
+
+def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` from all ranks in rank order."""
+    if get_rank_and_world_size()[1] == 1:
+        return tensor
+    return _all_gather(tensor)
+
+
+def _all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if get_rank_and_world_size()[1] > 1:
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
+class _DistributedCrossEntropy(torch.autograd.Function):
+    """Softmax cross-entropy whose columns (classes) are split over ranks.
+
+    Forward: all-reduce MAX of the row maxima, all-reduce SUM of the row sums
+    of ``exp``; the target probability of a row is non-zero on exactly one
+    rank (all-reduce SUM). The softmax is computed in place in one (N, S)
+    buffer that backward turns into the gradient ``(p - onehot) / N``; no
+    dense one-hot is ever built.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        rows = logits.shape[0]
+        # at least fp32; clone so the caller's tensor is never modified
+        probs = logits.to(torch.promote_types(logits.dtype,
+                                              torch.float32)).clone()
+        row_max = probs.max(dim=1, keepdim=True)[0]
+        _all_reduce(row_max, dist.ReduceOp.MAX)
+        probs.sub_(row_max).exp_()
+        row_sum = probs.sum(dim=1, keepdim=True)
+        _all_reduce(row_sum)
+        probs.div_(row_sum)
+
+        has_target = labels >= 0
+        target_rows = has_target.nonzero(as_tuple=True)[0]
+        target_cols = labels[target_rows]
+        target_prob = probs.new_zeros(rows)
+        target_prob[target_rows] = probs[target_rows, target_cols]
+        _all_reduce(target_prob)
+        loss = -target_prob.clamp_min(1e-30).log().mean()
+
+        ctx.save_for_backward(probs, target_rows, target_cols)
+        ctx.input_dtype = logits.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        probs, target_rows, target_cols = ctx.saved_tensors
+        grad = probs  # reuse the buffer: this function runs backward once
+        grad[target_rows, target_cols] -= 1.0
+        grad.mul_(grad_loss / probs.shape[0])
+        return grad.to(ctx.input_dtype), None
+
+
+def distributed_cross_entropy(logits: torch.Tensor,
+                              labels: torch.Tensor) -> torch.Tensor:
+    """Mean softmax cross-entropy over rows whose classes are sharded.
+
+    Args:
+        logits: (N, S) scaled logits of this rank's (sampled) classes; ``N`` is
+            the global batch, identical on every rank.
+        labels: (N,) column of the target in ``logits``, or -1 when the target
+            class lives on another rank.
+
+    Returns:
+        The same scalar on every rank: mean over the N rows of -log p_target.
+    """
+    return _DistributedCrossEntropy.apply(logits, labels)
