@@ -224,3 +224,20 @@ def test_predict_returns_normalized_embeddings():
     samples = head.predict((feats, ))
     for sample, row in zip(samples, feats):
         assert torch.allclose(sample.pred_feat, row / row.norm(), atol=1e-6)
+
+
+def test_replicated_head_matches_dense_model():
+    import mmpfc  # noqa: F401
+    from mmpfc.registry import MODELS
+    emb, labels = global_batch(1)
+    head = MODELS.build(dict(type='MarginSoftmaxHead',
+                             num_classes=NUM_CLASSES, in_channels=DIM,
+                             loss=MARGINS['arcface'])).double()
+    feats = emb.clone().requires_grad_(True)
+    loss = head.loss((feats, ), data_samples(labels))['loss']
+    loss.backward()
+    ref_loss, ref_grad, ref_wgrad = dense_reference(
+        head.weight.detach(), emb, labels, MARGINS['arcface'])
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-9)
+    assert torch.allclose(feats.grad, ref_grad, atol=1e-12)
+    assert torch.allclose(head.weight.grad, ref_wgrad, atol=1e-12)

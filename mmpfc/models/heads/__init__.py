@@ -1,4 +1,5 @@
 from .center_sampler import CenterSampler
+from .margin_softmax_head import MarginSoftmaxHead
 from .partial_fc_head import PartialFCHead
 
-__all__ = ['CenterSampler', 'PartialFCHead']
+__all__ = ['CenterSampler', 'MarginSoftmaxHead', 'PartialFCHead']
