@@ -1,1 +1,4 @@
+from .iresnet import IResNet
+from .mobilefacenet import MobileFaceNet
 
+__all__ = ['IResNet', 'MobileFaceNet']

@@ -1,1 +1,3 @@
+from .face_recognizer import FaceRecognizer
 
+__all__ = ['FaceRecognizer']
