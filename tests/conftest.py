@@ -5,3 +5,23 @@ import sys
 # small on the 2-core CI machine.
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault('OMP_NUM_THREADS', '1')
+
+import itertools  # noqa: E402
+
+import pytest  # noqa: E402
+
+_scope_ids = itertools.count()
+
+
+@pytest.fixture(autouse=True)
+def mmpfc_default_scope():
+    """Start every test in the ``mmpfc`` scope.
+
+    MMEngine's current default scope is the most recently created one, process
+    wide; a test that runs an mmpretrain config would otherwise leave
+    ``mmpretrain`` current for the tests after it.
+    """
+    from mmengine.registry import DefaultScope
+    DefaultScope.get_instance(f'mmpfc-test-{next(_scope_ids)}',
+                              scope_name='mmpfc')
+    yield

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmpfc.registry import MODELS
-from .partial_fc_head import PartialFCHead
+from .partial_fc_head import PartialFCHead, build_margin_loss
 
 
 @MODELS.register_module()
@@ -41,8 +41,7 @@ class MarginSoftmaxHead(PartialFCHead):
         self.num_classes, self.in_channels = num_classes, in_channels
         self.sample_rate = 1.0
         self.class_start, self.num_local = 0, num_classes
-        self.margin_loss = MODELS.build(loss) if isinstance(loss, dict) \
-            else loss
+        self.margin_loss = build_margin_loss(loss)
         base_seed = torch.initial_seed() if seed is None else seed
         init_gen = torch.Generator().manual_seed(base_seed % (2**63))
         self.weight = nn.Parameter(

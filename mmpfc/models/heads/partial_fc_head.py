@@ -16,6 +16,18 @@ from ..utils.distributed import all_gather_no_grad
 from .center_sampler import CenterSampler
 
 
+def build_margin_loss(loss: Union[dict, nn.Module]) -> nn.Module:
+    """Build ``loss`` in the mmpfc scope, whatever the caller's scope is.
+
+    From an mmpretrain config (default scope ``mmpretrain``) a bare
+    ``type='CombinedMarginLoss'`` would otherwise be looked up in mmpretrain's
+    registry and not be found.
+    """
+    if isinstance(loss, nn.Module):
+        return loss
+    return MODELS.build({'_scope_': 'mmpfc', **loss})
+
+
 @MODELS.register_module()
 class PartialFCHead(BaseModule):
     """Margin softmax over class centers sharded across ranks (Partial FC).
@@ -77,8 +89,7 @@ class PartialFCHead(BaseModule):
         self.sample_rate = sample_rate
         self.class_start, self.num_local = shard_range(
             num_classes, self.rank, self.world_size)
-        self.margin_loss = MODELS.build(loss) if isinstance(loss, dict) \
-            else loss
+        self.margin_loss = build_margin_loss(loss)
 
         # Rank-dependent init so shards are not copies of each other.
         base_seed = torch.initial_seed() if seed is None else seed
