@@ -176,3 +176,15 @@ def test_mmpretrain_image_classifier_config_trains(tmp_path):
     # the scheduler drives the head's lr like the backbone's
     group_lrs = {g['lr'] for g in runner.optim_wrapper.param_groups}
     assert len(group_lrs) == 1
+
+
+def test_plain_optimizer_step_with_sampled_head_raises():
+    import mmpfc  # noqa: F401
+    from mmengine.optim import OptimWrapper
+    from mmpfc.models.heads import PartialFCHead
+    head = PartialFCHead(NUM_CLASSES, DIM, sample_rate=0.5)
+    wrapper = OptimWrapper(optimizer=torch.optim.SGD(head.parameters(),
+                                                     lr=0.1))
+    loss = head.loss_by_labels(torch.randn(4, DIM), torch.arange(4))
+    with pytest.raises(RuntimeError, match='PartialFCOptimWrapper'):
+        wrapper.update_params(loss)

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from mmpfc.models.utils import get_rank_and_world_size, is_sharded
 from mmpfc.registry import OPTIM_WRAPPERS
@@ -184,3 +185,27 @@ class PartialFCAmpOptimWrapper(ShardAwareMixin, AmpOptimWrapper):
             state_dict.pop('loss_scaler', None)
             return OptimWrapper.load_state_dict(self, state_dict)
         return super().load_state_dict(state_dict)
+
+
+def _refuse_unapplied_sampled_gradients(optimizer, args, kwargs) -> None:
+    """Fail loudly when a plain optimizer step would skip sampled centers.
+
+    Registered for every torch optimizer: the PartialFC wrappers collect the
+    sampled gradients before calling ``optimizer.step``; if some are still
+    waiting afterwards, the optimizer was driven by another wrapper and the
+    centers would silently never learn.
+    """
+    for group in optimizer.param_groups:
+        for param in group['params']:
+            owner_ref = getattr(param, 'mmpfc_owner', None)
+            owner = owner_ref() if owner_ref is not None else None
+            if owner is not None and owner.has_sampled_gradient():
+                raise RuntimeError(
+                    f'{type(owner).__name__} (sample_rate='
+                    f'{owner.sample_rate}) has sampled-center gradients that '
+                    f'{type(optimizer).__name__}.step() cannot apply: use '
+                    "optim_wrapper=dict(type='mmpfc.PartialFCOptimWrapper', "
+                    "...) or 'mmpfc.PartialFCAmpOptimWrapper'.")
+
+
+register_optimizer_step_post_hook(_refuse_unapplied_sampled_gradients)

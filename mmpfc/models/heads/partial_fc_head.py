@@ -191,6 +191,10 @@ class PartialFCHead(BaseModule):
         grad.index_add_(0, inverse, torch.cat([g for _, g in pairs]))
         return rows, grad
 
+    def has_sampled_gradient(self) -> bool:
+        """True if a backward produced sampled-row gradients not yet applied."""
+        return any(leaf.grad is not None for _, leaf in self._sampled)
+
     def clear_sampled_gradient(self) -> None:
         """Forget sampled gradients (``zero_grad`` of the optim wrapper)."""
         self._sampled = []
