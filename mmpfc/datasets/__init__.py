@@ -1,1 +1,15 @@
+from .face_verification_dataset import (VERIFICATION_META_KEYS,
+                                        FaceVerificationDataset,
+                                        load_pairs_bin)
+from .image_folder import FaceImageFolder
+from .mx_face_dataset import MXFaceDataset, read_property
+from .recordio import (IndexedRecordReader, IndexedRecordWriter,
+                       RecordIOError, pack_record, unpack_record)
+from .transforms import FlipIfRequested, LoadImageFromBytes
 
+__all__ = [
+    'FaceImageFolder', 'FaceVerificationDataset', 'FlipIfRequested',
+    'IndexedRecordReader', 'IndexedRecordWriter', 'LoadImageFromBytes',
+    'MXFaceDataset', 'RecordIOError', 'VERIFICATION_META_KEYS',
+    'load_pairs_bin', 'pack_record', 'read_property', 'unpack_record'
+]

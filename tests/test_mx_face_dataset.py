@@ -1,0 +1,144 @@
+"""MXFaceDataset on record files written by tools/dataset_converters."""
+import importlib.util
+import os
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from mmengine.registry import init_default_scope
+
+from mmpfc.datasets import MXFaceDataset, RecordIOError
+from mmpfc.registry import DATASETS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PIPELINE = [dict(type='LoadImageFromBytes'),
+            dict(type='mmpretrain.RandomFlip', prob=0.5),
+            dict(type='mmpretrain.PackInputs')]
+
+
+def load_tool(name: str):
+    """Import ``tools/dataset_converters/{name}.py`` (not a package)."""
+    path = os.path.join(ROOT, 'tools', 'dataset_converters', f'{name}.py')
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_faces(root, counts=(2, 3, 4), size=12, seed=0) -> dict:
+    """``root/id{c}/{i}.png`` noise images; returns {path: (bytes, label)}."""
+    rng = np.random.default_rng(seed)
+    files = {}
+    for label, count in enumerate(counts):
+        os.makedirs(os.path.join(root, f'id{label}'), exist_ok=True)
+        for i in range(count):
+            path = os.path.join(root, f'id{label}', f'{i}.png')
+            img = rng.integers(0, 256, (size, size, 3), np.uint8)
+            data = cv2.imencode('.png', img)[1].tobytes()
+            with open(path, 'wb') as f:
+                f.write(data)
+            files[path] = (data, label)
+    return files
+
+
+@pytest.fixture(scope='module')
+def faces(tmp_path_factory):
+    root = tmp_path_factory.mktemp('data')
+    files = make_faces(str(root / 'faces'))
+    folder2rec = load_tool('folder2rec')
+    folder2rec.main([str(root / 'faces'), str(root / 'meta')])
+    folder2rec.main([str(root / 'faces'), str(root / 'plain'), '--plain'])
+    return root, list(files.values())
+
+
+@pytest.mark.parametrize('layout', ['meta', 'plain'])
+def test_reads_back_byte_and_label_exact(faces, layout):
+    root, files = faces
+    ds = MXFaceDataset(data_root=str(root / layout))
+    assert len(ds) == len(files) == 9
+    assert (ds.num_classes, ds.image_size) == (3, (12, 12))
+    got = [(info['img_bytes'], info['gt_label'])
+           for info in map(ds.get_data_info, range(len(ds)))]
+    assert got == files
+    assert ds.get_data_info(-1)['sample_idx'] == 8
+
+
+def test_num_classes_must_match_property_and_labels(faces):
+    root, _ = faces
+    with pytest.raises(ValueError, match=r'num_classes=5 .* says 3'):
+        MXFaceDataset(data_root=str(root / 'meta'), num_classes=5)
+    ds = MXFaceDataset(data_root=str(root / 'meta'), num_classes=2,
+                       property_file=None)
+    assert ds.get_data_info(4)['gt_label'] == 1
+    with pytest.raises(ValueError, match=r'key 6: label 2.0 .*\[0, 2\)'):
+        ds.get_data_info(5)
+
+
+def test_corrupt_record_names_file_and_key(faces, tmp_path):
+    root, _ = faces
+    for name in ('train.rec', 'train.idx', 'property'):
+        data = open(root / 'meta' / name, 'rb').read()
+        open(tmp_path / name, 'wb').write(data)
+    offset = int(open(tmp_path / 'train.idx').read().split()[7])  # key 3
+    with open(tmp_path / 'train.rec', 'r+b') as f:
+        f.seek(offset + 3)
+        f.write(b'\x00')
+    ds = MXFaceDataset(data_root=str(tmp_path))
+    assert ds.get_data_info(1)['gt_label'] == 0
+    with pytest.raises(RecordIOError, match=r'train\.rec, key 3 .*magic'):
+        ds.get_data_info(2)
+
+
+def test_pipeline_from_registry_packs_label(faces):
+    root, files = faces
+    init_default_scope('mmpfc')
+    ds = DATASETS.build(dict(type='MXFaceDataset', data_root=str(root),
+                             ann_file='meta/train.rec',
+                             property_file='meta/property',
+                             pipeline=PIPELINE))
+    out = ds[5]
+    assert out['inputs'].shape == (3, 12, 12)
+    assert out['inputs'].dtype == torch.uint8
+    assert out['data_samples'].gt_label.tolist() == [files[5][1]]
+    bgr = cv2.imdecode(np.frombuffer(files[5][0], np.uint8), cv2.IMREAD_COLOR)
+    chw = torch.from_numpy(bgr[..., ::-1].copy()).permute(2, 0, 1)  # RGB
+    assert torch.equal(out['inputs'], chw) or torch.equal(
+        out['inputs'], chw.flip(-1))
+
+
+def test_indices_and_subset(faces):
+    root, files = faces
+    ds = MXFaceDataset(data_root=str(root / 'meta'), indices=[8, 0])
+    assert [ds.get_data_info(i)['img_bytes'] for i in range(2)] == [
+        files[8][0], files[0][0]]
+    full = MXFaceDataset(data_root=str(root / 'meta'), lazy_init=True)
+    sub = full.get_subset(3)
+    assert len(sub) == 3 and len(full) == 9
+
+
+class _Probe(torch.utils.data.Dataset):
+    """Label, pid and fd of the reader as a DataLoader worker sees them."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, idx):
+        label = self.ds.get_data_info(idx)['gt_label']
+        return label, os.getpid(), self.ds.reader._pid
+
+
+def test_dataloader_workers_open_their_own_file(faces):
+    root, files = faces
+    ds = MXFaceDataset(data_root=str(root / 'meta'))
+    ds.get_data_info(0)  # the parent opens the file before forking
+    loader = torch.utils.data.DataLoader(_Probe(ds), batch_size=2,
+                                         num_workers=2)
+    rows = [row for batch in loader
+            for row in zip(*(t.tolist() for t in batch))]
+    assert [r[0] for r in rows] == [label for _, label in files]
+    assert all(pid == reader_pid != os.getpid() for _, pid, reader_pid in rows)
+    assert len({pid for _, pid, _ in rows}) == 2

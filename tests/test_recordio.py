@@ -1,0 +1,114 @@
+"""RecordIO layout, round trips and error messages (no mxnet involved)."""
+import os
+import struct
+
+import numpy as np
+import pytest
+
+from mmpfc.datasets.recordio import (MAGIC, IndexedRecordReader,
+                                     IndexedRecordWriter, RecordIOError,
+                                     pack_record, read_index, unpack_record)
+
+MAGIC_BYTES = struct.pack('<I', MAGIC)
+
+
+def write(tmp_path, records: dict):
+    rec = str(tmp_path / 'x.rec')
+    with IndexedRecordWriter(rec) as writer:
+        for key, payload in records.items():
+            writer.write(key, payload)
+    return rec
+
+
+def test_pack_unpack_scalar_and_vector_labels():
+    header, labels, img = unpack_record(pack_record(7, b'jpeg', id=3))
+    assert (header.flag, header.id, img) == (0, 3, b'jpeg')
+    assert labels.tolist() == [7.0]
+    header, labels, img = unpack_record(pack_record([5, 9.5], b''))
+    assert header.flag == 2 and img == b''
+    assert labels.tolist() == [5.0, 9.5]
+
+
+def test_byte_layout_matches_spec(tmp_path):
+    payload = pack_record(1, b'abcde')  # 24 + 5 bytes -> 3 bytes of padding
+    rec = write(tmp_path, {0: payload})
+    raw = open(rec, 'rb').read()
+    magic, lrec = struct.unpack('<II', raw[:8])
+    assert magic == 0xced7230a and lrec >> 29 == 0 and lrec == 29
+    assert raw[8:8 + 29] == payload and raw[37:] == b'\0\0\0'
+    flag, label, id1, id2 = struct.unpack('<IfQQ', payload[:24])
+    assert (flag, label, id1, id2) == (0, 1.0, 0, 0)
+    assert open(rec[:-4] + '.idx').read() == '0\t0\n'
+
+
+def test_round_trip_is_byte_exact_with_embedded_magic(tmp_path):
+    rng = np.random.default_rng(0)
+    records = {}
+    for key in range(30):
+        body = rng.integers(0, 256, int(rng.integers(0, 50)), np.uint8)
+        body = body.tobytes()
+        if key % 3 == 0:  # aligned and unaligned magic inside the payload
+            body = MAGIC_BYTES + body[:4] + MAGIC_BYTES * 2 + b'x' + MAGIC_BYTES
+        records[key * 7 + 2] = pack_record([key, 0.5], body)
+    rec = write(tmp_path, records)
+    reader = IndexedRecordReader(rec)
+    assert reader.keys.tolist() == sorted(records)
+    for key, payload in records.items():
+        assert reader.read(key) == payload
+    # an aligned magic was escaped: the first record is split into parts
+    raw = open(rec, 'rb').read()
+    assert struct.unpack('<I', raw[4:8])[0] >> 29 == 1
+
+
+def test_corrupt_magic_names_file_and_key(tmp_path):
+    rec = write(tmp_path, {0: pack_record(0, b'a' * 8),
+                           1: pack_record(1, b'b' * 8)})
+    offset = int(read_index(rec[:-4] + '.idx')[1][1])
+    with open(rec, 'r+b') as f:
+        f.seek(offset)
+        f.write(b'\xff\xff\xff\xff')
+    reader = IndexedRecordReader(rec)
+    assert reader.read_item(0)[2] == b'a' * 8
+    with pytest.raises(RecordIOError, match=r'x\.rec, key 1 .*magic'):
+        reader.read_item(1)
+
+
+def test_truncated_file_names_file_and_key(tmp_path):
+    rec = write(tmp_path, {0: pack_record(0, b'a' * 8),
+                           5: pack_record(1, b'b' * 100)})
+    os.truncate(rec, os.path.getsize(rec) - 50)
+    with pytest.raises(RecordIOError, match=r'x\.rec, key 5 .*truncated'):
+        IndexedRecordReader(rec).read(5)
+
+
+def test_short_payload_and_bad_label_count(tmp_path):
+    rec = write(tmp_path, {0: b'short', 1: struct.pack('<IfQQ', 9, 0, 0, 0)})
+    reader = IndexedRecordReader(rec)
+    with pytest.raises(RecordIOError, match=r'key 0: .*shorter'):
+        reader.read_item(0)
+    with pytest.raises(RecordIOError, match=r'key 1: .*flag=9'):
+        reader.read_item(1)
+
+
+def test_missing_key_and_bad_index(tmp_path):
+    rec = write(tmp_path, {0: pack_record(0, b'')})
+    with pytest.raises(KeyError, match='key 4'):
+        IndexedRecordReader(rec).read(4)
+    with open(rec[:-4] + '.idx', 'a') as f:
+        f.write('0\t0\n')
+    with pytest.raises(RecordIOError, match='key 0 appears twice'):
+        IndexedRecordReader(rec)
+
+
+def test_reader_reopens_after_pickle_and_fork(tmp_path):
+    import pickle
+    rec = write(tmp_path, {0: pack_record(0, b'abc')})
+    reader = IndexedRecordReader(rec)
+    assert reader.read(0)
+    clone = pickle.loads(pickle.dumps(reader))
+    assert clone._fd is None and clone.read(0) == reader.read(0)
+    reader._pid = -1  # as seen from a forked child: must open its own fd
+    parent_fd = reader._fd
+    assert reader.fd != parent_fd
+    os.close(parent_fd)
+    assert reader.read(0) == clone.read(0)
