@@ -1,1 +1,4 @@
+from .functional import evaluate_pairs, l2_normalize
+from .metrics import FaceVerificationMetric
 
+__all__ = ['FaceVerificationMetric', 'evaluate_pairs', 'l2_normalize']

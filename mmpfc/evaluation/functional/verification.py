@@ -1,0 +1,88 @@
+"""The insightface 1:1 verification protocol on embedding pairs, in numpy."""
+from __future__ import annotations
+
+import numpy as np
+
+#: distance thresholds of the protocol: 0, 0.01, ..., 3.99
+DEFAULT_THRESHOLDS = np.arange(0, 4, 0.01)
+
+
+def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Rows of ``x`` scaled to unit L2 norm (zero rows stay zero)."""
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
+
+
+def evaluate_pairs(emb1: np.ndarray,
+                   emb2: np.ndarray,
+                   issame: np.ndarray,
+                   nrof_folds: int = 10,
+                   thresholds: np.ndarray | None = None) -> dict:
+    """Cross-validated verification accuracy of pairs ``(emb1[i], emb2[i])``.
+
+    A pair is called "same" when the squared L2 distance of its embeddings is
+    below a threshold. The pairs are cut into ``nrof_folds`` contiguous folds
+    (no shuffle, the first ``P % nrof_folds`` folds one pair longer, like
+    sklearn's ``KFold``); for each fold the threshold that is most accurate on
+    the other folds (the first one on ties) is applied to it. With
+    ``nrof_folds=1`` the threshold is chosen and scored on all pairs.
+
+    Pass L2-normalized embeddings: the default thresholds 0..3.99 (step 0.01)
+    span the squared distances of unit vectors.
+
+    Args:
+        emb1, emb2 (np.ndarray): (P, D) embeddings of the two sides.
+        issame (np.ndarray): (P,) bools, ``True`` for a genuine pair.
+        nrof_folds (int): Number of folds. Defaults to 10.
+        thresholds (np.ndarray, optional): Candidate thresholds.
+
+    Returns:
+        dict: ``accuracy`` and ``accuracy_std`` (mean and population std of
+        the fold accuracies, fractions), ``threshold`` (mean of the chosen
+        thresholds), ``fold_accuracy`` and ``fold_threshold`` (per fold),
+        ``tpr`` and ``fpr`` (per threshold, averaged over the test folds).
+    """
+    emb1 = np.asarray(emb1, dtype=np.float64)
+    emb2 = np.asarray(emb2, dtype=np.float64)
+    issame = np.asarray(issame, dtype=bool).ravel()
+    if emb1.shape != emb2.shape or emb1.ndim != 2:
+        raise ValueError(f'emb1 {emb1.shape} and emb2 {emb2.shape} must be '
+                         'two (P, D) arrays of the same shape')
+    if len(issame) != len(emb1):
+        raise ValueError(f'{len(issame)} issame flags for {len(emb1)} pairs')
+    if not 1 <= nrof_folds <= len(issame):
+        raise ValueError(f'nrof_folds={nrof_folds} must lie in [1, number '
+                         f'of pairs={len(issame)}]')
+    thresholds = DEFAULT_THRESHOLDS if thresholds is None else np.asarray(
+        thresholds, dtype=np.float64)
+
+    dist = np.sum(np.square(emb1 - emb2), axis=1)
+    predicted = dist[None, :] < thresholds[:, None]  # (T, P)
+    correct = predicted == issame[None, :]
+
+    folds = np.array_split(np.arange(len(issame)), nrof_folds)
+    fold_acc, fold_thr = np.zeros(nrof_folds), np.zeros(nrof_folds)
+    tpr, fpr = np.zeros((nrof_folds, len(thresholds))), np.zeros(
+        (nrof_folds, len(thresholds)))
+    for k, test in enumerate(folds):
+        train = np.ones(len(issame), bool)
+        if nrof_folds > 1:
+            train[test] = False
+        best = int(np.argmax(correct[:, train].mean(axis=1)))
+        fold_thr[k] = thresholds[best]
+        fold_acc[k] = correct[best, test].mean()
+        tpr[k], fpr[k] = _rates(predicted[:, test], issame[test])
+    return dict(accuracy=float(fold_acc.mean()),
+                accuracy_std=float(fold_acc.std()),
+                threshold=float(fold_thr.mean()),
+                fold_accuracy=fold_acc, fold_threshold=fold_thr,
+                tpr=tpr.mean(axis=0), fpr=fpr.mean(axis=0))
+
+
+def _rates(predicted: np.ndarray, issame: np.ndarray
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """True- and false-positive rates per threshold (0 for an empty class)."""
+    pos, neg = issame.sum(), (~issame).sum()
+    tp = (predicted & issame).sum(axis=1)
+    fp = (predicted & ~issame).sum(axis=1)
+    return tp / max(pos, 1), fp / max(neg, 1)

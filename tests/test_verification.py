@@ -1,0 +1,162 @@
+"""evaluate_pairs, FaceVerificationDataset and FaceVerificationMetric."""
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from mmengine.registry import init_default_scope
+from test_mx_face_dataset import load_tool, make_faces
+
+from mmpfc.datasets import FaceVerificationDataset, load_pairs_bin
+from mmpfc.evaluation import FaceVerificationMetric, evaluate_pairs
+
+
+def reference_accuracy(emb1, emb2, issame, folds=10):
+    """Plain-loop version of the protocol, written independently."""
+    dist = [sum((a - b)**2) for a, b in zip(emb1, emb2)]
+    n, thresholds = len(dist), [i / 100 for i in range(400)]
+    sizes = [n // folds + (1 if k < n % folds else 0) for k in range(folds)]
+    accs, start = [], 0
+    for size in sizes:
+        test = set(range(start, start + size))
+        start += size
+
+        def acc(t, rows):
+            return sum((dist[i] < t) == issame[i] for i in rows) / len(rows)
+
+        train = [i for i in range(n) if i not in test]
+        best = max(thresholds, key=lambda t: (acc(t, train), -t))
+        accs.append(acc(best, sorted(test)))
+    mean = sum(accs) / folds
+    return mean, (sum((a - mean)**2 for a in accs) / folds)**0.5
+
+
+def unit(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_evaluate_pairs_matches_reference():
+    rng = np.random.default_rng(3)
+    emb1 = unit(rng.normal(size=(53, 8)))
+    issame = rng.random(53) < 0.5
+    noise = np.where(issame[:, None], 0.6, 3.0)
+    emb2 = unit(emb1 + noise * rng.normal(size=(53, 8)))
+    out = evaluate_pairs(emb1, emb2, issame)
+    mean, std = reference_accuracy(emb1, emb2, issame)
+    assert 0.6 < mean < 1.0
+    assert out['accuracy'] == pytest.approx(mean, abs=1e-12)
+    assert out['accuracy_std'] == pytest.approx(std, abs=1e-12)
+    assert len(out['fold_accuracy']) == 10 and 0 < out['threshold'] < 4
+
+
+def test_evaluate_pairs_known_answers():
+    rng = np.random.default_rng(0)
+    emb1 = unit(rng.normal(size=(40, 4)))
+    other = unit(rng.normal(size=(40, 4)))
+    issame = np.arange(40) % 2 == 0
+    # genuine pairs identical (distance 0), impostors far: separable
+    emb2 = np.where(issame[:, None], emb1, -emb1)
+    out = evaluate_pairs(emb1, emb2, issame)
+    assert out['accuracy'] == 1.0 and out['accuracy_std'] == 0.0
+    # threshold 0.01 is the first that accepts distance 0
+    assert out['threshold'] == pytest.approx(0.01)
+    # labels flipped: no threshold can beat guessing "different" for all
+    out = evaluate_pairs(emb1, emb2, ~issame, nrof_folds=1)
+    assert out['accuracy'] == 0.5 and out['threshold'] == 0.0
+    with pytest.raises(ValueError, match='nrof_folds=50'):
+        evaluate_pairs(emb1, other, issame, nrof_folds=50)
+
+
+@pytest.fixture(scope='module')
+def bins(tmp_path_factory):
+    """Two .bin sets written with pairs2bin from 12x12 images."""
+    root = tmp_path_factory.mktemp('verif')
+    files = list(make_faces(str(root), counts=(4, 4, 4), seed=1))
+    pairs2bin = load_tool('pairs2bin')
+    paths = {}
+    for name, count in (('lfw', 10), ('agedb_30', 6)):
+        lines = [f'{os.path.relpath(files[(2 * p) % 12], root)} '
+                 f'{os.path.relpath(files[(2 * p + 1 + p) % 12], root)} '
+                 f'{p % 2}' for p in range(count)]
+        (root / f'{name}.txt').write_text('\n'.join(lines) + '\n')
+        paths[name] = str(root / f'{name}.bin')
+        pairs2bin.main([str(root / f'{name}.txt'), paths[name],
+                        '--root', str(root)])
+    return paths, files
+
+
+def test_bin_round_trip_and_dataset(bins):
+    paths, files = bins
+    images, issame = load_pairs_bin(paths['lfw'])
+    assert len(images) == 20 and issame == [p % 2 == 1 for p in range(10)]
+    assert images[1] == open(files[1], 'rb').read()
+    init_default_scope('mmpfc')
+    ds = FaceVerificationDataset(ann_file=paths['lfw'])
+    assert len(ds) == 40
+    a, b = ds[6], ds[7]  # image 3, as is and mirrored
+    assert a['data_samples'].image_idx == b['data_samples'].image_idx == 3
+    assert (a['data_samples'].flip, b['data_samples'].flip) == (False, True)
+    assert a['data_samples'].is_same and a['data_samples'].dataset_name == 'lfw'
+    assert torch.equal(a['inputs'].flip(-1), b['inputs'])
+    with pytest.raises(ValueError, match='FlipIfRequested'):
+        FaceVerificationDataset(ann_file=paths['lfw'],
+                                pipeline=[dict(type='LoadImageFromBytes')])
+
+
+def fake_predictions(datasets, model):
+    """Data samples as a model's predict would return them, shuffled."""
+    samples = []
+    for ds in datasets:
+        for i in range(len(ds)):
+            item = ds[i]
+            sample = item['data_samples']
+            sample.set_field(model(item['inputs']), 'pred_feat')
+            samples.append(sample.to_dict())
+    order = np.random.default_rng(0).permutation(len(samples))
+    return [samples[i] for i in order]
+
+
+def test_metric_flip_sum_protocol_on_two_sets(bins):
+    paths, _ = bins
+    init_default_scope('mmpfc')
+    sets = [FaceVerificationDataset(ann_file=p) for p in paths.values()]
+    both = FaceVerificationDataset(ann_file=list(paths.values()))
+    assert len(both) == 64
+    weight = torch.randn(3 * 12 * 12, 5,
+                         generator=torch.Generator().manual_seed(0))
+
+    def model(x):
+        return 3 * (x.float().flatten() / 255) @ weight
+
+    metric = FaceVerificationMetric(nrof_folds=2, prefix='val')
+    metric.dataset_meta = both.metainfo
+    metric.process(None, fake_predictions([both], model))
+    out = metric.evaluate(len(both))
+    for name, ds in zip(paths, sets):  # recomputed in dataset order
+        raw = np.stack([model(ds[i]['inputs']).double().numpy()
+                        for i in range(len(ds))])
+        emb = unit(raw[0::2] + raw[1::2])  # image + its mirror
+        issame = load_pairs_bin(paths[name])[1]
+        mean, std = reference_accuracy(emb[0::2], emb[1::2], issame, folds=2)
+        assert out[f'val/{name}/accuracy'] == pytest.approx(mean, abs=1e-9)
+        assert out[f'val/{name}/accuracy_std'] == pytest.approx(std, abs=1e-9)
+        assert out[f'val/{name}/xnorm'] == pytest.approx(
+            np.linalg.norm(raw, axis=1).mean(), rel=1e-5)
+    assert {'val/lfw/threshold', 'val/mean_accuracy'} <= set(out)
+    assert out['val/mean_accuracy'] == pytest.approx(
+        (out['val/lfw/accuracy'] + out['val/agedb_30/accuracy']) / 2)
+
+
+def test_metric_rejects_incomplete_or_unlabelled_samples(bins):
+    paths, _ = bins
+    init_default_scope('mmpfc')
+    ds = FaceVerificationDataset(ann_file=paths['agedb_30'])
+    samples = fake_predictions([ds], lambda x: x.float().flatten()[:4])
+    metric = FaceVerificationMetric(nrof_folds=2)
+    metric.process(None, samples[:-1])
+    with pytest.raises(ValueError, match=r'agedb_30: got 23 embeddings'):
+        metric.compute_metrics(metric.results)
+    with pytest.raises(KeyError, match=r"\['dataset_name'"):
+        metric.process(None, [dict(pred_feat=torch.ones(4), image_idx=0,
+                                   is_same=True, flip=False)])
