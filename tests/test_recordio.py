@@ -48,7 +48,8 @@ def test_round_trip_is_byte_exact_with_embedded_magic(tmp_path):
         body = rng.integers(0, 256, int(rng.integers(0, 50)), np.uint8)
         body = body.tobytes()
         if key % 3 == 0:  # aligned and unaligned magic inside the payload
-            body = MAGIC_BYTES + body[:4] + MAGIC_BYTES * 2 + b'x' + MAGIC_BYTES
+            body = (MAGIC_BYTES + body[:4] + MAGIC_BYTES * 2 + b'x' +
+                    MAGIC_BYTES)
         records[key * 7 + 2] = pack_record([key, 0.5], body)
     rec = write(tmp_path, records)
     reader = IndexedRecordReader(rec)

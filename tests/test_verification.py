@@ -97,7 +97,8 @@ def test_bin_round_trip_and_dataset(bins):
     a, b = ds[6], ds[7]  # image 3, as is and mirrored
     assert a['data_samples'].image_idx == b['data_samples'].image_idx == 3
     assert (a['data_samples'].flip, b['data_samples'].flip) == (False, True)
-    assert a['data_samples'].is_same and a['data_samples'].dataset_name == 'lfw'
+    assert a['data_samples'].is_same
+    assert a['data_samples'].dataset_name == 'lfw'
     assert torch.equal(a['inputs'].flip(-1), b['inputs'])
     with pytest.raises(ValueError, match='FlipIfRequested'):
         FaceVerificationDataset(ann_file=paths['lfw'],

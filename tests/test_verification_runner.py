@@ -1,5 +1,5 @@
-"""The dataset configs end to end: train from a record file with 2 workers,
-validate on three .bin sets, log the accuracies and keep the best checkpoint."""
+"""Dataset configs end to end: train from a record file with 2 workers,
+validate on three .bin sets, log the accuracies, keep the best checkpoint."""
 import json
 import os
 

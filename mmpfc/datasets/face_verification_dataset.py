@@ -1,4 +1,4 @@
-"""Verification pairs (LFW, CFP-FP, AgeDB-30) from insightface ``.bin`` files."""
+"""Verification pairs (LFW, CFP-FP, AgeDB-30) from insightface ``.bin``."""
 from __future__ import annotations
 
 import os

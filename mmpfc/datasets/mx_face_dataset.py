@@ -91,7 +91,8 @@ class MXFaceDataset(BaseDataset):
         self._keys = np.zeros(0, np.int64)
         super().__init__(ann_file=ann_file, data_root=data_root,
                          indices=indices, serialize_data=False,
-                         pipeline=build_transforms(pipeline), test_mode=test_mode,
+                         pipeline=build_transforms(pipeline),
+                         test_mode=test_mode,
                          lazy_init=lazy_init, max_refetch=max_refetch)
 
     def full_init(self) -> None:

@@ -1,4 +1,4 @@
-"""Pack ``root/<identity>/<image>`` into ``train.rec`` + ``train.idx`` + ``property``.
+"""Pack ``root/<identity>/<image>`` into ``train.rec``, ``.idx``, ``property``.
 
 Identities are the sorted sub-folder names, numbered from 0 (the numbering of
 ``FaceImageFolder``); images are copied byte for byte, so align them to

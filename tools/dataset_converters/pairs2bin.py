@@ -5,7 +5,7 @@ Each line of the pairs file is ``path1 path2 is_same`` (``1``/``0``, or
 ``(images, issame)``: the 2P encoded image files, byte for byte, with pair
 ``p`` at ``2p, 2p + 1``, and the P flags; ``FaceVerificationDataset`` reads it.
 
-    python tools/dataset_converters/pairs2bin.py pairs.txt my_val.bin --root imgs
+    python tools/dataset_converters/pairs2bin.py pairs.txt val.bin --root imgs
 """
 from __future__ import annotations
 

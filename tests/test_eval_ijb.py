@@ -1,0 +1,119 @@
+"""IJB protocol pieces and tools/eval_ijb.py on tiny synthetic meta files."""
+import importlib.util
+import os
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from test_mx_face_dataset import ROOT
+
+from mmpfc.evaluation.functional.ijb import (ARCFACE_LANDMARKS, align_face,
+                                             pair_scores, roc_curve,
+                                             similarity_transform, tar_at_far,
+                                             template_features)
+
+
+def load_eval_ijb():
+    path = os.path.join(ROOT, 'tools', 'eval_ijb.py')
+    spec = importlib.util.spec_from_file_location('eval_ijb', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def similarity(angle, scale, shift):
+    c, s = scale * np.cos(angle), scale * np.sin(angle)
+    return np.array([[c, -s, shift[0]], [s, c, shift[1]]])
+
+
+def apply(matrix, points):
+    return points @ matrix[:, :2].T + matrix[:, 2]
+
+
+def test_similarity_transform_recovers_a_known_one():
+    matrix = similarity(0.3, 1.7, (12.0, -5.0))
+    found = similarity_transform(ARCFACE_LANDMARKS,
+                                 apply(matrix, ARCFACE_LANDMARKS))
+    np.testing.assert_allclose(found, matrix, atol=1e-9)
+
+
+def test_align_face_undoes_the_crop_geometry():
+    face = cv2.GaussianBlur(np.random.default_rng(0).integers(
+        0, 256, (112, 112, 3), np.uint8), (0, 0), 2)
+    matrix = similarity(-0.2, 1.5, (30.0, 40.0))  # template -> loose crop
+    crop = cv2.warpAffine(face, matrix, (250, 250))
+    aligned = align_face(crop, apply(matrix, ARCFACE_LANDMARKS))
+    diff = np.abs(aligned.astype(int) - face)[20:92, 20:92]
+    assert diff.mean() < 2
+
+
+def test_templates_average_media_then_sum():
+    feats = np.array([[1., 0], [3, 0], [0, 2], [1, 1], [5, 5]])
+    ids, tfeats = template_features(feats, np.array([7, 7, 7, 9, 9]),
+                                    np.array([1, 1, 2, 3, 3]))
+    assert ids.tolist() == [7, 9]
+    # template 7: mean of the two media-1 images (2, 0) + media 2 (0, 2)
+    np.testing.assert_allclose(tfeats, [[2**-.5, 2**-.5], [2**-.5, 2**-.5]])
+    scores = pair_scores(ids, tfeats, np.array([[7, 9], [9, 9]]))
+    np.testing.assert_allclose(scores, [1.0, 1.0])
+    with pytest.raises(ValueError, match='template without images'):
+        pair_scores(ids, tfeats, np.array([[7, 8]]))
+
+
+def test_roc_and_tar_at_far_on_known_scores():
+    # 4 genuine pairs, 10 impostors; one impostor outscores two genuines
+    labels = np.array([1, 1, 1, 1] + [0] * 10, bool)
+    scores = np.array([.9, .8, .4, .3, .5] + [.1] * 9)
+    fpr, tpr, thr = roc_curve(labels, scores)
+    assert fpr.tolist() == [0, 0, 0, .1, .1, .1, 1]
+    assert tpr.tolist() == [0, .25, .5, .5, .75, 1, 1]
+    assert thr[1:].tolist() == [.9, .8, .5, .4, .3, .1]
+    assert tar_at_far(labels, scores, fars=(1e-3, .1, .5)) == {
+        1e-3: .5, .1: 1.0, .5: 1.0}
+
+
+def write_ijb(root, rng):
+    """3 images in 3 templates, 3 pairs; loose crops with landmarks."""
+    os.makedirs(root / 'meta')
+    os.makedirs(root / 'loose_crop')
+    lines = []
+    for i in range(3):
+        matrix = similarity(0.1 * i, 1.2 + 0.1 * i, (20.0 + i, 25.0))
+        face = rng.integers(0, 256, (112, 112, 3), np.uint8)
+        cv2.imwrite(str(root / 'loose_crop' / f'{i}.png'),
+                    cv2.warpAffine(face, matrix, (180, 180)))
+        points = apply(matrix, ARCFACE_LANDMARKS).ravel()
+        lines.append(f'{i}.png ' + ' '.join(f'{v:.3f}' for v in points) +
+                     f' {0.9 + 0.01 * i}\n')
+    (root / 'meta' / 'ijbc_name_5pts_score.txt').write_text(''.join(lines))
+    (root / 'meta' / 'ijbc_face_tid_mid.txt').write_text(
+        '0.png 1 10\n1.png 2 20\n2.png 3 30\n')
+    (root / 'meta' / 'ijbc_template_pair_label.txt').write_text(
+        '1 2 1\n1 3 0\n2 3 0\n')
+
+
+def test_eval_ijb_end_to_end(tmp_path):
+    write_ijb(tmp_path / 'IJBC', np.random.default_rng(0))
+    config = tmp_path / 'r18.py'
+    config.write_text("model = dict(type='FaceRecognizer', backbone=dict("
+                      "type='IResNet', depth=18, embedding_size=16))\n")
+    eval_ijb = load_eval_ijb()
+    from mmengine.registry import init_default_scope
+
+    from mmpfc.registry import MODELS
+    init_default_scope('mmpfc')
+    torch.manual_seed(0)
+    model = MODELS.build(dict(type='FaceRecognizer', backbone=dict(
+        type='IResNet', depth=18, embedding_size=16)))
+    torch.save(model.backbone.state_dict(), tmp_path / 'backbone.pth')
+    tars = eval_ijb.main([
+        str(config), str(tmp_path / 'backbone.pth'), '--data-root',
+        str(tmp_path / 'IJBC'), '--out-dir', str(tmp_path / 'out'),
+        '--num-workers', '0', '--batch-size', '2'
+    ])
+    assert sorted(tars) == [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
+    assert all(0 <= tar <= 1 for tar in tars.values())
+    scores = np.load(tmp_path / 'out' / 'ijbc_r18_scores.npy')
+    assert scores.shape == (3, ) and np.all(np.abs(scores) <= 1 + 1e-6)
+    assert os.path.getsize(tmp_path / 'out' / 'ijbc_r18_roc.png') > 1000
