@@ -1,5 +1,308 @@
-"""Checkpoints that keep every rank's shard (placeholder, see issue 3)."""
+"""Checkpoints that keep every rank's shard of a sharded head.
+
+Stock MMEngine saves on rank 0 only (``Runner.save_checkpoint`` is
+``@master_only``), so the centers of ranks 1..N-1, their momentum and their
+sampler RNG state would be lost. This mixin makes saving collective and
+loading shard-aware; the file layout is described in
+:mod:`mmpfc.checkpoint.format`.
+"""
+from __future__ import annotations
+
+import os
+import os.path as osp
+import re
+import time
+from typing import Callable, List, Optional, Union
+
+from mmengine.dist import (all_gather_object, barrier, broadcast_object_list,
+                           get_dist_info)
+from mmengine.runner.checkpoint import load_state_dict
+
+from mmpfc.checkpoint import (MANIFEST_KEY, CheckpointError, CheckpointRows,
+                              atomic_save, build_manifest, collect_shard,
+                              compare_state_dicts, find_sharded_params,
+                              load_file, locate_param, manifest_params,
+                              remove_stale_shard_dirs, shard_dir_name,
+                              shard_file_name, strip_sharded, unwrap_model)
+from mmpfc.checkpoint.format import new_token
+from mmpfc.checkpoint.sharded_state import ShardedParam, optimizer_entry
+
+# Mixes the resumed iteration into a sampler's seed when its saved RNG state
+# cannot be used (another world size): streams do not repeat old ones.
+_RESEED_PRIME = 1_000_003
 
 
 class ShardedCheckpointMixin:
-    """Runner mixin: save and load sharded heads on every rank (to be built)."""
+    """Runner mixin: every rank saves and loads its shard of a sharded head.
+
+    Use it before ``Runner`` in the bases::
+
+        @RUNNERS.register_module()
+        class PartialFCRunner(ShardedCheckpointMixin, Runner):
+            ...
+
+    Saving (``save_checkpoint``, called on every rank by ``CheckpointHook``)
+    writes each rank's rows, their optimizer state and its sampler state to
+    ``<file>.shards-<token>/rank{r}-of{W}.pth``, then rank 0 writes the
+    MMEngine file ``<file>`` without the sharded entries and with a manifest
+    in ``meta['mmpfc']``. Every file goes through a temp file and
+    ``os.replace``; the main file is written last, so a crash leaves the
+    previous state of ``<file>`` usable. Shard folders whose main file was
+    removed (``max_keep_ckpts``, a replaced best checkpoint) are deleted.
+
+    Loading (``load_from``, ``resume``, ``load_checkpoint``) refuses a
+    checkpoint with missing or truncated shards, another num_classes or
+    embedding size, or other replicated weights (e.g. another backbone),
+    before anything in the model changes. Each rank reads only the rows of
+    its class range from the old shards that overlap it, so a checkpoint
+    saved on W ranks resumes on any number of ranks; the sampler RNG state is
+    restored when the world size is unchanged and reseeded otherwise. Merged
+    (``tools/merge_checkpoint.py``) and plain checkpoints whose state dict
+    holds the full (C, D) head load the same way.
+
+    Only local (or shared, mounted) folders are supported for sharded models.
+    """
+
+    _mmpfc_manifest: Optional[dict] = None
+    _mmpfc_sampler_states: Optional[dict] = None
+
+    # ------------------------------------------------------------------ save
+    def save_checkpoint(self,
+                        out_dir: str,
+                        filename: str,
+                        file_client_args: Optional[dict] = None,
+                        save_optimizer: bool = True,
+                        save_param_scheduler: bool = True,
+                        meta: Optional[dict] = None,
+                        by_epoch: bool = True,
+                        backend_args: Optional[dict] = None) -> None:
+        """Save on every rank (collective: call it on all ranks)."""
+        model = unwrap_model(self.model)
+        if not find_sharded_params(model):
+            return super().save_checkpoint(
+                out_dir, filename, file_client_args, save_optimizer,
+                save_param_scheduler, meta, by_epoch, backend_args)
+        if file_client_args or backend_args:
+            raise NotImplementedError(
+                'checkpoints of sharded models are written to a local or '
+                'mounted folder; file_client_args / backend_args are not '
+                'supported')
+        start = time.perf_counter()
+        rank, world_size = get_dist_info()
+        token = [new_token() if rank == 0 else None]
+        broadcast_object_list(token)
+        shard_dir = shard_dir_name(filename, token[0])
+        os.makedirs(osp.join(out_dir, shard_dir), exist_ok=True)
+        payload, info = collect_shard(
+            model, self.optim_wrapper if save_optimizer else None, rank,
+            world_size, token[0])
+        samplers = sorted(payload['samplers'])
+        nbytes = atomic_save(payload, osp.join(
+            out_dir, shard_dir, shard_file_name(rank, world_size)))
+        del payload
+        gathered = all_gather_object((nbytes, info))
+        if rank == 0:
+            manifest = build_manifest(
+                manifest_params([i for _, i in gathered], world_size),
+                world_size, layout='shards', shard_dir=shard_dir,
+                token=token[0], shard_bytes=[n for n, _ in gathered],
+                samplers=samplers)
+            self._write_main_file(out_dir, filename, manifest,
+                                  save_optimizer, save_param_scheduler, meta,
+                                  by_epoch)
+            removed = remove_stale_shard_dirs(out_dir)
+            if removed:
+                self.logger.info(f'Removed stale checkpoint parts {removed}')
+            total = sum(n for n, _ in gathered) + osp.getsize(
+                osp.join(out_dir, filename))
+            self.logger.info(
+                f'Saved {osp.join(out_dir, filename)} with {world_size} '
+                f'shard(s) in {shard_dir}: {total / 2**20:.1f} MiB in '
+                f'{time.perf_counter() - start:.2f} s')
+        barrier()
+
+    def _write_main_file(self, out_dir: str, filename: str, manifest: dict,
+                         save_optimizer: bool, save_param_scheduler: bool,
+                         meta: Optional[dict], by_epoch: bool) -> None:
+        """Rank 0: MMEngine's checkpoint minus the shards, then rename."""
+        tmp_name = f'.{filename}.{manifest["token"]}.tmp'
+        self._mmpfc_manifest = manifest
+        try:
+            super().save_checkpoint(
+                out_dir, tmp_name, save_optimizer=save_optimizer,
+                save_param_scheduler=save_param_scheduler, meta=meta,
+                by_epoch=by_epoch)
+        finally:
+            self._mmpfc_manifest = None
+        tmp_path = osp.join(out_dir, tmp_name)
+        with open(tmp_path, 'rb') as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, osp.join(out_dir, filename))
+
+    def call_hook(self, fn_name: str, **kwargs) -> None:
+        """After all ``before_save_checkpoint`` hooks, drop the shard
+        entries from the main file and add the manifest."""
+        super().call_hook(fn_name, **kwargs)
+        if fn_name == 'before_save_checkpoint' and \
+                self._mmpfc_manifest is not None:
+            checkpoint = kwargs['checkpoint']
+            strip_sharded(checkpoint, self._mmpfc_manifest['params'])
+            checkpoint.setdefault('meta', {})[MANIFEST_KEY] = \
+                self._mmpfc_manifest
+
+    # ------------------------------------------------------------------ load
+    def load_checkpoint(self,
+                        filename: str,
+                        map_location: Union[str, Callable] = 'cpu',
+                        strict: bool = False,
+                        revise_keys: list = [(r'^module\.', '')]) -> dict:
+        """Load weights for this rank's class range; see the class doc.
+
+        Tensors are memory-mapped on the CPU (``map_location`` is not
+        needed: loading copies them to the parameters' device). Checkpoints
+        with an mmpfc manifest must match the model exactly; plain ones must
+        match in shapes, and missing / unexpected keys follow ``strict``.
+        """
+        checkpoint = load_file(filename, mmap=True)
+        if not isinstance(checkpoint, dict):
+            raise CheckpointError(f'{filename} holds a '
+                                  f'{type(checkpoint).__name__}, not a dict')
+        if 'state_dict' not in checkpoint:  # a bare state dict
+            checkpoint = dict(state_dict=checkpoint)
+        self.call_hook('after_load_checkpoint', checkpoint=checkpoint)
+        checkpoint['state_dict'] = _revise_keys(checkpoint['state_dict'],
+                                                revise_keys)
+
+        model = unwrap_model(self.model)
+        source = CheckpointRows(filename, checkpoint)
+        self._mmpfc_sampler_states = self._insert_rows(model, source,
+                                                       checkpoint)
+        diff = compare_state_dicts(model.state_dict(),
+                                   checkpoint['state_dict'])
+        exact = strict or source.manifest is not None
+        if diff.shapes or (diff and exact):
+            raise CheckpointError(
+                f'checkpoint {filename} does not fit the model (another '
+                f'backbone or configuration?): {diff.describe()}')
+        load_state_dict(model, checkpoint['state_dict'], strict=strict,
+                        logger=self.logger)
+        self._has_loaded = True
+        self.logger.info(f'Load checkpoint from {filename}')
+        return checkpoint
+
+    def _insert_rows(self, model, source: CheckpointRows,
+                     checkpoint: dict) -> Optional[dict]:
+        """Put this rank's rows (and their optimizer state) into
+        ``checkpoint``; return the sampler states to restore, if usable."""
+        targets = self._row_targets(model, source)
+        errors = []
+        for name, (start, stop, classes, dim, _) in targets.items():
+            entry = source.describe(name)
+            if entry is None:
+                errors.append(
+                    f'it has no {name!r} (the model\'s {classes} x {dim} '
+                    'class centers; to load only a backbone use its '
+                    'init_cfg=dict(type=\'Pretrained\', checkpoint=..., '
+                    'prefix=\'backbone.\'))')
+            elif (entry['num_classes'], entry['embedding_size']) != \
+                    (classes, dim):
+                hint = '' if source.manifest is not None or \
+                    entry['num_classes'] > classes else (
+                        '; a file saved without ShardedCheckpointMixin '
+                        'holds only one rank\'s rows')
+                errors.append(
+                    f'{name!r} was saved with num_classes='
+                    f'{entry["num_classes"]} and embedding size '
+                    f'{entry["embedding_size"]}, the model has num_classes='
+                    f'{classes} and embedding size {dim}{hint}')
+        if errors:
+            raise CheckpointError(f'checkpoint {source.path} does not fit '
+                                  f'the model: {"; ".join(errors)}')
+
+        optimizer_state = checkpoint.get('optimizer')
+        for name, (start, stop, _, _, location) in targets.items():
+            weight, rows, scalars = source.take(name, start, stop, location)
+            checkpoint['state_dict'][name] = weight
+            entry = source.describe(name)
+            if entry.get('optimizer') is not None:
+                location = tuple(entry['optimizer'])
+            if optimizer_state is None or location is None:
+                continue
+            state = optimizer_entry(optimizer_state, location[0])['state']
+            state.pop(location[1], None)
+            if rows or scalars:
+                state[location[1]] = {**scalars, **rows}
+
+        rank, world_size = get_dist_info()
+        same_split = source.layout == 'shards' and \
+            source.world_size == world_size and all(
+                list(source.describe(name)['class_ranges'][rank]) ==
+                [start, stop]
+                for name, (start, stop, *_) in targets.items())
+        return source.sampler_states(rank) if same_split else None
+
+    def _row_targets(self, model, source: CheckpointRows) -> dict:
+        """Name -> (start, stop, num_classes, dim, optimizer location) of
+        every matrix to fill from rows of the checkpoint."""
+        sharded: List[ShardedParam] = find_sharded_params(model)
+        targets = {}
+        for sp in sharded:
+            located = locate_param(self.optim_wrapper, sp.param)
+            targets[sp.name] = (sp.class_start,
+                                sp.class_start + sp.num_local,
+                                sp.num_classes, sp.embedding_size,
+                                located[0] if located else None)
+        if source.manifest is None:
+            return targets
+        model_state = model.state_dict()
+        for name in source.manifest['params']:
+            if name in targets:
+                continue
+            if name not in model_state or model_state[name].dim() != 2:
+                raise CheckpointError(
+                    f'checkpoint {source.path} holds the sharded {name!r}, '
+                    'which the model does not have')
+            rows, dim = model_state[name].shape  # a replicated head: all rows
+            targets[name] = (0, int(rows), int(rows), int(dim), None)
+        return targets
+
+    # ---------------------------------------------------------------- resume
+    def resume(self,
+               filename: str,
+               resume_optimizer: bool = True,
+               resume_param_scheduler: bool = True,
+               map_location: Union[str, Callable] = 'default') -> None:
+        """MMEngine's resume, then the samplers' RNG state."""
+        self._mmpfc_sampler_states = None
+        super().resume(filename, resume_optimizer, resume_param_scheduler,
+                       map_location)
+        states = self._mmpfc_sampler_states or {}
+        self._mmpfc_sampler_states = None
+        reseeded = []
+        for sp in find_sharded_params(unwrap_model(self.model)):
+            sampler = getattr(sp.owner, 'sampler', None)
+            if sampler is None or not hasattr(sampler, 'load_state_dict'):
+                continue
+            if sp.owner_name in states:
+                sampler.load_state_dict(states[sp.owner_name])
+            else:
+                seed = (sampler.seed + _RESEED_PRIME * self.iter) % 2**63
+                sampler.load_state_dict(
+                    dict(seed=seed, device=None, generator=None))
+                reseeded.append(sp.owner_name)
+        if reseeded:
+            self.logger.info(
+                f'Sampler RNG of {reseeded} reseeded: the checkpoint was '
+                'saved with another world size or merged')
+
+
+def _revise_keys(state_dict: dict, revise_keys: list) -> dict:
+    """Rename state-dict keys by ``(pattern, replacement)`` pairs."""
+    metadata = getattr(state_dict, '_metadata', None)
+    for pattern, replacement in revise_keys:
+        state_dict = type(state_dict)(
+            (re.sub(pattern, replacement, k), v)
+            for k, v in state_dict.items())
+    if metadata is not None:
+        state_dict._metadata = metadata
+    return state_dict

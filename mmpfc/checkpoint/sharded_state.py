@@ -1,0 +1,194 @@
+"""What of a model and its optimizer is rank-local, and how it is packed.
+
+A parameter tagged with :func:`mmpfc.models.utils.mark_sharded` holds rows
+``[class_start, class_start + num_local)`` of a (num_classes, D) matrix; its
+owner module (e.g. ``PartialFCHead``) exposes ``num_classes`` and
+``class_start`` and may hold a ``sampler`` with ``state_dict()``. Optimizer
+state tensors of such a parameter with one row per local class (SGD's
+``momentum_buffer``, Adam's ``exp_avg``...) are sharded the same way; other
+entries (``step``) are the same on every rank.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from mmengine.model import is_model_wrapper
+
+from mmpfc.models.utils import is_sharded, shard_range
+from .format import FORMAT
+
+# (key of the optimizer in an OptimWrapperDict, or '', index of the param)
+OptimizerLocation = Tuple[str, int]
+
+
+@dataclass
+class ShardedParam:
+    """A rank-local parameter, its state-dict name and its owner module."""
+    name: str
+    param: torch.Tensor
+    owner: nn.Module
+    owner_name: str
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.owner.num_classes)
+
+    @property
+    def class_start(self) -> int:
+        return int(self.owner.class_start)
+
+    @property
+    def num_local(self) -> int:
+        return int(self.param.shape[0])
+
+    @property
+    def embedding_size(self) -> int:
+        return int(self.param.shape[1])
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside a DDP-like wrapper (or ``model`` itself)."""
+    return model.module if is_model_wrapper(model) else model
+
+
+def find_sharded_params(model: nn.Module) -> List[ShardedParam]:
+    """Every marked (sharded) parameter of ``model``, in registration order."""
+    names = {id(module): name for name, module in model.named_modules()}
+    found = []
+    for name, param in model.named_parameters():
+        if not is_sharded(param):
+            continue
+        ref = getattr(param, 'mmpfc_owner', None)
+        owner = ref() if ref is not None else None
+        if owner is None or not hasattr(owner, 'num_classes') or \
+                not hasattr(owner, 'class_start') or param.dim() != 2:
+            raise TypeError(
+                f'sharded parameter {name!r} must be a 2-d row shard whose '
+                'owner (mark_sharded(param, owner=module)) has num_classes '
+                'and class_start')
+        found.append(ShardedParam(name, param, owner, names.get(id(owner))))
+    return found
+
+
+def iter_optimizers(optim_wrapper
+                    ) -> Iterator[Tuple[str, torch.optim.Optimizer]]:
+    """``(key, optimizer)`` of an OptimWrapper (key '') or OptimWrapperDict."""
+    if optim_wrapper is None or isinstance(optim_wrapper, dict):
+        return  # not built yet (a config dict)
+    wrappers = getattr(optim_wrapper, 'optim_wrappers', None)
+    if wrappers is not None:
+        for key, wrapper in wrappers.items():
+            yield key, wrapper.optimizer
+    elif isinstance(optim_wrapper, torch.optim.Optimizer):
+        yield '', optim_wrapper
+    elif hasattr(optim_wrapper, 'optimizer'):
+        yield '', optim_wrapper.optimizer
+
+
+def locate_param(
+    optim_wrapper, param: torch.Tensor
+) -> Optional[Tuple[OptimizerLocation, torch.optim.Optimizer]]:
+    """Where ``param``'s state sits in the optimizer state dict, or None.
+
+    ``torch.optim.Optimizer.state_dict`` numbers parameters in the order of
+    its param groups; the index is that number.
+    """
+    for key, optimizer in iter_optimizers(optim_wrapper):
+        index = 0
+        for group in optimizer.param_groups:
+            for p in group['params']:
+                if p is param:
+                    return (key, index), optimizer
+                index += 1
+    return None
+
+
+def optimizer_entry(optimizer_state: dict, key: str) -> dict:
+    """The torch optimizer state dict for ``key`` inside a checkpoint's
+    ``optimizer`` entry."""
+    return optimizer_state if key == '' else optimizer_state[key]
+
+
+def split_state(state: dict, num_local: int) -> Tuple[dict, dict]:
+    """Optimizer state of a shard -> (tensors with one row per class, rest)."""
+    rows, scalars = {}, {}
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.dim() >= 1 and \
+                value.shape[0] == num_local:
+            rows[key] = value
+        else:
+            scalars[key] = value
+    return rows, scalars
+
+
+def _cpu(value):
+    return value.detach().cpu() if torch.is_tensor(value) else value
+
+
+def collect_shard(model: nn.Module, optim_wrapper, rank: int,
+                  world_size: int, token: str) -> Tuple[dict, dict]:
+    """This rank's shard file content and its description for the manifest.
+
+    Returns:
+        ``(payload, info)``: ``payload`` holds per sharded parameter its rows,
+        class range, row-wise and other optimizer state, and the sampler
+        state of its owner; ``info`` maps parameter names to the manifest
+        fields this rank knows (``optimizer`` location, ``row_state`` names).
+    """
+    payload = dict(format=FORMAT, rank=rank, world_size=world_size,
+                   token=token, params={}, samplers={})
+    info = {}
+    for sp in find_sharded_params(model):
+        expected = shard_range(sp.num_classes, rank, world_size)
+        if (sp.class_start, sp.num_local) != tuple(expected):
+            raise RuntimeError(
+                f'{sp.name} holds rows [{sp.class_start}, '
+                f'{sp.class_start + sp.num_local}) on rank {rank} of '
+                f'{world_size}; shard_range says {tuple(expected)}')
+        located = locate_param(optim_wrapper, sp.param)
+        state = located[1].state.get(sp.param, {}) if located else {}
+        rows, scalars = split_state(state, sp.num_local)
+        payload['params'][sp.name] = dict(
+            class_start=sp.class_start, num_local=sp.num_local,
+            num_classes=sp.num_classes, weight=_cpu(sp.param),
+            rows={k: _cpu(v) for k, v in rows.items()},
+            scalars={k: _cpu(v) for k, v in scalars.items()})
+        sampler = getattr(sp.owner, 'sampler', None)
+        if sampler is not None and hasattr(sampler, 'state_dict'):
+            payload['samplers'][sp.owner_name] = sampler.state_dict()
+        info[sp.name] = dict(
+            num_classes=sp.num_classes, embedding_size=sp.embedding_size,
+            dtype=str(sp.param.dtype).replace('torch.', ''),
+            optimizer=None if located is None else list(located[0]),
+            row_state=sorted(rows))
+    return payload, info
+
+
+def manifest_params(infos: List[dict], world_size: int) -> Dict[str, dict]:
+    """Merge every rank's ``info`` into the manifest's ``params`` entry."""
+    params = {}
+    for name, first in infos[0].items():
+        for rank, info in enumerate(infos):
+            if info.get(name) != first:
+                raise RuntimeError(
+                    f'ranks disagree about sharded parameter {name!r}: rank 0 '
+                    f'has {first}, rank {rank} has {info.get(name)}')
+        params[name] = dict(
+            first, class_ranges=[
+                [r.start, r.stop] for r in
+                (shard_range(first['num_classes'], k, world_size)
+                 for k in range(world_size))])
+    return params
+
+
+def strip_sharded(checkpoint: dict, params: Dict[str, dict]) -> None:
+    """Remove rank 0's shard entries from an MMEngine checkpoint dict."""
+    for name, entry in params.items():
+        checkpoint['state_dict'].pop(name, None)
+        optimizer_state = checkpoint.get('optimizer')
+        if optimizer_state is not None and entry['optimizer'] is not None:
+            key, index = entry['optimizer']
+            optimizer_entry(optimizer_state, key)['state'].pop(index, None)

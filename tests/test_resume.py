@@ -1,0 +1,140 @@
+"""Resume on 2 gloo ranks: bit-identical to training straight through, the
+log continues at the right step and lr; resume on 1 and 3 ranks re-splits
+the centers and their momentum by class id."""
+import glob
+import json
+import os.path as osp
+import shutil
+
+import pytest
+import torch
+from dist_utils import run_distributed
+from test_checkpoint import (build_runner, head_state, make_cfg,
+                             shard_dirs)
+
+from mmpfc.checkpoint import CheckpointError, CheckpointRows, load_file
+from mmpfc.checkpoint.merge import merge_checkpoint
+
+STRAIGHT = dict(max_iters=20, interval=5, max_keep_ckpts=3, sample_rate=0.5)
+
+
+def train_worker(rank, world_size, work_dir, kwargs, also_load=None):
+    runner = build_runner(make_cfg(work_dir, world_size=world_size,
+                                   **kwargs))
+    runner.train()
+    result = dict(start=runner.captured, final=head_state(runner))
+    if also_load is not None:  # e.g. a merged checkpoint
+        runner.load_checkpoint(also_load)
+        result['loaded'] = head_state(runner)
+    return result
+
+
+def scalars(work_dir):
+    """Logged scalars by step (the JSON log of the LoggerHook)."""
+    rows = {}
+    for path in glob.glob(osp.join(work_dir, '*', 'vis_data',
+                                   'scalars.json')):
+        with open(path) as f:
+            for line in f:
+                row = json.loads(line)
+                rows[row['step']] = row
+    return rows
+
+
+def saved_head(path):
+    """Full (C, D) weight and momentum at a checkpoint, from its shards."""
+    source = CheckpointRows(path, load_file(path))
+    entry = source.describe('head.weight')
+    weight, rows, _ = source.take('head.weight', 0, entry['num_classes'])
+    return weight, rows['momentum_buffer']
+
+
+@pytest.fixture(scope='module')
+def straight(tmp_path_factory):
+    """2 ranks, 20 iterations, checkpoints every 5, the last 3 kept."""
+    work_dir = str(tmp_path_factory.mktemp('straight'))
+    return work_dir, run_distributed(train_worker, 2, work_dir, STRAIGHT)
+
+
+def test_every_shard_saved_and_old_ones_removed(straight):
+    work_dir, _ = straight
+    names = shard_dirs(work_dir)
+    assert [n.split('.shards-')[0] for n in names] == [
+        'iter_10.pth', 'iter_15.pth', 'iter_20.pth']
+    assert not osp.exists(osp.join(work_dir, 'iter_5.pth'))
+    for name in names:
+        assert sorted(map(osp.basename, glob.glob(
+            osp.join(work_dir, name, '*')))) == ['rank0-of2.pth',
+                                                 'rank1-of2.pth']
+
+
+def test_exact_resume_on_same_world_size(straight, tmp_path):
+    work_dir, reference = straight
+    resumed = run_distributed(
+        train_worker, 2, str(tmp_path), dict(
+            STRAIGHT, load_from=osp.join(work_dir, 'iter_10.pth'),
+            resume=True))
+    for rank in range(2):
+        ref, got = reference[rank]['final'], resumed[rank]['final']
+        assert resumed[rank]['start']['iter'] == 10
+        assert got['iter'] == ref['iter'] == 20
+        assert torch.equal(got['weight'], ref['weight'])
+        assert torch.equal(got['momentum'], ref['momentum'])
+        for key, value in ref['backbone'].items():
+            assert torch.equal(got['backbone'][key], value), key
+        assert torch.equal(got['sampler']['generator'],
+                           ref['sampler']['generator'])
+    logged, straight_log = scalars(str(tmp_path)), scalars(work_dir)
+    assert sorted(logged) == list(range(11, 21))
+    for step in range(11, 21):
+        for key in ('lr', 'loss', 'grad_norm'):
+            assert logged[step][key] == straight_log[step][key], (step, key)
+
+
+def test_resume_on_other_world_sizes(straight, tmp_path):
+    """2 -> 1 and 2 -> 3 ranks: rows and momentum re-split exactly; the
+    next optimizer steps agree (model parallel, sample_rate=1)."""
+    work_dir, _ = straight
+    ckpt = osp.join(work_dir, 'iter_10.pth')
+    weight, momentum = saved_head(ckpt)
+    merged = str(tmp_path / 'merged.pth')
+    merge_checkpoint(ckpt, merged)
+    kwargs = dict(STRAIGHT, max_iters=12, sample_rate=1.0, load_from=ckpt,
+                  resume=True)
+    one = run_distributed(train_worker, 1, str(tmp_path / 'w1'), kwargs)
+    three = run_distributed(train_worker, 3, str(tmp_path / 'w3'), kwargs,
+                            merged)
+    for result in one + three:
+        start, stop = result['start']['class_start'], \
+            result['start']['class_start'] + len(result['start']['weight'])
+        assert torch.equal(result['start']['weight'], weight[start:stop])
+        assert torch.equal(result['start']['momentum'],
+                           momentum[start:stop])
+    assert [len(r['start']['weight']) for r in three] == [4, 3, 3]
+    final = torch.cat([r['final']['weight'] for r in three])
+    diff = (final - one[0]['final']['weight']).abs().max().item()
+    print(f'max |W(3 ranks) - W(1 rank)| after 2 steps: {diff:.2e}')
+    assert diff < 1e-5
+    assert not torch.equal(final, weight)  # the steps did change them
+    for key, value in one[0]['final']['backbone'].items():
+        torch.testing.assert_close(three[0]['final']['backbone'][key], value,
+                                   rtol=1e-4, atol=1e-5)
+    for result in three:  # the merged file loads on 3 ranks too
+        loaded = result['loaded']
+        start = loaded['class_start']
+        assert torch.equal(loaded['weight'],
+                           weight[start:start + len(loaded['weight'])])
+
+
+def test_incomplete_checkpoint_names_missing_shard(straight, tmp_path):
+    work_dir, _ = straight
+    main = osp.join(work_dir, 'iter_15.pth')
+    manifest = load_file(main)['meta']['mmpfc']
+    shutil.copy(main, tmp_path)
+    shutil.copytree(osp.join(work_dir, manifest['shard_dir']),
+                    tmp_path / manifest['shard_dir'])
+    (tmp_path / manifest['shard_dir'] / 'rank1-of2.pth').unlink()
+    copy = str(tmp_path / 'iter_15.pth')
+    with pytest.raises(CheckpointError, match=r'1 of 2 shard files missing '
+                       r'in .*: rank1-of2\.pth$'):
+        CheckpointRows(copy, load_file(copy))
