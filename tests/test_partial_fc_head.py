@@ -224,6 +224,7 @@ def test_predict_returns_normalized_embeddings():
     samples = head.predict((feats, ))
     for sample, row in zip(samples, feats):
         assert torch.allclose(sample.pred_feat, row / row.norm(), atol=1e-6)
+        assert torch.equal(sample.raw_feat, row)
 
 
 def test_replicated_head_matches_dense_model():

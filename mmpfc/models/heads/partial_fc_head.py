@@ -128,13 +128,20 @@ class PartialFCHead(BaseModule):
 
     def predict(self, feats, data_samples: Optional[Sequence] = None
                 ) -> list:
-        """Data samples carrying the L2-normalized embedding ``pred_feat``."""
+        """Data samples carrying the embedding.
+
+        ``pred_feat`` is the L2-normalized embedding (what a face model
+        compares); ``raw_feat`` is the un-normalized one, which verification
+        needs for the flip-sum and XNorm of the insightface protocol.
+        """
         from mmpretrain.structures import DataSample
-        emb = F.normalize(self.pre_logits(feats).float(), dim=1)
+        raw = self.pre_logits(feats).detach().float()
+        emb = F.normalize(raw, dim=1)
         if data_samples is None:
             data_samples = [DataSample() for _ in range(emb.shape[0])]
-        for sample, vector in zip(data_samples, emb):
-            sample.set_field(vector.detach(), 'pred_feat', field_type='data')
+        for sample, vector, raw_vector in zip(data_samples, emb, raw):
+            sample.set_field(vector, 'pred_feat', field_type='data')
+            sample.set_field(raw_vector, 'raw_feat', field_type='data')
         return list(data_samples)
 
     # ------------------------------------------------------------ the step
