@@ -342,3 +342,24 @@ def test_save_best_replaces_previous_best_with_its_shards(tmp_path):
     mains = sorted(n for n in os.listdir(tmp_path) if n.endswith('.pth'))
     assert mains == ['best_score_iter_4.pth', 'iter_4.pth']
     assert [d.split('.shards-')[0] for d in shard_dirs(tmp_path)] == mains
+
+
+def calibrate_bn(model, shape=(8, 3, 112, 112)):
+    """Give an untrained model the BN statistics of real inputs, so its
+    embeddings have trained-like magnitudes (not 1e7)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = None  # cumulative average
+            module.reset_running_stats()
+    model.train()
+    with torch.no_grad():
+        model.extract_feat(torch.rand(shape) * 2 - 1)
+    return model.eval()
+
+
+def load_tool(*path):
+    """``main`` of a script under tools/, e.g. ``load_tool('deploy',
+    'export_onnx.py')``."""
+    import runpy
+    script = osp.join(osp.dirname(__file__), '..', 'tools', *path)
+    return runpy.run_path(script, run_name='tool_under_test')['main']

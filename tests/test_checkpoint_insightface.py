@@ -1,17 +1,14 @@
 """Importing insightface arcface_torch files (backbone + per-rank shards)."""
 import os.path as osp
-import runpy
 
 import pytest
 import torch
-from test_checkpoint import build_runner, make_cfg
+from test_checkpoint import build_runner, load_tool, make_cfg
 
 from mmpfc.checkpoint import CheckpointError, CheckpointRows, load_file
 from mmpfc.checkpoint.insightface import find_insightface_files
 from mmpfc.models.utils import shard_range
 
-TOOL = osp.join(osp.dirname(__file__), '..', 'tools', 'model_converters',
-                'insightface2mmpfc.py')
 CLASSES, DIM = 10, 16
 BACKBONE = dict(type='MobileFaceNet', embedding_size=DIM, blocks=(1, 1, 1, 1),
                 scale=1)
@@ -19,7 +16,7 @@ BACKBONE = dict(type='MobileFaceNet', embedding_size=DIM, blocks=(1, 1, 1, 1),
 
 @pytest.fixture(scope='module')
 def tool():
-    return runpy.run_path(TOOL, run_name='convert_tool')['main']
+    return load_tool('model_converters', 'insightface2mmpfc.py')
 
 
 @pytest.fixture(scope='module')

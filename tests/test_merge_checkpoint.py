@@ -1,21 +1,16 @@
 """tools/merge_checkpoint.py: one file with the full head, loadable on any
 world size and resumable."""
-import os.path as osp
-import runpy
-
 import pytest
 import torch
-from test_checkpoint import build_runner, head_state, make_cfg
+from test_checkpoint import build_runner, head_state, load_tool, make_cfg
 
 from mmpfc.checkpoint import CheckpointError, CheckpointRows, load_file
 from mmpfc.models.utils import shard_range
 
-TOOL = osp.join(osp.dirname(__file__), '..', 'tools', 'merge_checkpoint.py')
-
 
 @pytest.fixture(scope='module')
 def tool():
-    return runpy.run_path(TOOL, run_name='merge_tool')['main']
+    return load_tool('merge_checkpoint.py')
 
 
 @pytest.fixture(scope='module')

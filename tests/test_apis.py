@@ -1,0 +1,90 @@
+"""mmpfc.apis: load a checkpoint, get L2-normalized embeddings."""
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from mmengine.config import Config
+from test_checkpoint import build_runner, calibrate_bn, make_cfg
+
+from mmpfc.apis import extract_embeddings, init_recognizer
+from mmpfc.checkpoint import CheckpointError
+from mmpfc.registry import MODELS
+
+MODEL = dict(type='FaceRecognizer',
+             backbone=dict(type='MobileFaceNet', embedding_size=16,
+                           blocks=(1, 1, 1, 1), scale=1),
+             head=dict(type='PartialFCHead', num_classes=10, in_channels=16))
+
+
+@pytest.fixture(scope='module')
+def face_model(tmp_path_factory):
+    """A checkpoint as MMEngine writes it (config in meta) and its model."""
+    folder = tmp_path_factory.mktemp('face')
+    model = calibrate_bn(MODELS.build(MODEL))
+    path = str(folder / 'model.pth')
+    torch.save(dict(meta=dict(cfg=Config(dict(model=MODEL)).pretty_text),
+                    state_dict=model.state_dict()), path)
+    return path, model
+
+
+def rgb_faces(count=3, size=112):
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (count, size, size, 3), dtype=np.uint8)
+
+
+def reference(model, rgb):
+    x = torch.from_numpy(rgb).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        return F.normalize(model.extract_feat((x - 0.5) / 0.5)[-1], dim=1)
+
+
+def test_paths_and_arrays(face_model, tmp_path):
+    path, model = face_model
+    recognizer = init_recognizer(path)
+    assert recognizer.head is None
+    faces = rgb_faces()
+    files = []
+    for i, face in enumerate(faces):
+        files.append(str(tmp_path / f'{i}.png'))
+        cv2.imwrite(files[-1], face[..., ::-1])  # files are BGR on disk
+    from_files = extract_embeddings(recognizer, files)
+    from_arrays = extract_embeddings(recognizer, list(faces), batch_size=2)
+    assert from_files.shape == (3, 16) and from_files.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(from_files, axis=1), 1,
+                               rtol=1e-5)
+    np.testing.assert_allclose(from_files, from_arrays, atol=1e-6)
+    np.testing.assert_allclose(from_arrays, reference(model, faces).numpy(),
+                               atol=1e-5)
+    single = extract_embeddings(recognizer, faces[0])
+    np.testing.assert_allclose(single[0], from_arrays[0], atol=1e-6)
+
+
+def test_flip_and_resize(face_model):
+    path, model = face_model
+    recognizer = init_recognizer(path, config=dict(model=MODEL))
+    faces = rgb_faces(2)
+    flipped = extract_embeddings(recognizer, faces, flip=True)
+    x = torch.from_numpy(faces).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        summed = model.extract_feat(x)[-1] + model.extract_feat(
+            x.flip(3))[-1]
+    np.testing.assert_allclose(flipped, F.normalize(summed).numpy(),
+                               atol=1e-5)
+    big = np.stack([cv2.resize(f, (150, 150)) for f in faces])
+    assert extract_embeddings(recognizer, big).shape == (2, 16)
+
+
+def test_sharded_checkpoint_and_wrong_model(tmp_path, face_model):
+    runner = build_runner(make_cfg(tmp_path, max_iters=2))
+    runner.train()
+    recognizer = init_recognizer(str(tmp_path / 'iter_2.pth'))
+    trained = runner.model.backbone.state_dict()
+    for key, value in recognizer.backbone.state_dict().items():
+        assert torch.equal(value, trained[key])
+    grey = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 1),
+                                             dtype=np.uint8)
+    emb = extract_embeddings(recognizer, grey, input_size=None)
+    assert emb.shape == (4, 120)
+    with pytest.raises(CheckpointError, match='missing in the checkpoint'):
+        init_recognizer(face_model[0], config=runner.cfg)
