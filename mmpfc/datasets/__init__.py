@@ -5,11 +5,13 @@ from .image_folder import FaceImageFolder
 from .mx_face_dataset import MXFaceDataset, read_property
 from .recordio import (IndexedRecordReader, IndexedRecordWriter,
                        RecordIOError, pack_record, unpack_record)
+from .synthetic_face_dataset import SyntheticFaceDataset
 from .transforms import FlipIfRequested, LoadImageFromBytes
 
 __all__ = [
     'FaceImageFolder', 'FaceVerificationDataset', 'FlipIfRequested',
     'IndexedRecordReader', 'IndexedRecordWriter', 'LoadImageFromBytes',
-    'MXFaceDataset', 'RecordIOError', 'VERIFICATION_META_KEYS',
+    'MXFaceDataset', 'RecordIOError', 'SyntheticFaceDataset',
+    'VERIFICATION_META_KEYS',
     'load_pairs_bin', 'pack_record', 'read_property', 'unpack_record'
 ]

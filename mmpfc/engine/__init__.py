@@ -1,1 +1,2 @@
 from . import optimizers  # noqa: F401
+from . import hooks, model_wrappers, runners  # noqa: F401

@@ -1,0 +1,163 @@
+"""The MMEngine Runner for models with a sharded (Partial FC) head."""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Union
+
+import torch.nn as nn
+from mmengine.dataset import InfiniteSampler
+from mmengine.dist import broadcast, get_dist_info, is_distributed
+from mmengine.model import is_model_wrapper
+from mmengine.runner import Runner
+from mmengine.runner.base_loop import BaseLoop
+from torch.nn.parallel import DistributedDataParallel
+
+from mmpfc.engine.model_wrappers import (PartialFCDistributedDataParallel,
+                                         sharded_names)
+from mmpfc.registry import MODEL_WRAPPERS, RUNNERS
+from mmpfc.utils.compat import init_process_group_for_device
+from .sharded_checkpoint import ShardedCheckpointMixin
+
+
+@RUNNERS.register_module()
+class PartialFCRunner(ShardedCheckpointMixin, Runner):
+    """``Runner`` that keeps the rows of a sharded head rank-local.
+
+    Differences from MMEngine's ``Runner`` (SPEC section 4):
+
+    * ``setup_env`` initializes the process group with
+      :func:`mmpfc.utils.compat.init_process_group_for_device`: NCCL on GPUs,
+      gloo on a machine without CUDA (stock ``init_dist`` calls
+      ``torch.cuda.set_device`` and fails there);
+    * ``wrap_model`` wraps a model with sharded parameters only in
+      :class:`PartialFCDistributedDataParallel` (the default when
+      ``model_wrapper_cfg`` is unset), which neither broadcasts nor
+      all-reduces the shards; another DDP wrapper is refused before it can
+      overwrite them;
+    * ``_init_model_weights`` broadcasts the replicated state-dict entries
+      from rank 0, never the shards;
+    * the train loop's dataloader is checked against the model: a head whose
+      ``num_classes`` differs from the dataset's, a loader that yields no
+      batch, or one whose last batch per rank would be smaller (the sharded
+      head all-gathers equal batches) fail before training;
+    * checkpoints keep every rank's shard (:class:`ShardedCheckpointMixin`).
+
+    Use it with ``runner_type='PartialFCRunner'`` (set in
+    ``configs/_base_/default_runtime.py``); ``tools/train.py`` builds the
+    runner from the registry.
+    """
+
+    def setup_env(self, env_cfg: Dict) -> None:
+        """Create the process group (gloo without CUDA), then MMEngine's."""
+        if self.distributed and not is_distributed():
+            dist_cfg = dict(env_cfg.get('dist_cfg', {}))
+            init_process_group_for_device(self.launcher, **dist_cfg)
+        super().setup_env(env_cfg)
+
+    def wrap_model(self, model_wrapper_cfg: Optional[Dict],
+                   model: nn.Module) -> Union[DistributedDataParallel,
+                                              nn.Module]:
+        """Wrap with a DDP that ignores the shards (see the class doc)."""
+        if (self.distributed and not is_model_wrapper(model)
+                and sharded_names(model)):
+            if model_wrapper_cfg is None:
+                model_wrapper_cfg = dict(
+                    type='PartialFCDistributedDataParallel',
+                    broadcast_buffers=False,
+                    find_unused_parameters=self.cfg.get(
+                        'find_unused_parameters', False))
+            wrapper = model_wrapper_cfg.get('type',
+                                            'MMDistributedDataParallel')
+            wrapper_cls = MODEL_WRAPPERS.get(wrapper) if isinstance(
+                wrapper, str) else wrapper
+            if not (isinstance(wrapper_cls, type) and issubclass(
+                    wrapper_cls, PartialFCDistributedDataParallel)):
+                raise TypeError(
+                    f'model_wrapper_cfg type {wrapper!r} would broadcast and '
+                    f'all-reduce the rank-local parameters '
+                    f'{sharded_names(model)}; use model_wrapper_cfg=dict('
+                    "type='PartialFCDistributedDataParallel') or a subclass")
+            # MMEngine looks the type up in its root registry, which needs
+            # the scope prefix: accept the bare name of the mmpfc scope.
+            model_wrapper_cfg = dict(model_wrapper_cfg,
+                                     type=_scoped_name(wrapper_cls))
+        return super().wrap_model(model_wrapper_cfg, model)
+
+    def _init_model_weights(self) -> None:
+        """``init_weights``, then broadcast replicated entries only."""
+        model = self.model.module if is_model_wrapper(
+            self.model) else self.model
+        if not hasattr(model, 'init_weights'):
+            return
+        model.init_weights()
+        local = set(sharded_names(model))
+        for name, tensor in model.state_dict().items():
+            if name not in local:
+                broadcast(tensor)
+
+    def build_train_loop(self, loop: Union[BaseLoop, Dict]) -> BaseLoop:
+        """MMEngine's train loop, after checking its data against the model."""
+        loop = super().build_train_loop(loop)
+        dataloader = getattr(loop, 'dataloader', None)
+        if dataloader is not None:
+            model = self.model.module if is_model_wrapper(
+                self.model) else self.model
+            check_train_data(model, dataloader)
+        return loop
+
+
+def _scoped_name(cls: type) -> str:
+    """``scope.Name`` under which ``cls`` is registered (for MMEngine)."""
+    registry = MODEL_WRAPPERS
+    while registry is not None:
+        for name, obj in registry.module_dict.items():
+            if obj is cls:
+                return f'{registry.scope}.{name}'
+        registry = registry.parent
+    raise KeyError(f'{cls.__name__} is not registered as a model wrapper')
+
+
+def check_train_data(model: nn.Module, dataloader) -> None:
+    """Refuse a dataloader that does not fit a face model's head.
+
+    Raises ValueError for: a head ``num_classes`` different from the
+    dataset's ``num_classes`` (when the dataset has one), a loader that yields
+    no batch (``drop_last`` with fewer samples per rank than the batch), and,
+    for a sharded head on several ranks with a finite sampler, a per-rank
+    sample count that the batch size does not divide without ``drop_last``
+    (the last batches would differ in size and the head's all-gather fails
+    mid-training).
+    """
+    dataset = dataloader.dataset
+    head = getattr(model, 'head', None)
+    head_classes = getattr(head, 'num_classes', None)
+    data_classes = getattr(dataset, 'num_classes', None)
+    if head_classes is not None and data_classes is not None and \
+            int(head_classes) != int(data_classes):
+        raise ValueError(
+            f'the head has num_classes={head_classes} but the training '
+            f'dataset {type(dataset).__name__} has num_classes='
+            f'{data_classes}; set model.head.num_classes to the dataset\'s')
+
+    batch = dataloader.batch_size
+    if batch is None or isinstance(dataloader.sampler, InfiniteSampler) or \
+            isinstance(getattr(dataloader, 'batch_sampler', None),
+                       InfiniteSampler):
+        return  # an infinite stream of full batches
+    _, world_size = get_dist_info()
+    per_rank = math.ceil(len(dataset) / world_size)  # DefaultSampler pads
+    if dataloader.drop_last and per_rank < batch:
+        raise ValueError(
+            f'drop_last=True with batch_size={batch} per rank but only '
+            f'{per_rank} samples per rank ({len(dataset)} samples on '
+            f'{world_size} ranks): the loader yields no batch; lower the '
+            'batch size')
+    if not dataloader.drop_last and world_size > 1 and sharded_names(model) \
+            and per_rank % batch:
+        raise ValueError(
+            f'batch_size={batch} per rank does not divide the {per_rank} '
+            f'samples per rank ({len(dataset)} samples on {world_size} '
+            f'ranks): the last batch would hold {per_rank % batch} samples '
+            'and the sharded head needs equal batches on every rank; set '
+            "train_dataloader.drop_last=True or sampler=dict(type="
+            "'InfiniteSampler')")

@@ -1,0 +1,265 @@
+"""PartialFCRunner, its DDP wrapper and logging hooks on 2 gloo ranks.
+
+One spawn runs two short trainings through MMEngine's Runner built from
+``configs/_base_/default_runtime.py`` (Partial FC in fp32, then model
+parallel with bf16 autocast and a clip that is always active), followed by
+the bad-input checks, and returns what each rank saw.
+"""
+import glob
+import json
+import os.path as osp
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+from dist_utils import run_distributed
+from mmengine.config import Config
+from mmengine.hooks import Hook
+
+import mmpfc  # noqa: F401
+from mmpfc.engine.hooks import SpeedLogHook
+from mmpfc.models.heads import PartialFCHead
+from mmpfc.registry import HOOKS, MODELS, RUNNERS
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+NUM_CLASSES, DIM, BATCH, SAMPLES = 8, 16, 2, 16
+INTERVAL, MAX_ITERS, SECONDS = 2, 4, 2.5
+LOSS = dict(type='CombinedMarginLoss', s=16.0, m1=1.0, m2=0.0, m3=0.2)
+LINE = re.compile(
+    r'Training: Speed (\d+\.\d{2}) samples/sec   Loss (\d+\.\d{4})   '
+    r'LearningRate (\d+\.\d{4})   Epoch: (\d+)   Global Step: (\d+)$')
+
+
+@MODELS.register_module(force=True)
+class RunnerTinyNet(nn.Module):
+    """conv-BN-ReLU, pool, linear: a backbone with buffers, ``(emb,)``."""
+
+    def __init__(self, dim=DIM):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 2 * 2, dim)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        return (self.fc(nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)),)
+
+
+@HOOKS.register_module(force=True)
+class RunnerProbeHook(Hook):
+    """Perturbs rank 1's replicated weights before init; records the run."""
+
+    priority = 'VERY_LOW'
+
+    def before_run(self, runner):
+        model = runner.model.module
+        self.shard_after_wrap = model.head.weight.detach().clone()
+        if runner.rank == 1:  # _init_model_weights must undo this
+            with torch.no_grad():
+                model.backbone.fc.weight.add_(1.0)
+                model.backbone.bn.running_mean.add_(1.0)
+        self.losses, self.lrs, self.grad_norms = [], [], []
+
+    def before_train(self, runner):
+        model = runner.model.module
+        self.shard_after_init = model.head.weight.detach().clone()
+        self.backbone_after_init = {
+            k: v.clone() for k, v in model.backbone.state_dict().items()}
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None,
+                         outputs=None):
+        hub = runner.message_hub
+        self.losses.append(float(outputs['loss']))
+        self.lrs.append(hub.get_scalar('train/lr').current())
+        self.grad_norms.append(hub.get_scalar('train/grad_norm').current())
+
+
+class FakeClock:
+    """Every call is ``SECONDS`` later than the previous one."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        self.now += SECONDS
+        return self.now
+
+
+def make_cfg(work_dir, name, sample_rate=0.5, amp=False, max_norm=5.0,
+             **overrides):
+    cfg = Config.fromfile(osp.join(ROOT, 'configs/_base_/default_runtime.py'))
+    cfg.merge_from_dict(dict(
+        experiment_name=name,
+        work_dir=osp.join(work_dir, name),
+        launcher='pytorch',
+        model=dict(
+            type='FaceRecognizer',
+            backbone=dict(type='RunnerTinyNet'),
+            head=dict(type='PartialFCHead', num_classes=NUM_CLASSES,
+                      in_channels=DIM, sample_rate=sample_rate, seed=5,
+                      loss=LOSS)),
+        train_dataloader=dict(
+            batch_size=BATCH, num_workers=0,
+            sampler=dict(type='InfiniteSampler', shuffle=True),
+            dataset=dict(type='SyntheticFaceDataset',
+                         num_classes=NUM_CLASSES, num_samples=SAMPLES,
+                         image_size=16, learnable=True)),
+        train_cfg=dict(by_epoch=False, max_iters=MAX_ITERS),
+        optim_wrapper=dict(
+            type='PartialFCAmpOptimWrapper' if amp else
+            'PartialFCOptimWrapper',
+            optimizer=dict(type='SGD', lr=0.2, momentum=0.9,
+                           weight_decay=5e-4),
+            clip_grad=dict(max_norm=max_norm)),
+        param_scheduler=dict(type='LinearLR', start_factor=0.5,
+                             by_epoch=False, begin=0, end=MAX_ITERS),
+        default_hooks=dict(logger=dict(interval=INTERVAL)),
+        custom_hooks=[dict(type='SpeedLogHook'),
+                      dict(type='MemoryTableHook', interval=MAX_ITERS),
+                      dict(type='RunnerProbeHook')]))
+    cfg.merge_from_dict(overrides)
+    return cfg
+
+
+def train_once(work_dir, name, **kwargs):
+    runner = RUNNERS.build(make_cfg(work_dir, name, **kwargs))
+    speed = next(h for h in runner.hooks if isinstance(h, SpeedLogHook))
+    speed.clock = FakeClock()
+    probe = next(h for h in runner.hooks if isinstance(h, RunnerProbeHook))
+    head = runner.model.module.head
+    fresh = PartialFCHead(NUM_CLASSES, DIM, kwargs.get('sample_rate', 0.5),
+                          loss=LOSS, seed=5)  # what this rank's shard was
+    runner.train()
+    model = runner.model.module
+    return dict(
+        wrapper=type(runner.model).__name__,
+        ignored=sorted(runner.model.parameters_to_ignore),
+        fresh_shard=fresh.weight.detach().clone(),
+        shard_after_wrap=probe.shard_after_wrap,
+        shard_after_init=probe.shard_after_init,
+        shard_final=head.weight.detach().clone(),
+        backbone_after_init=probe.backbone_after_init,
+        backbone_final={k: v.clone()
+                        for k, v in model.backbone.named_parameters()},
+        losses=probe.losses, lrs=probe.lrs, grad_norms=probe.grad_norms,
+        log_dir=runner.log_dir)
+
+
+def expect_error(work_dir, name, error, match, **overrides):
+    try:
+        RUNNERS.build(make_cfg(work_dir, name, **overrides)).train()
+    except error as err:
+        assert re.search(match, str(err)), str(err)
+        return str(err)
+    raise AssertionError(f'{name}: no {error.__name__}')
+
+
+def runner_worker(rank, world_size, work_dir):
+    pfc = train_once(work_dir, 'pfc')
+    mp = train_once(work_dir, 'mp', sample_rate=1.0, amp=True, max_norm=1e-3)
+    errors = [
+        expect_error(work_dir, 'bad_wrapper', TypeError,
+                     'PartialFCDistributedDataParallel',
+                     model_wrapper_cfg=dict(
+                         type='MMDistributedDataParallel')),
+        expect_error(work_dir, 'bad_classes', ValueError,
+                     r'num_classes=8 .* num_classes=6',
+                     train_dataloader=dict(dataset=dict(num_classes=6))),
+        expect_error(work_dir, 'bad_batch', ValueError,
+                     r'batch_size=2 per rank does not divide the 5',
+                     train_dataloader=dict(
+                         sampler=dict(type='DefaultSampler'),
+                         dataset=dict(num_samples=10))),
+        expect_error(work_dir, 'empty_loader', ValueError,
+                     'yields no batch',
+                     train_dataloader=dict(
+                         batch_size=8, drop_last=True,
+                         sampler=dict(type='DefaultSampler'),
+                         dataset=dict(num_samples=10))),
+    ]
+    return dict(pfc=pfc, mp=mp, errors=errors)
+
+
+@pytest.fixture(scope='module')
+def ranks(tmp_path_factory):
+    work_dir = str(tmp_path_factory.mktemp('runner'))
+    return run_distributed(runner_worker, 2, work_dir)
+
+
+@pytest.mark.parametrize('run', ['pfc', 'mp'])
+def test_ddp_ignores_shards_and_replicates_backbone(ranks, run):
+    r0, r1 = ranks[0][run], ranks[1][run]
+    for r in (r0, r1):
+        assert r['wrapper'] == 'PartialFCDistributedDataParallel'
+        assert r['ignored'] == ['head.weight']
+        # neither DDP's wrap nor the runner's weight init touched the shard
+        assert torch.equal(r['shard_after_wrap'], r['fresh_shard'])
+        assert torch.equal(r['shard_after_init'], r['fresh_shard'])
+        assert not torch.equal(r['shard_final'], r['fresh_shard'])  # trained
+    assert r0['shard_final'].shape == r1['shard_final'].shape == (4, DIM)
+    assert not torch.allclose(r0['shard_after_init'], r1['shard_after_init'])
+    assert not torch.allclose(r0['shard_final'], r1['shard_final'])
+    # rank 1's perturbed replicated weights and buffers were re-broadcast
+    for key, value in r0['backbone_after_init'].items():
+        assert torch.equal(value, r1['backbone_after_init'][key]), key
+    # and the backbone stayed identical through training
+    for key, value in r0['backbone_final'].items():
+        assert torch.equal(value, r1['backbone_final'][key]), key
+        assert not torch.equal(value, r0['backbone_after_init'][key]), key
+    assert r0['losses'] == r1['losses']  # the global loss on every rank
+
+
+def test_clip_norm_is_over_replicated_params_only(ranks):
+    r0, r1 = ranks[0]['mp'], ranks[1]['mp']
+    # max_norm=1e-3: clipping acts every step. Shard gradients differ by
+    # rank; a norm including them would differ too and the backbones drift.
+    assert r0['grad_norms'] == r1['grad_norms']
+    assert min(r0['grad_norms']) > 1e-3
+
+
+@pytest.mark.parametrize('run', ['pfc', 'mp'])
+def test_speed_line_format_and_values(ranks, run):
+    result = ranks[0][run]
+    log_file, = glob.glob(osp.join(result['log_dir'], '*.log'))
+    with open(log_file) as f:
+        text = f.read()
+    lines = [line for line in text.splitlines() if 'Training: Speed' in line]
+    assert len(lines) == MAX_ITERS // INTERVAL
+    losses, lrs = result['losses'], result['lrs']
+    for n, line in enumerate(lines, start=1):
+        match = LINE.search(line)
+        assert match, line
+        speed, loss, lr = (float(v) for v in match.groups()[:3])
+        epoch, step = (int(v) for v in match.groups()[3:])
+        assert step == n * INTERVAL
+        # interval x per-rank batch x world size / seconds of the interval
+        assert speed == pytest.approx(INTERVAL * BATCH * 2 / SECONDS,
+                                      abs=0.005)
+        window = losses[step - INTERVAL:step]
+        assert loss == pytest.approx(sum(window) / INTERVAL, abs=1e-4)
+        assert lr == pytest.approx(lrs[step - 1], abs=1e-4)
+        assert epoch == step * BATCH * 2 // SAMPLES
+    # MMEngine's own line and the JSON scalars carry the same speed
+    assert re.search(r'Iter\(train\) \[2/4\].*speed: 3\.2000', text)
+    with open(osp.join(result['log_dir'], 'vis_data', 'scalars.json')) as f:
+        scalars = [json.loads(line) for line in f]
+    assert [s['speed'] for s in scalars if 'speed' in s] == [3.2, 3.2]
+    # the memory table: one row per rank, gathered to rank 0
+    assert re.search(r'Memory per rank after step 2, process RSS', text)
+    rows = re.findall(r'^\[(\d)\] .*\| +(\d+) / +(\d+) MB \| peak +(\d+) MB',
+                      text, re.M)
+    assert sorted({row[0] for row in rows}) == ['0', '1']
+    assert all(0 < int(used) < int(total) for _, used, total, _ in rows)
+
+
+def test_bad_input_errors_name_the_values(ranks):
+    assert ranks[0]['errors'] == ranks[1]['errors']
+
+
+def test_launcher_without_process_group(monkeypatch, tmp_path):
+    for key in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'):
+        monkeypatch.delenv(key, raising=False)
+    cfg = make_cfg(str(tmp_path), 'no_group')
+    with pytest.raises(RuntimeError, match='needs a process group'):
+        RUNNERS.build(cfg)
