@@ -39,7 +39,8 @@ class SyntheticFaceDataset(Dataset):
     ``gt_label``, what ``FaceRecognizer``'s preprocessor expects. With a
     ``pipeline`` the transforms get ``dict(img=HxWx3 uint8 RGB array,
     gt_label=int, img_shape=(H, W), ori_shape=(H, W), sample_idx=i)`` and
-    must pack it (e.g. ``mmpretrain.RandomFlip`` then ``mmpretrain.PackInputs``).
+    must pack it (e.g. ``mmpretrain.RandomFlip``, then
+    ``mmpretrain.PackInputs``).
 
     Example::
 

@@ -8,7 +8,7 @@ import torch.nn as nn
 from mmengine.dataset import InfiniteSampler
 from mmengine.dist import broadcast, get_dist_info, is_distributed
 from mmengine.model import is_model_wrapper
-from mmengine.runner import Runner
+from mmengine.runner import IterBasedTrainLoop, Runner
 from mmengine.runner.base_loop import BaseLoop
 from torch.nn.parallel import DistributedDataParallel
 
@@ -103,6 +103,13 @@ class PartialFCRunner(ShardedCheckpointMixin, Runner):
             model = self.model.module if is_model_wrapper(
                 self.model) else self.model
             check_train_data(model, dataloader)
+            if isinstance(loop, IterBasedTrainLoop) and not isinstance(
+                    dataloader.sampler, InfiniteSampler):
+                sampler = type(dataloader.sampler).__name__
+                self.logger.warning(
+                    f'IterBasedTrainLoop with {sampler}: MMEngine 0.10 '
+                    'sleeps 2 s at every pass over the data; use '
+                    "sampler=dict(type='InfiniteSampler')")
         return loop
 
 

@@ -1,0 +1,44 @@
+# Runtime shared by every mmpfc config: the Partial FC runner and DDP wrapper
+# (shard rows stay rank-local: not broadcast, not all-reduced), iteration-based
+# logging with the reference's speed line and a per-rank memory table.
+default_scope = 'mmpfc'
+runner_type = 'PartialFCRunner'
+model_wrapper_cfg = dict(
+    type='PartialFCDistributedDataParallel',
+    broadcast_buffers=False,
+    find_unused_parameters=False)
+
+default_hooks = dict(
+    runtime_info=dict(type='RuntimeInfoHook'),
+    timer=dict(type='IterTimerHook'),
+    logger=dict(type='LoggerHook', interval=50),
+    param_scheduler=dict(type='ParamSchedulerHook'),
+    # Every rank saves its shard (PartialFCRunner's save_checkpoint).
+    checkpoint=dict(
+        type='CheckpointHook', by_epoch=False, interval=10000,
+        max_keep_ckpts=3),
+    sampler_seed=dict(type='DistSamplerSeedHook'),
+)
+# `Training: Speed ... samples/sec   Loss ...` every LoggerHook interval, and
+# a `gpustat -i`-like table of every rank's memory (device memory on GPUs,
+# process RSS on the CPU).
+custom_hooks = [
+    dict(type='SpeedLogHook'),
+    dict(type='MemoryTableHook', interval=2000),
+]
+
+env_cfg = dict(
+    cudnn_benchmark=True,
+    mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
+    # No backend: NCCL when CUDA is available, gloo otherwise.
+    dist_cfg=dict())
+
+log_processor = dict(type='LogProcessor', window_size=50, by_epoch=False)
+log_level = 'INFO'
+# Add dict(type='TensorboardVisBackend') for TensorBoard.
+vis_backends = [dict(type='LocalVisBackend')]
+visualizer = dict(type='Visualizer', vis_backends=vis_backends)
+
+load_from = None
+resume = False
+randomness = dict(seed=2048)  # the reference's seed

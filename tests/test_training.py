@@ -1,0 +1,85 @@
+"""tools/train.py options and a real ``tools/dist_train.sh`` run (torchrun,
+2 CPU processes, gloo initialized by the runner)."""
+import glob
+import importlib.util
+import os
+import os.path as osp
+import re
+import subprocess
+import sys
+
+import pytest
+from dist_utils import free_port
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+DEMO = osp.join(ROOT, 'configs', 'pfc', 'mbf_pfc0.1_demo_cpu.py')
+
+
+def load_train_tool():
+    spec = importlib.util.spec_from_file_location(
+        'mmpfc_train_tool', osp.join(ROOT, 'tools', 'train.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope='module')
+def train_tool():
+    return load_train_tool()
+
+
+def build_cfg(tool, *argv):
+    return tool.build_cfg(tool.parse_args([DEMO, *argv]))
+
+
+def test_defaults(train_tool):
+    cfg = build_cfg(train_tool)
+    assert cfg.launcher == 'none' and cfg.resume is False
+    assert cfg.work_dir == './work_dirs/mbf_pfc0.1_demo_cpu'
+    assert cfg.optim_wrapper.type == 'PartialFCOptimWrapper'
+
+
+def test_amp_switches_to_the_shard_aware_amp_wrapper(train_tool):
+    cfg = build_cfg(train_tool, '--amp', '--work-dir', '/tmp/x',
+                    '--launcher', 'pytorch')
+    assert cfg.optim_wrapper.type == 'PartialFCAmpOptimWrapper'
+    assert cfg.optim_wrapper.loss_scale == 'dynamic'
+    assert cfg.optim_wrapper.optimizer.lr == 0.1  # the rest is kept
+    assert (cfg.work_dir, cfg.launcher) == ('/tmp/x', 'pytorch')
+    with pytest.raises(ValueError, match="'Adam'"):
+        build_cfg(train_tool, '--amp', '--cfg-options',
+                  'optim_wrapper.type=Adam')
+
+
+def test_resume_and_cfg_options(train_tool):
+    cfg = build_cfg(train_tool, '--resume')
+    assert cfg.resume is True and cfg.load_from is None
+    cfg = build_cfg(train_tool, '--resume', 'w/iter_8.pth', '--cfg-options',
+                    'train_dataloader.batch_size=4', 'train_cfg.max_iters=3')
+    assert (cfg.resume, cfg.load_from) == (True, 'w/iter_8.pth')
+    assert cfg.train_dataloader.batch_size == 4
+    assert cfg.train_cfg.max_iters == 3
+
+
+def test_dist_train_sh_runs_two_cpu_processes(tmp_path):
+    """The documented command, shortened by --cfg-options."""
+    env = dict(os.environ, PORT=str(free_port()), PYTHON=sys.executable,
+               OMP_NUM_THREADS='1')
+    cmd = ['bash', osp.join(ROOT, 'tools', 'dist_train.sh'), DEMO, '2',
+           '--amp', '--work-dir', str(tmp_path), '--cfg-options',
+           'train_cfg.max_iters=4', 'train_dataloader.batch_size=2',
+           'default_hooks.logger.interval=2',
+           'default_hooks.checkpoint.interval=4', 'custom_hooks.1.interval=4',
+           'log_level=INFO']
+    proc = subprocess.run(cmd, cwd=str(tmp_path), env=env,
+                          capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    lines = re.findall(r'Training: Speed [\d.]+ samples/sec   Loss ([\d.]+)'
+                       r'   LearningRate [\d.]+   Epoch: 0   Global Step: '
+                       r'(\d+)', out)
+    assert [step for _, step in lines] == ['2', '4']  # rank 0 only
+    assert len(re.findall(r'^\[[01]\] .* \| peak ', out, re.M)) == 4
+    assert 'PartialFCAmpOptimWrapper' in out
+    assert glob.glob(osp.join(str(tmp_path), 'iter_4.pth.shards-*',
+                              'rank1-of2.pth'))

@@ -1,0 +1,107 @@
+"""Train a face recognizer with MMEngine (mmpfc configs).
+
+    python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--amp]
+                                 [--cfg-options k=v ...] [--launcher ...]
+
+Distributed: ``bash tools/dist_train.sh CONFIG GPUS`` (torchrun) or
+``bash tools/slurm_train.sh PARTITION JOB CONFIG``. Without CUDA the same
+commands run on the CPU with gloo.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+from mmengine.config import Config, DictAction  # noqa: E402
+
+AMP_WRAPPER = 'PartialFCAmpOptimWrapper'
+FP32_WRAPPERS = ('OptimWrapper', 'PartialFCOptimWrapper')
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description='Train a face recognizer')
+    parser.add_argument('config', help='train config file path')
+    parser.add_argument('--work-dir', help='the dir to save logs and models')
+    parser.add_argument(
+        '--resume', nargs='?', type=str, const='auto',
+        help='resume from this checkpoint; without a path, from the latest '
+        'checkpoint in the work dir')
+    parser.add_argument(
+        '--amp', action='store_true',
+        help='mixed precision: fp16 with loss scaling on GPUs, bf16 '
+        'autocast on the CPU')
+    parser.add_argument(
+        '--cfg-options', nargs='+', action=DictAction,
+        help='override settings of the config, key=value (e.g. '
+        'train_dataloader.batch_size=16)')
+    parser.add_argument(
+        '--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
+        default='none', help='job launcher')
+    # torch.distributed.launch passes --local-rank; torchrun sets LOCAL_RANK
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args(argv)
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    return args
+
+
+def use_amp(cfg: Config) -> None:
+    """Switch the optim wrapper to mixed precision (``--amp``)."""
+    wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
+    name = wrapper.split('.')[-1] if isinstance(wrapper, str) else \
+        getattr(wrapper, '__name__', str(wrapper))
+    if name == AMP_WRAPPER:
+        return
+    if name not in FP32_WRAPPERS:
+        raise ValueError(
+            f'--amp cannot convert optim_wrapper type {wrapper!r}; expected '
+            f'one of {FP32_WRAPPERS} or {AMP_WRAPPER!r}')
+    cfg.optim_wrapper.type = AMP_WRAPPER
+    cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
+
+
+def build_cfg(args: argparse.Namespace) -> Config:
+    cfg = Config.fromfile(args.config)
+    cfg.launcher = args.launcher
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir', None) is None:
+        cfg.work_dir = osp.join('./work_dirs',
+                                osp.splitext(osp.basename(args.config))[0])
+    if args.amp:
+        use_amp(cfg)
+    if args.resume == 'auto':
+        cfg.resume = True
+        cfg.load_from = None
+    elif args.resume is not None:
+        cfg.resume = True
+        cfg.load_from = args.resume
+    return cfg
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    import mmpfc  # noqa: F401  (registers every component)
+    from mmpfc.registry import RUNNERS
+    cfg = build_cfg(args)
+    runner = RUNNERS.build(cfg)
+    runner.train()
+    close_process_group()
+
+
+def close_process_group() -> None:
+    """Leave together: a rank exiting while a peer still talks to it can
+    abort the peer (gloo), and torch warns about undestroyed groups."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()
