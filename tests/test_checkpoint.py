@@ -2,7 +2,7 @@
 
 Also holds the tiny training set-up the other checkpoint tests import
 (``make_cfg``, ``build_runner``): a LeNet-5 face model with a sharded head on
-a synthetic in-memory dataset, trained by MMEngine on CPU.
+a synthetic in-memory dataset, trained by ``PartialFCRunner`` on CPU.
 """
 import glob
 import os
@@ -13,14 +13,10 @@ import pytest
 import torch
 from mmengine.evaluator import BaseMetric
 from mmengine.hooks import Hook
-from mmengine.runner import Runner
-from torch.nn.parallel import DistributedDataParallel
 
 import mmpfc  # noqa: F401
 from mmpfc.checkpoint import (CheckpointError, atomic_save, load_file,
                               remove_stale_shard_dirs)
-from mmpfc.engine.runners.sharded_checkpoint import ShardedCheckpointMixin
-from mmpfc.models.utils import is_sharded
 from mmpfc.registry import DATASETS, HOOKS, METRICS, RUNNERS
 
 NUM_CLASSES, GLOBAL_BATCH, DIM = 10, 6, 120
@@ -56,30 +52,6 @@ class CkptTinyFaces(torch.utils.data.Dataset):
                     data_samples=DataSample().set_gt_label(label))
 
 
-@RUNNERS.register_module(force=True)
-class CkptTestRunner(ShardedCheckpointMixin, Runner):
-    """Minimal CPU runner for these tests: DDP without device ids that
-    ignores sharded parameters, and no broadcast of shards at init."""
-
-    def wrap_model(self, model_wrapper_cfg, model):
-        if not self.distributed:
-            return super().wrap_model(model_wrapper_cfg, model)
-        from mmengine.model import MMDistributedDataParallel
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-            model, [n for n, p in model.named_parameters() if is_sharded(p)])
-        return MMDistributedDataParallel(module=model, device_ids=None,
-                                         broadcast_buffers=False)
-
-    def _init_model_weights(self):
-        from mmengine.dist import broadcast
-        model = getattr(self.model, 'module', self.model)
-        model.init_weights()
-        sharded = {n for n, p in model.named_parameters() if is_sharded(p)}
-        for name, tensor in model.state_dict().items():
-            if name not in sharded:
-                broadcast(tensor)
-
-
 @HOOKS.register_module(force=True)
 class CkptCaptureHook(Hook):
     """Keeps the head's rows and momentum as training starts (after load)."""
@@ -108,7 +80,7 @@ def make_cfg(work_dir, world_size=1, max_iters=4, sample_rate=0.5,
     """Config of the tiny training run (dict for ``Runner.from_cfg``)."""
     from mmengine.config import Config
     return Config(dict(
-        runner_type='CkptTestRunner',
+        runner_type='PartialFCRunner',
         default_scope='mmpfc',
         model=dict(
             type='FaceRecognizer',
