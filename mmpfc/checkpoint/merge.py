@@ -5,8 +5,8 @@ import os.path as osp
 
 from .format import build_manifest
 from .io import CheckpointError, atomic_save, load_file
+from .fit import put_row_state
 from .loader import CheckpointRows
-from .sharded_state import optimizer_entry
 
 
 def merge_checkpoint(src: str, dst: str, drop_optimizer: bool = False,
@@ -47,11 +47,9 @@ def merge_checkpoint(src: str, dst: str, drop_optimizer: bool = False,
         weight, rows, scalars = source.take(name, 0, classes)
         checkpoint['state_dict'][name] = weight
         location = entry.get('optimizer')
-        if optimizer_state is not None and location is not None:
-            state = optimizer_entry(optimizer_state, location[0])['state']
-            state.pop(location[1], None)
-            if rows or scalars:
-                state[location[1]] = {**scalars, **rows}
+        put_row_state(optimizer_state,
+                      None if location is None else tuple(location), rows,
+                      scalars)
         params[name] = dict(entry, class_ranges=[[0, classes]])
         merged[name] = (classes, entry['embedding_size'])
     if drop_optimizer:

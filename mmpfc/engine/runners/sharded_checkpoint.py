@@ -12,7 +12,7 @@ import os
 import os.path as osp
 import re
 import time
-from typing import Callable, List, Optional, Union
+from typing import Callable, Optional, Union
 
 from mmengine.dist import (all_gather_object, barrier, broadcast_object_list,
                            get_dist_info)
@@ -21,11 +21,11 @@ from mmengine.runner.checkpoint import load_state_dict
 from mmpfc.checkpoint import (MANIFEST_KEY, CheckpointError, CheckpointRows,
                               atomic_save, build_manifest, collect_shard,
                               compare_state_dicts, find_sharded_params,
-                              load_file, locate_param, manifest_params,
+                              load_file, manifest_params,
                               remove_stale_shard_dirs, shard_dir_name,
                               shard_file_name, strip_sharded, unwrap_model)
+from mmpfc.checkpoint.fit import fit_rows
 from mmpfc.checkpoint.format import new_token
-from mmpfc.checkpoint.sharded_state import ShardedParam, optimizer_entry
 
 # Mixes the resumed iteration into a sampler's seed when its saved RNG state
 # cannot be used (another world size): streams do not repeat old ones.
@@ -175,8 +175,8 @@ class ShardedCheckpointMixin:
 
         model = unwrap_model(self.model)
         source = CheckpointRows(filename, checkpoint)
-        self._mmpfc_sampler_states = self._insert_rows(model, source,
-                                                       checkpoint)
+        self._mmpfc_sampler_states = fit_rows(
+            model, self.optim_wrapper, source, checkpoint, *get_dist_info())
         diff = compare_state_dicts(model.state_dict(),
                                    checkpoint['state_dict'])
         exact = strict or source.manifest is not None
@@ -189,82 +189,6 @@ class ShardedCheckpointMixin:
         self._has_loaded = True
         self.logger.info(f'Load checkpoint from {filename}')
         return checkpoint
-
-    def _insert_rows(self, model, source: CheckpointRows,
-                     checkpoint: dict) -> Optional[dict]:
-        """Put this rank's rows (and their optimizer state) into
-        ``checkpoint``; return the sampler states to restore, if usable."""
-        targets = self._row_targets(model, source)
-        errors = []
-        for name, (start, stop, classes, dim, _) in targets.items():
-            entry = source.describe(name)
-            if entry is None:
-                errors.append(
-                    f'it has no {name!r} (the model\'s {classes} x {dim} '
-                    'class centers; to load only a backbone use its '
-                    'init_cfg=dict(type=\'Pretrained\', checkpoint=..., '
-                    'prefix=\'backbone.\'))')
-            elif (entry['num_classes'], entry['embedding_size']) != \
-                    (classes, dim):
-                hint = '' if source.manifest is not None or \
-                    entry['num_classes'] > classes else (
-                        '; a file saved without ShardedCheckpointMixin '
-                        'holds only one rank\'s rows')
-                errors.append(
-                    f'{name!r} was saved with num_classes='
-                    f'{entry["num_classes"]} and embedding size '
-                    f'{entry["embedding_size"]}, the model has num_classes='
-                    f'{classes} and embedding size {dim}{hint}')
-        if errors:
-            raise CheckpointError(f'checkpoint {source.path} does not fit '
-                                  f'the model: {"; ".join(errors)}')
-
-        optimizer_state = checkpoint.get('optimizer')
-        for name, (start, stop, _, _, location) in targets.items():
-            weight, rows, scalars = source.take(name, start, stop, location)
-            checkpoint['state_dict'][name] = weight
-            entry = source.describe(name)
-            if entry.get('optimizer') is not None:
-                location = tuple(entry['optimizer'])
-            if optimizer_state is None or location is None:
-                continue
-            state = optimizer_entry(optimizer_state, location[0])['state']
-            state.pop(location[1], None)
-            if rows or scalars:
-                state[location[1]] = {**scalars, **rows}
-
-        rank, world_size = get_dist_info()
-        same_split = source.layout == 'shards' and \
-            source.world_size == world_size and all(
-                list(source.describe(name)['class_ranges'][rank]) ==
-                [start, stop]
-                for name, (start, stop, *_) in targets.items())
-        return source.sampler_states(rank) if same_split else None
-
-    def _row_targets(self, model, source: CheckpointRows) -> dict:
-        """Name -> (start, stop, num_classes, dim, optimizer location) of
-        every matrix to fill from rows of the checkpoint."""
-        sharded: List[ShardedParam] = find_sharded_params(model)
-        targets = {}
-        for sp in sharded:
-            located = locate_param(self.optim_wrapper, sp.param)
-            targets[sp.name] = (sp.class_start,
-                                sp.class_start + sp.num_local,
-                                sp.num_classes, sp.embedding_size,
-                                located[0] if located else None)
-        if source.manifest is None:
-            return targets
-        model_state = model.state_dict()
-        for name in source.manifest['params']:
-            if name in targets:
-                continue
-            if name not in model_state or model_state[name].dim() != 2:
-                raise CheckpointError(
-                    f'checkpoint {source.path} holds the sharded {name!r}, '
-                    'which the model does not have')
-            rows, dim = model_state[name].shape  # a replicated head: all rows
-            targets[name] = (0, int(rows), int(rows), int(dim), None)
-        return targets
 
     # ---------------------------------------------------------------- resume
     def resume(self,
