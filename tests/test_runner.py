@@ -122,8 +122,11 @@ def make_cfg(work_dir, name, sample_rate=0.5, amp=False, max_norm=5.0,
     return cfg
 
 
-def train_once(work_dir, name, **kwargs):
-    runner = RUNNERS.build(make_cfg(work_dir, name, **kwargs))
+def train_once(work_dir, name, head=None, **kwargs):
+    cfg = make_cfg(work_dir, name, **kwargs)
+    if head is not None:
+        cfg.model.head = head
+    runner = RUNNERS.build(cfg)
     speed = next(h for h in runner.hooks if isinstance(h, SpeedLogHook))
     speed.clock = FakeClock()
     probe = next(h for h in runner.hooks if isinstance(h, RunnerProbeHook))
@@ -158,6 +161,9 @@ def expect_error(work_dir, name, error, match, **overrides):
 def runner_worker(rank, world_size, work_dir):
     pfc = train_once(work_dir, 'pfc')
     mp = train_once(work_dir, 'mp', sample_rate=1.0, amp=True, max_norm=1e-3)
+    dp = train_once(work_dir, 'dp', head=dict(
+        type='MarginSoftmaxHead', num_classes=NUM_CLASSES, in_channels=DIM,
+        loss=LOSS, seed=5))
     errors = [
         expect_error(work_dir, 'bad_wrapper', TypeError,
                      'PartialFCDistributedDataParallel',
@@ -178,7 +184,7 @@ def runner_worker(rank, world_size, work_dir):
                          sampler=dict(type='DefaultSampler'),
                          dataset=dict(num_samples=10))),
     ]
-    return dict(pfc=pfc, mp=mp, errors=errors)
+    return dict(pfc=pfc, mp=mp, dp=dp, errors=errors)
 
 
 @pytest.fixture(scope='module')
@@ -208,6 +214,17 @@ def test_ddp_ignores_shards_and_replicates_backbone(ranks, run):
         assert torch.equal(value, r1['backbone_final'][key]), key
         assert not torch.equal(value, r0['backbone_after_init'][key]), key
     assert r0['losses'] == r1['losses']  # the global loss on every rank
+
+
+def test_data_parallel_head_is_replicated_by_the_same_wrapper(ranks):
+    r0, r1 = ranks[0]['dp'], ranks[1]['dp']
+    assert r0['wrapper'] == 'PartialFCDistributedDataParallel'
+    assert r0['ignored'] == []
+    assert r0['shard_final'].shape == (NUM_CLASSES, DIM)
+    assert torch.equal(r0['shard_final'], r1['shard_final'])
+    assert not torch.equal(r0['shard_final'], r0['shard_after_init'])
+    for key, value in r0['backbone_final'].items():
+        assert torch.equal(value, r1['backbone_final'][key]), key
 
 
 def test_clip_norm_is_over_replicated_params_only(ranks):

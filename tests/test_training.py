@@ -74,7 +74,13 @@ def test_dist_train_sh_runs_two_cpu_processes(tmp_path):
     proc = subprocess.run(cmd, cwd=str(tmp_path), env=env,
                           capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
+    if proc.returncode != 0:
+        with open(osp.join(str(tmp_path), 'failed_run.log'), 'w') as f:
+            f.write(out)
+        errors = [line for line in out.splitlines() if re.search(
+            r'Error|error|terminate|what\(\)|Traceback|Signal', line)]
+        raise AssertionError('\n'.join(errors[:40]) + '\n...\n' +
+                             out[-3000:])
     lines = re.findall(r'Training: Speed [\d.]+ samples/sec   Loss ([\d.]+)'
                        r'   LearningRate [\d.]+   Epoch: 0   Global Step: '
                        r'(\d+)', out)

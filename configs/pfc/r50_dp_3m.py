@@ -1,8 +1,9 @@
 # The data-parallel baseline of the reference tables (SPEC section 1): every
 # GPU holds all class centers (MarginSoftmaxHead, replicated) and DDP
 # all-reduces their gradients. At 3M identities it does not fit a 32 GB GPU
-# (the reference stops at 1.4M: 32 GB); lower num_classes (both below) to
-# compare at 125K-1.4M identities.
+# (the reference stops at 1.4M: 32 GB); to compare at 125K-1.4M identities
+# lower model.head.num_classes and train_dataloader.dataset.num_classes
+# together.
 _base_ = ['./r50_pfc0.1_3m.py']
 
 model = dict(

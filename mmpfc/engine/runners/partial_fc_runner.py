@@ -58,30 +58,39 @@ class PartialFCRunner(ShardedCheckpointMixin, Runner):
                    model: nn.Module) -> Union[DistributedDataParallel,
                                               nn.Module]:
         """Wrap with a DDP that ignores the shards (see the class doc)."""
-        if (self.distributed and not is_model_wrapper(model)
-                and sharded_names(model)):
-            if model_wrapper_cfg is None:
+        if self.distributed and not is_model_wrapper(model):
+            sharded = sharded_names(model)
+            if model_wrapper_cfg is None and sharded:
                 model_wrapper_cfg = dict(
                     type='PartialFCDistributedDataParallel',
                     broadcast_buffers=False,
                     find_unused_parameters=self.cfg.get(
                         'find_unused_parameters', False))
-            wrapper = model_wrapper_cfg.get('type',
-                                            'MMDistributedDataParallel')
-            wrapper_cls = MODEL_WRAPPERS.get(wrapper) if isinstance(
-                wrapper, str) else wrapper
-            if not (isinstance(wrapper_cls, type) and issubclass(
-                    wrapper_cls, PartialFCDistributedDataParallel)):
-                raise TypeError(
-                    f'model_wrapper_cfg type {wrapper!r} would broadcast and '
-                    f'all-reduce the rank-local parameters '
-                    f'{sharded_names(model)}; use model_wrapper_cfg=dict('
-                    "type='PartialFCDistributedDataParallel') or a subclass")
-            # MMEngine looks the type up in its root registry, which needs
-            # the scope prefix: accept the bare name of the mmpfc scope.
-            model_wrapper_cfg = dict(model_wrapper_cfg,
-                                     type=_scoped_name(wrapper_cls))
+            if model_wrapper_cfg is not None:
+                model_wrapper_cfg = self._resolve_wrapper(
+                    model_wrapper_cfg, sharded)
         return super().wrap_model(model_wrapper_cfg, model)
+
+    @staticmethod
+    def _resolve_wrapper(model_wrapper_cfg: Dict, sharded: list) -> Dict:
+        """Refuse a wrapper that would overwrite shards; scope its type.
+
+        MMEngine looks the type up in its root registry, which needs the
+        scope prefix: the bare names of the mmpfc scope are accepted here.
+        """
+        wrapper = model_wrapper_cfg.get('type', 'MMDistributedDataParallel')
+        wrapper_cls = MODEL_WRAPPERS.get(wrapper) if isinstance(
+            wrapper, str) else wrapper
+        if not isinstance(wrapper_cls, type):
+            raise KeyError(f'model wrapper {wrapper!r} is not registered')
+        if sharded and not issubclass(wrapper_cls,
+                                      PartialFCDistributedDataParallel):
+            raise TypeError(
+                f'model_wrapper_cfg type {wrapper!r} would broadcast and '
+                f'all-reduce the rank-local parameters {sharded}; use '
+                "model_wrapper_cfg=dict(type="
+                "'PartialFCDistributedDataParallel') or a subclass")
+        return dict(model_wrapper_cfg, type=_scoped_name(wrapper_cls))
 
     def _init_model_weights(self) -> None:
         """``init_weights``, then broadcast replicated entries only."""
