@@ -75,7 +75,13 @@ class SpeedLogHook(Hook):
         if self.interval is None:
             self.interval = logger_interval(runner)
         dataloader = runner.train_dataloader
-        self.batch_size = dataloader.batch_size
+        self.batch_size = dataloader.batch_size or getattr(
+            dataloader.batch_sampler, 'batch_size', None)
+        if not self.batch_size:
+            raise ValueError(
+                'SpeedLogHook needs the per-rank batch size: the train '
+                'dataloader has neither batch_size nor a batch_sampler with '
+                'one')
         try:
             self.dataset_size = len(dataloader.dataset)
         except TypeError:  # an iterable dataset
