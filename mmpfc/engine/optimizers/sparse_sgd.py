@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 
 SUPPORTED_OPTIMIZERS = (torch.optim.SGD, )
+#: Bytes of one chunk of rows read and written at a time.
+CHUNK_BYTES = 2**20
 
 
 def find_param_group(optimizer: torch.optim.Optimizer,
@@ -29,8 +31,10 @@ def sparse_sgd_step(optimizer: torch.optim.Optimizer, param: torch.Tensor,
                     rows: torch.Tensor, grad: torch.Tensor) -> None:
     """Update ``param[rows]`` with ``grad`` by the SGD rule of its group.
 
-    Memory and work scale with ``len(rows)``; rows not given, and their
-    momentum, are untouched (original Partial FC semantics: weight decay and
+    ``rows`` must not repeat. Memory and work scale with ``len(rows)``, and
+    the rows are processed in chunks of ``CHUNK_BYTES``, so the only
+    temporaries are a few chunks; rows not given, and their momentum, are
+    untouched (original Partial FC semantics: weight decay and
     momentum of a center apply when it is sampled).
     """
     if not isinstance(optimizer, SUPPORTED_OPTIMIZERS):
@@ -41,19 +45,29 @@ def sparse_sgd_step(optimizer: torch.optim.Optimizer, param: torch.Tensor,
     group = find_param_group(optimizer, param)
     lr, momentum = group['lr'], group['momentum']
     weight_decay, dampening = group['weight_decay'], group['dampening']
-    if group.get('maximize', False):
-        grad = -grad
-    weight = param.data[rows]
-    grad = grad.to(weight.dtype)
-    if weight_decay != 0:
-        grad = grad.add(weight, alpha=weight_decay)
+    nesterov, maximize = group['nesterov'], group.get('maximize', False)
+    data = param.data
+    buf_all = None
     if momentum != 0:
         state = optimizer.state[param]
         buf_all = state.get('momentum_buffer')
         if buf_all is None:
-            buf_all = torch.zeros_like(param.data)
+            buf_all = torch.zeros_like(data)
             state['momentum_buffer'] = buf_all
-        buf = buf_all[rows].mul_(momentum).add_(grad, alpha=1 - dampening)
-        buf_all[rows] = buf
-        grad = grad.add(buf, alpha=momentum) if group['nesterov'] else buf
-    param.data[rows] = weight.add_(grad, alpha=-lr)
+    # Row chunks: temporaries stay small whatever the number of rows.
+    row_bytes = max(1, data[:1].numel() * data.element_size())
+    size = max(1, CHUNK_BYTES // row_bytes)
+    for start in range(0, rows.numel(), size):
+        index = rows[start:start + size]
+        weight = data.index_select(0, index)
+        step = grad[start:start + size].to(weight.dtype)
+        if maximize:
+            step = -step
+        if weight_decay != 0:
+            step = step.add(weight, alpha=weight_decay)
+        if buf_all is not None:
+            buf = buf_all.index_select(0, index)
+            buf.mul_(momentum).add_(step, alpha=1 - dampening)
+            buf_all.index_copy_(0, index, buf)
+            step = step.add(buf, alpha=momentum) if nesterov else buf
+        data.index_copy_(0, index, weight.add_(step, alpha=-lr))

@@ -1,7 +1,7 @@
 """The sharded, sampled classification layer (Partial FC) as an mmpretrain head."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -14,6 +14,8 @@ from ..utils import (all_gather_with_grad, distributed_cross_entropy,
                      get_rank_and_world_size, mark_sharded, shard_range)
 from ..utils.distributed import all_gather_no_grad
 from .center_sampler import CenterSampler
+from .fused_margin_softmax import (SampledRows, fused_margin_softmax,
+                                   supports_fused)
 
 
 def build_margin_loss(loss: Union[dict, nn.Module]) -> nn.Module:
@@ -44,12 +46,17 @@ class PartialFCHead(BaseModule):
     DDP's averaging of the backbone gradients over ranks cancels the factor.
 
     Sampled centers (``sample_rate < 1``) are not updated through
-    ``weight.grad``: each step copies the sampled rows into a small leaf
-    tensor; after backward, ``PartialFCOptimWrapper`` applies the optimizer's
-    SGD rule (its current lr, momentum, weight decay) to those rows only, and
-    keeps the momentum of the whole shard in the optimizer state of
-    ``weight``. Unsampled rows and their momentum are left untouched, and the
-    step costs memory proportional to the sampled rows only.
+    ``weight.grad``: backward leaves the gradient of the sampled rows in a
+    record of the step; ``PartialFCOptimWrapper`` then applies the
+    optimizer's SGD rule (its current lr, momentum, weight decay) to those
+    rows only, and keeps the momentum of the whole shard in the optimizer
+    state of ``weight``. Unsampled rows and their momentum are left
+    untouched, and the step costs memory proportional to the sampled rows.
+
+    With a ``CombinedMarginLoss`` the logits, margin and cross-entropy run
+    fused (:mod:`.fused_margin_softmax`): no normalized copy of the centers,
+    one (S, N) buffer for logits and gradients, sampled rows gathered in
+    chunks. Any other margin module gets the plain composition.
 
     Example::
 
@@ -101,8 +108,8 @@ class PartialFCHead(BaseModule):
         mark_sharded(self.weight, owner=self)
         self.sampler = CenterSampler(self.num_local, sample_rate,
                                      seed=(base_seed + self.rank) % (2**63))
-        # (rows, leaf) pairs of the steps since the last optimizer update.
-        self._sampled: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        # (rows, holder of .grad) of the steps since the last optimizer update
+        self._sampled: List[Tuple[torch.Tensor, Any]] = []
 
     @property
     def samples_centers(self) -> bool:
@@ -154,24 +161,43 @@ class PartialFCHead(BaseModule):
 
         local = labels - self.class_start
         local[(local < 0) | (local >= self.num_local)] = -1
-        weight = self.weight
+        index = None
         if self.samples_centers:
             index, local = self.sampler.sample(local)
-            weight = self._sampled_rows(index)
 
         with torch.autocast(embeddings.device.type, enabled=False):
             dtype = torch.promote_types(
-                torch.promote_types(embeddings.dtype, weight.dtype),
+                torch.promote_types(embeddings.dtype, self.weight.dtype),
                 torch.float32)  # fp32 logits even under autocast
-            cos = F.linear(F.normalize(embeddings.to(dtype), dim=1),
+            embeddings = embeddings.to(dtype)
+            if supports_fused(self.margin_loss):
+                return fused_margin_softmax(embeddings, self.weight, index,
+                                            local, self.margin_loss,
+                                            self._record(index))
+            # any other margin module: the plain composition
+            weight = self.weight if index is None else \
+                self._sampled_rows(index)
+            cos = F.linear(F.normalize(embeddings, dim=1),
                            F.normalize(weight.to(dtype), dim=1))
             logits = self.margin_loss(cos.clamp(-1.0, 1.0), local)
             return distributed_cross_entropy(logits, local)
 
+    def _training_step(self) -> bool:
+        return self.training and torch.is_grad_enabled()
+
+    def _record(self, index: Optional[torch.Tensor]
+                ) -> Optional[SampledRows]:
+        """Where backward leaves the gradient of the sampled rows."""
+        if index is None or not self._training_step():
+            return None
+        record = SampledRows(index)
+        self._sampled.append((index, record))
+        return record
+
     def _sampled_rows(self, index: torch.Tensor) -> torch.Tensor:
         """A leaf copy of the sampled rows; its gradient is kept for update."""
         rows = self.weight.detach()[index]
-        if not (self.training and torch.is_grad_enabled()):
+        if not self._training_step():
             return rows
         rows.requires_grad_(True)
         self._sampled.append((index, rows))

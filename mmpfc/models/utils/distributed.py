@@ -71,7 +71,8 @@ def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
     return _all_gather(tensor)
 
 
-def _all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+def all_reduce_(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """All-reduce ``tensor`` in place (a no-op without a process group)."""
     if get_rank_and_world_size()[1] > 1:
         dist.all_reduce(tensor, op=op)
     return tensor
@@ -94,10 +95,10 @@ class _DistributedCrossEntropy(torch.autograd.Function):
         probs = logits.to(torch.promote_types(logits.dtype,
                                               torch.float32)).clone()
         row_max = probs.max(dim=1, keepdim=True)[0]
-        _all_reduce(row_max, dist.ReduceOp.MAX)
+        all_reduce_(row_max, dist.ReduceOp.MAX)
         probs.sub_(row_max).exp_()
         row_sum = probs.sum(dim=1, keepdim=True)
-        _all_reduce(row_sum)
+        all_reduce_(row_sum)
         probs.div_(row_sum)
 
         has_target = labels >= 0
@@ -105,7 +106,7 @@ class _DistributedCrossEntropy(torch.autograd.Function):
         target_cols = labels[target_rows]
         target_prob = probs.new_zeros(rows)
         target_prob[target_rows] = probs[target_rows, target_cols]
-        _all_reduce(target_prob)
+        all_reduce_(target_prob)
         loss = -target_prob.clamp_min(1e-30).log().mean()
 
         ctx.save_for_backward(probs, target_rows, target_cols)

@@ -1,0 +1,143 @@
+"""The fused margin softmax equals the plain composition it replaces.
+
+``PartialFCHead`` computes its loss with ``fused_margin_softmax`` when the
+margin is a stock ``CombinedMarginLoss``; any other margin module takes the
+plain path (normalize, linear, margin, ``distributed_cross_entropy``). A
+``CombinedMarginLoss`` subclass that only re-declares ``forward`` takes the
+plain path with identical maths, so the two can be compared directly, on one
+process and on two gloo ranks, in float64.
+"""
+import pytest
+import torch
+from dist_utils import run_distributed
+
+import mmpfc  # noqa: F401
+from mmpfc.models.heads.fused_margin_softmax import (chunk_rows,
+                                                     supports_fused)
+from mmpfc.models.losses import CombinedMarginLoss
+
+NUM_CLASSES, DIM, BATCH = 37, 6, 5
+MARGINS = {
+    'arcface': dict(s=16.0, m2=0.5),
+    'cosface': dict(s=16.0, m2=0.0, m3=0.4),
+    'combined': dict(s=8.0, m1=1.3, m2=0.2, m3=0.1),
+    'filtered': dict(s=16.0, m2=0.5, interclass_filtering_threshold=0.3),
+}
+
+
+class PlainMargin(CombinedMarginLoss):
+    """Same maths, but not recognised as fusable."""
+
+    def forward(self, cos, labels):
+        return super().forward(cos, labels)
+
+
+def run_head(margin_cls, margin, sample_rate, emb, labels, weight_init):
+    from mmpfc.models.heads import PartialFCHead
+    head = PartialFCHead(NUM_CLASSES, DIM, sample_rate=sample_rate,
+                         loss=margin_cls(**margin), seed=4).double()
+    with torch.no_grad():
+        head.weight.copy_(weight_init[head.class_start:head.class_start +
+                                      head.num_local])
+    feats = emb.clone().requires_grad_(True)
+    loss = head.loss_by_labels(feats, labels)
+    loss.backward()
+    popped = head.pop_sampled_gradient()
+    wgrad = head.weight.grad if popped is None else popped[1]
+    return loss.item(), feats.grad, wgrad
+
+
+def compare_worker(rank, world_size, sample_rate, chunk_bytes):
+    from mmpfc.models.heads import fused_margin_softmax as fused
+    fused.CHUNK_BYTES['cpu'] = chunk_bytes  # several chunks per shard
+    gen = torch.Generator().manual_seed(11)
+    emb = torch.randn(world_size, BATCH, DIM, generator=gen,
+                      dtype=torch.float64)
+    labels = torch.randint(0, NUM_CLASSES, (world_size, BATCH),
+                           generator=gen)
+    weight = torch.randn(NUM_CLASSES, DIM, generator=gen,
+                         dtype=torch.float64)
+    weight[3] = emb[0, 0] * 2.5  # a cosine of exactly 1 (clamped)
+    out = {}
+    for name, margin in MARGINS.items():
+        assert supports_fused(CombinedMarginLoss(**margin))
+        assert not supports_fused(PlainMargin(**margin))
+        out[name] = [run_head(cls, margin, sample_rate, emb[rank],
+                              labels[rank], weight)
+                     for cls in (CombinedMarginLoss, PlainMargin)]
+    return out
+
+
+@pytest.mark.parametrize('world_size,sample_rate,chunk_bytes', [
+    (1, 1.0, 64), (1, 0.5, 2**20), (2, 1.0, 200), (2, 0.4, 96)])
+def test_fused_equals_plain(world_size, sample_rate, chunk_bytes):
+    for per_rank in run_distributed(compare_worker, world_size, sample_rate,
+                                    chunk_bytes):
+        for name, (fused, plain) in per_rank.items():
+            assert fused[0] == pytest.approx(plain[0], rel=1e-12), name
+            for got, want in zip(fused[1:], plain[1:]):
+                assert got.shape == want.shape, name
+                assert torch.allclose(got, want, rtol=1e-9, atol=1e-13), name
+
+
+def test_chunk_rows_respects_budget():
+    from mmpfc.models.heads.fused_margin_softmax import CHUNK_BYTES
+    rows = chunk_rows(10**6, 512, torch.device('cpu'))
+    assert rows * 512 * 4 <= CHUNK_BYTES['cpu']
+    assert chunk_rows(3, 512, torch.device('cpu')) == 3
+    assert chunk_rows(0, 512, torch.device('cpu')) == 1
+
+
+def test_cosine_rounded_above_one_is_clamped_without_gradient():
+    """Like ``cos.clamp(-1, 1)``: no gradient where rounding exceeded 1."""
+    from mmpfc.models.heads.fused_margin_softmax import fused_margin_softmax
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(1000):  # find a vector whose self-cosine rounds above 1
+        emb = torch.randn(1, DIM, generator=gen, dtype=torch.float64)
+        center = 2.5 * emb
+        unit = emb / emb.norm(dim=1, keepdim=True)
+        if ((center @ unit.t()) / center.norm()).item() > 1.0:
+            break
+    else:
+        pytest.fail('no rounding case found')
+    other = torch.randn(2, DIM, generator=gen, dtype=torch.float64)
+    weight = torch.cat([center, other]).requires_grad_(True)
+    feats = emb.clone().requires_grad_(True)
+    loss = fused_margin_softmax(feats, weight, None, torch.tensor([1]),
+                                CombinedMarginLoss(s=4.0, m2=0.5))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert torch.equal(weight.grad[0], torch.zeros(DIM, dtype=torch.float64))
+    assert weight.grad[1:].abs().sum() > 0
+
+
+@pytest.mark.parametrize('sample_rate', [1.0, 0.5])
+def test_frozen_centers_and_no_grad(sample_rate):
+    """Only the embedding gradient when the centers are frozen; no graph
+    and the same loss under ``torch.no_grad`` (both heads draw the same
+    samples: same seed, same sequence of calls)."""
+    gen = torch.Generator().manual_seed(3)
+    emb = torch.randn(BATCH, DIM, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, NUM_CLASSES, (BATCH, ), generator=gen)
+    weight = torch.randn(NUM_CLASSES, DIM, generator=gen,
+                         dtype=torch.float64)
+    margin = MARGINS['arcface']
+    results = []
+    for cls in (CombinedMarginLoss, PlainMargin):
+        from mmpfc.models.heads import PartialFCHead
+        head = PartialFCHead(NUM_CLASSES, DIM, sample_rate=sample_rate,
+                             loss=cls(**margin), seed=4).double().eval()
+        with torch.no_grad():
+            head.weight.copy_(weight)
+            no_grad_loss = head.loss_by_labels(emb, labels)
+        head.weight.requires_grad_(False)
+        feats = emb.clone().requires_grad_(True)
+        loss = head.loss_by_labels(feats, labels)
+        loss.backward()
+        assert head.weight.grad is None and not head._sampled
+        results.append((no_grad_loss, loss.detach(), feats.grad))
+    (a0, a1, a2), (b0, b1, b2) = results
+    assert not a0.requires_grad
+    assert a0.item() == pytest.approx(b0.item(), rel=1e-12)
+    assert a1.item() == pytest.approx(b1.item(), rel=1e-12)
+    assert torch.allclose(a2, b2, rtol=1e-9, atol=1e-13)
