@@ -1,4 +1,4 @@
-"""Cosine logits, margin and sharded softmax cross-entropy as one autograd step.
+"""Cosine logits, margin and sharded softmax cross-entropy in one autograd op.
 
 The plain composition ``F.linear(F.normalize(e), F.normalize(w))`` -> margin
 -> cross-entropy keeps, per step, a normalized copy of the (S, D) centers,
@@ -44,7 +44,7 @@ class SampledRows:
 
 
 def supports_fused(margin: torch.nn.Module) -> bool:
-    """True if ``margin`` is a ``CombinedMarginLoss`` with the stock forward."""
+    """True for a ``CombinedMarginLoss`` that keeps the stock ``forward``."""
     return (isinstance(margin, CombinedMarginLoss)
             and type(margin).forward is CombinedMarginLoss.forward)
 

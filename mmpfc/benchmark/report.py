@@ -1,0 +1,234 @@
+"""Summaries of benchmark rows: medians, targets, Markdown, JSON and plots."""
+from __future__ import annotations
+
+import json
+import statistics
+from typing import Dict, List, Optional, Sequence
+
+from .worker import PHASES
+
+#: (name, what is divided, limit) of issue 5's targets: head only, Partial
+#: FC at sample rate 0.1 against model parallel at the same C. They are set
+#: for 1M identities; smaller C shows the ratios without a verdict.
+TARGET_MIN_CLASSES = 1_000_000
+TARGETS = (
+    ('PFC0.1 step / MP step', 'time', 1 / 6),
+    ('PFC0.1 peak / MP peak', 'memory', 0.55),
+    ('PFC0.1 peak / shard fp32 weight', 'shard', 2.2),
+    ('MP step / its 3 GEMMs alone', 'gemm', 1.5),
+)
+
+
+def summarize_launch(ranks: Sequence[dict]) -> dict:
+    """One launch: per-step maxima over ranks, medians over steps."""
+    steps = len(ranks[0]['times'].get('head', []))
+    phase = {
+        name: statistics.median(
+            max(r['times'][name][i] for r in ranks) for i in range(steps))
+        for name in PHASES if name in ranks[0]['times'] and steps}
+    step = statistics.median(
+        max(sum(r['times'][name][i] for name in PHASES
+                if name in r['times']) for r in ranks)
+        for i in range(steps)) if steps else float('nan')
+    out = dict(step_s=step, phases_s=phase,
+               peak_mb=max(r['peak_mb'] for r in ranks),
+               steady_mb=max(r['steady_mb'] for r in ranks),
+               phase_peak_mb={k: max(r['phase_peak_mb'].get(k, 0.0)
+                                     for r in ranks)
+                              for k in ranks[0]['phase_peak_mb']},
+               loss=ranks[0]['loss'], device=ranks[0]['device'],
+               num_local=ranks[0]['num_local'],
+               rows_per_step=ranks[0]['rows_per_step'])
+    if 'gemm' in ranks[0]:
+        out['gemm_parts_s'] = {k: max(r['gemm'][k] for r in ranks)
+                               for k in ranks[0]['gemm']}
+        out['gemm_s'] = max(sum(r['gemm'].values()) for r in ranks)
+    return out
+
+
+def merge_runs(record: dict, runs: List[dict]) -> dict:
+    """Median over repeated launches of one row, plus the per-run values."""
+    if not runs:
+        return record
+    med = statistics.median
+    record.update(
+        status='ok', runs=len(runs),
+        step_s=med(r['step_s'] for r in runs),
+        step_runs_s=[r['step_s'] for r in runs],
+        phases_s={k: med(r['phases_s'][k] for r in runs)
+                  for k in runs[0]['phases_s']},
+        peak_mb=med(r['peak_mb'] for r in runs),
+        peak_runs_mb=[r['peak_mb'] for r in runs],
+        steady_mb=med(r['steady_mb'] for r in runs),
+        phase_peak_mb={k: med(r['phase_peak_mb'][k] for r in runs)
+                       for k in runs[0]['phase_peak_mb']},
+        loss=runs[-1]['loss'], device=runs[-1]['device'],
+        num_local=runs[0]['num_local'],
+        rows_per_step=runs[0]['rows_per_step'])
+    record['samples_per_s'] = (record['world_size'] * record['batch_size']
+                               / record['step_s'])
+    if 'gemm_s' in runs[0]:
+        record['gemm_s'] = med(r['gemm_s'] for r in runs)
+        record['gemm_parts_s'] = {k: med(r['gemm_parts_s'][k] for r in runs)
+                                  for k in runs[0]['gemm_parts_s']}
+    return record
+
+
+def check_targets(records: Sequence[dict]) -> List[dict]:
+    """Issue 5's ratios for every C that has MP and PFC0.1 head-only rows."""
+    found = {}
+    for rec in records:
+        if rec.get('status') == 'ok' and not rec.get('backbone'):
+            found[(rec['num_classes'], rec['label'])] = rec
+    checks = []
+    for (classes, label), mp in sorted(found.items()):
+        if label != 'MP':
+            continue
+        pfc = found.get((classes, 'PFC0.1'))
+        shard_mb = mp['num_local'] * mp['embedding_size'] * 4 / 2**20
+        values = {'gemm': mp['step_s'] / mp['gemm_s']
+                  if mp.get('gemm_s') else None}
+        if pfc is not None:
+            values.update(time=pfc['step_s'] / mp['step_s'],
+                          memory=pfc['peak_mb'] / mp['peak_mb'],
+                          shard=pfc['peak_mb'] / shard_mb)
+        for name, key, limit in TARGETS:
+            if values.get(key) is not None:
+                passed = values[key] <= limit \
+                    if classes >= TARGET_MIN_CLASSES else None
+                checks.append(dict(num_classes=classes, target=name,
+                                   value=values[key], limit=limit,
+                                   passed=passed))
+    return checks
+
+
+def verdict(check: dict) -> str:
+    if check['passed'] is None:
+        return f'- (set for >= {TARGET_MIN_CLASSES:,})'
+    return 'PASS' if check['passed'] else 'FAIL'
+
+
+def _fmt_speed(rec: Optional[dict]) -> str:
+    if rec is None or rec.get('status') != 'ok':
+        return '-' if rec is None or rec.get('status') == 'does not fit' \
+            else 'failed'
+    value = rec['samples_per_s']
+    return f'{value:.0f}' if value >= 100 else f'{value:.3g}'
+
+
+def _fmt_mem(rec: Optional[dict]) -> str:
+    if rec is None or rec.get('status') != 'ok':
+        return '-' if rec is None or rec.get('status') == 'does not fit' \
+            else 'failed'
+    return f"{rec['peak_mb']:.0f}"
+
+
+def markdown(records: Sequence[dict], checks: Sequence[dict]) -> str:
+    """The SPEC section 1 table, a detailed table and the target checks."""
+    labels = list(dict.fromkeys(r['label'] for r in records))
+    by_key = {(r['num_classes'], r['label']): r for r in records}
+    classes = sorted({r['num_classes'] for r in records})
+    head = ['identities', *[f'{m} speed' for m in labels],
+            *[f'{m} mem' for m in labels]]
+    lines = ['| ' + ' | '.join(head) + ' |',
+             '|' + '---|' * len(head)]
+    for c in classes:
+        cells = [f'{c:,}'] + [_fmt_speed(by_key.get((c, m))) for m in labels]
+        cells += [_fmt_mem(by_key.get((c, m))) for m in labels]
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    lines += ['', 'Speed: samples/s of the global batch (larger is better). '
+              'Memory: peak MB per rank above the process baseline '
+              '(smaller is better); `-`: does not fit the memory budget.',
+              '', '| identities | method | samples/s | step ms | backbone ms '
+              '| head ms | optimizer ms | peak MB | predicted MB | '
+              'measured / predicted | 3 GEMMs ms |',
+              '|---|---|---|---|---|---|---|---|---|---|---|']
+    for c in classes:
+        for m in labels:
+            rec = by_key.get((c, m))
+            if rec is None:
+                continue
+            pred = rec.get('predicted_mb')
+            if rec.get('status') != 'ok':
+                lines.append(f"| {c:,} | {m} | {rec['status']} | | | | | | "
+                             f"{pred:.0f} | | |")
+                continue
+            ph = {k: 1e3 * v for k, v in rec['phases_s'].items()}
+            gemm = rec.get('gemm_s')
+            backbone = ph.get('backbone_forward', 0) + ph.get(
+                'backbone_backward', 0)
+            lines.append(
+                f"| {c:,} | {m} | {_fmt_speed(rec)} | "
+                f"{1e3 * rec['step_s']:.0f} | {backbone:.0f} | "
+                f"{ph.get('head', 0):.0f} | {ph.get('optimizer', 0):.0f} | "
+                f"{rec['peak_mb']:.0f} | {pred:.0f} | "
+                f"{rec['peak_mb'] / pred:.2f} | "
+                + (f'{1e3 * gemm:.0f} |' if gemm else '- |'))
+    if checks:
+        lines += ['', '| identities | target | value | limit | result |',
+                  '|---|---|---|---|---|']
+        for chk in checks:
+            lines.append(
+                f"| {chk['num_classes']:,} | {chk['target']} | "
+                f"{chk['value']:.3f} | {chk['limit']:.3f} | "
+                f"{verdict(chk)} |")
+    return '\n'.join(lines)
+
+
+def plot(records: Sequence[dict], path_prefix: str) -> List[str]:
+    """``<prefix>speed.png`` and ``<prefix>memory.png`` (log x-axis)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    labels = list(dict.fromkeys(r['label'] for r in records))
+    paths = []
+    for key, ylabel, name in (('samples_per_s', 'samples / s', 'speed'),
+                              ('peak_mb', 'peak MB per rank', 'memory')):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for i, label in enumerate(labels):
+            rows = sorted((r for r in records if r['label'] == label),
+                          key=lambda r: r['num_classes'])
+            ok = [r for r in rows if r.get('status') == 'ok']
+            color = f'C{i}'
+            ax.plot([r['num_classes'] for r in ok], [r[key] for r in ok],
+                    'o-', color=color, label=label)
+            if key == 'peak_mb':
+                ax.plot([r['num_classes'] for r in rows],
+                        [r['predicted_mb'] for r in rows], '--',
+                        color=color, alpha=0.6, label=f'{label} predicted')
+        ax.set_xscale('log')
+        ax.set_xlabel('identities')
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which='both', alpha=0.3)
+        ax.legend(fontsize='small')
+        fig.tight_layout()
+        path = f'{path_prefix}{name}.png'
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_json(path: str, config: dict, records: Sequence[dict],
+               checks: Sequence[dict]) -> None:
+    with open(path, 'w') as f:
+        json.dump(dict(config=config, rows=list(records),
+                       targets=list(checks)), f, indent=1)
+
+
+def progress_line(rec: dict) -> str:
+    """One line per launch, printed as the benchmark goes."""
+    head = f"{rec['label']:>8s} C={rec['num_classes']:>11,}"
+    pred = f"predicted {rec['predicted_mb']:.0f} MB"
+    if rec.get('status') != 'ok':
+        return f'{head}: {rec["status"]} ({pred})'
+    ph: Dict[str, float] = rec['phases_s']
+    backbone = ph.get('backbone_forward', 0) + ph.get('backbone_backward', 0)
+    split = (f"backbone {1e3 * backbone:.0f} + head "
+             f"{1e3 * ph.get('head', 0):.0f} + optimizer "
+             f"{1e3 * ph.get('optimizer', 0):.0f} ms")
+    gemm = (f", 3 GEMMs {1e3 * rec['gemm_s']:.0f} ms"
+            if rec.get('gemm_s') else '')
+    return (f"{head}: {rec['samples_per_s']:.1f} samples/s, step "
+            f"{1e3 * rec['step_s']:.0f} ms ({split}){gemm}, peak "
+            f"{rec['peak_mb']:.0f} MB/rank, {pred}")

@@ -1,0 +1,143 @@
+"""Speed and memory of data parallel, model parallel and Partial FC.
+
+Head only, the 1M-identity comparison on a 2-core CPU machine (2 gloo ranks):
+
+    python tools/benchmark.py --methods mp,pfc0.1 --num-classes 1M --nproc 2
+
+The reference's table on 8 GPUs (IResNet-50, AMP, 128 images per GPU):
+
+    python tools/benchmark.py --device cuda --nproc 8 --backbone r50 --amp \\
+        --methods dp,mp,pfc0.1 --num-classes 125k,250k,500k,1M,1.4M,2M,4M
+
+Every row runs in W fresh processes; rows predicted not to fit the memory
+budget are reported as ``-``. Writes ``benchmark.md``, ``benchmark.json``,
+``speed.png`` and ``memory.png`` to ``--out-dir`` and prints the Markdown
+and, for head-only MP and PFC0.1 rows, issue 5's target ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import os.path as osp
+import sys
+import time
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+from mmpfc.benchmark.report import (markdown, plot, verdict,  # noqa: E402
+                                    write_json)
+from mmpfc.benchmark.runner import (BenchmarkConfig, config_dict,  # noqa: E402
+                                    parse_count, parse_method, run_benchmark)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split('\n\n')[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog='\n\n'.join(__doc__.split('\n\n')[1:]))
+    parser.add_argument('--methods', default='dp,mp,pfc0.1',
+                        help="comma list of 'dp', 'mp', 'pfc<rate>'")
+    parser.add_argument('--num-classes', default='1M',
+                        help='comma list of identity counts (1M, 125k, '
+                        '1e6, 1000000)')
+    parser.add_argument('--nproc', type=int, default=None,
+                        help='ranks (default: GPUs with --device cuda, '
+                        'else 2)')
+    parser.add_argument('--device', choices=['auto', 'cpu', 'cuda'],
+                        default='auto')
+    parser.add_argument('--batch-size', type=int, default=128,
+                        help='samples per rank')
+    parser.add_argument('--embedding-size', type=int, default=512)
+    parser.add_argument('--backbone', default='none',
+                        help="'none' (head only: random embeddings), r18, "
+                        'r34, r50, r100, r200 or mbf')
+    parser.add_argument('--amp', action='store_true',
+                        help='mixed precision (fp16 + loss scaling on GPU, '
+                        'bf16 on CPU); the head stays fp32')
+    parser.add_argument('--steps', type=int, default=5, help='timed steps')
+    parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--repeat', type=int, default=1,
+                        help='run all rows this many times (interleaved); '
+                        'figures are medians over the runs')
+    parser.add_argument('--threads', type=int, default=None,
+                        help='torch threads per rank (default: cores / '
+                        'ranks)')
+    parser.add_argument('--memory-budget-gb', type=float, default=None,
+                        help='per rank; a row predicted above it is "does '
+                        'not fit" (default: GPU memory, or 90%% of the '
+                        "host's available memory / ranks)")
+    parser.add_argument('--no-gemm', action='store_true',
+                        help='skip timing the three GEMMs alone')
+    parser.add_argument('--out-dir', default='work_dirs/benchmark')
+    parser.add_argument('--timeout', type=float, default=1800,
+                        help='seconds per launch')
+    parser.add_argument('--check-targets', action='store_true',
+                        help='exit with status 1 if a target ratio fails')
+    return parser.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> BenchmarkConfig:
+    import torch
+    device = args.device
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    nproc = args.nproc or (torch.cuda.device_count() if device == 'cuda'
+                           else 2)
+    methods = [m for m in args.methods.split(',') if m.strip()]
+    for method in methods:
+        parse_method(method)  # fail early on a typo
+    return BenchmarkConfig(
+        methods=methods,
+        num_classes=[parse_count(c) for c in args.num_classes.split(',')],
+        world_size=nproc, batch_size=args.batch_size,
+        embedding_size=args.embedding_size, backbone=args.backbone,
+        amp=args.amp, device=device, steps=args.steps, warmup=args.warmup,
+        repeat=args.repeat, threads=args.threads,
+        memory_budget_gb=args.memory_budget_gb, gemm=not args.no_gemm,
+        timeout=args.timeout)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = build_config(args)
+    os.makedirs(args.out_dir, exist_ok=True)
+    info = config_dict(cfg)
+    info.update(command=' '.join(['python tools/benchmark.py',
+                                  *(argv if argv is not None
+                                    else sys.argv[1:])]),
+                load_average_start=_load())
+    print(f"{cfg.world_size} ranks on {cfg.device}, {info['threads']} "
+          f"thread(s) each, budget {info['budget_mb']:.0f} MB per rank, "
+          f"load average {info['load_average_start']}", flush=True)
+    start = time.time()
+    records, checks = run_benchmark(
+        cfg, log=lambda line: print(line, flush=True))
+    info.update(seconds=time.time() - start, load_average_end=_load())
+    table = markdown(records, checks)
+    with open(osp.join(args.out_dir, 'benchmark.md'), 'w') as f:
+        f.write(table + '\n')
+    write_json(osp.join(args.out_dir, 'benchmark.json'), info, records,
+               checks)
+    plots = plot(records, osp.join(args.out_dir, ''))
+    print('\n' + table + '\n')
+    for chk in checks:
+        print(f"target {chk['target']} at {chk['num_classes']:,}: "
+              f"{chk['value']:.3f} (limit {chk['limit']:.3f}) "
+              f'{verdict(chk)}')
+    print(f"{info['seconds']:.0f} s; wrote {args.out_dir}/benchmark.md, "
+          f"benchmark.json, {', '.join(osp.basename(p) for p in plots)}; "
+          f"load average {info['load_average_end']}")
+    if args.check_targets and any(c['passed'] is False for c in checks):
+        return 1
+    return 0
+
+
+def _load() -> str:
+    try:
+        return ' '.join(f'{x:.2f}' for x in os.getloadavg())
+    except OSError:
+        return 'n/a'
+
+
+if __name__ == '__main__':
+    sys.exit(main())
