@@ -34,6 +34,7 @@ class MemoryMeter:
         self.device = device
         self.baseline = 0
         self.overall = 0
+        self.overall_reserved = 0  # CUDA: the caching allocator's pool
         self.can_reset = True
         self.phases: Dict[str, List[float]] = {}
 
@@ -53,6 +54,9 @@ class MemoryMeter:
 
     def _reset(self) -> None:
         if self.cuda:
+            self.overall_reserved = max(
+                self.overall_reserved,
+                torch.cuda.max_memory_reserved(self.device))
             torch.cuda.reset_peak_memory_stats(self.device)
             return
         if self.can_reset:
@@ -85,6 +89,14 @@ class MemoryMeter:
         """Largest peak so far, MB above the baseline."""
         self.overall = max(self.overall, self._peak())
         return (self.overall - self.baseline) / _MB
+
+    def reserved_peak_mb(self) -> Optional[float]:
+        """CUDA only: the largest pool the allocator held (closer to what
+        ``nvidia-smi`` shows, less the CUDA context)."""
+        if not self.cuda:
+            return None
+        self._reset()
+        return self.overall_reserved / _MB
 
     def current_mb(self) -> float:
         return (self._current() - self.baseline) / _MB

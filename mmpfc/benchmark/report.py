@@ -33,6 +33,8 @@ def summarize_launch(ranks: Sequence[dict]) -> dict:
     out = dict(step_s=step, phases_s=phase,
                peak_mb=max(r['peak_mb'] for r in ranks),
                steady_mb=max(r['steady_mb'] for r in ranks),
+               reserved_peak_mb=max((r.get('reserved_peak_mb') or 0.0
+                                     for r in ranks), default=0.0) or None,
                phase_peak_mb={k: max(r['phase_peak_mb'].get(k, 0.0)
                                      for r in ranks)
                               for k in ranks[0]['phase_peak_mb']},
@@ -60,6 +62,8 @@ def merge_runs(record: dict, runs: List[dict]) -> dict:
         peak_mb=med(r['peak_mb'] for r in runs),
         peak_runs_mb=[r['peak_mb'] for r in runs],
         steady_mb=med(r['steady_mb'] for r in runs),
+        reserved_peak_mb=None if runs[0].get('reserved_peak_mb') is None else
+        med(r['reserved_peak_mb'] for r in runs),
         phase_peak_mb={k: med(r['phase_peak_mb'][k] for r in runs)
                        for k in runs[0]['phase_peak_mb']},
         loss=runs[-1]['loss'], device=runs[-1]['device'],

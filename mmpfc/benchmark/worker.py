@@ -165,6 +165,7 @@ def run_rank(rank: int, world_size: int, row: dict) -> dict:
         phase_peak_mb={k: max(v[skip:]) for k, v in meter.phases.items()
                        if v[skip:]},
         peak_mb=meter.peak_mb(), steady_mb=meter.current_mb(),
+        reserved_peak_mb=meter.reserved_peak_mb(),
         baseline_mb=meter.baseline / 2**20, loss=losses[-1])
     if row.get('gemm'):
         del wrapper, emb, loss

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 
 SUPPORTED_OPTIMIZERS = (torch.optim.SGD, )
-#: Bytes of one chunk of rows read and written at a time.
-CHUNK_BYTES = 2**20
+#: Bytes of one chunk of rows read and written at a time, by device type.
+CHUNK_BYTES = {'cpu': 2**20, 'cuda': 256 * 2**20}
 
 
 def find_param_group(optimizer: torch.optim.Optimizer,
@@ -56,7 +56,8 @@ def sparse_sgd_step(optimizer: torch.optim.Optimizer, param: torch.Tensor,
             state['momentum_buffer'] = buf_all
     # Row chunks: temporaries stay small whatever the number of rows.
     row_bytes = max(1, data[:1].numel() * data.element_size())
-    size = max(1, CHUNK_BYTES // row_bytes)
+    budget = CHUNK_BYTES.get(data.device.type, CHUNK_BYTES['cuda'])
+    size = max(1, budget // row_bytes)
     for start in range(0, rows.numel(), size):
         index = rows[start:start + size]
         weight = data.index_select(0, index)
