@@ -21,13 +21,6 @@ from mmpfc.registry import DATASETS, HOOKS, METRICS, RUNNERS
 
 NUM_CLASSES, GLOBAL_BATCH, DIM = 10, 6, 120
 
-# TODO(compat owner): mmengine 0.10.7 pickles HistoryBuffer's statistics
-# methods as getattr(HistoryBuffer, 'min') (pickle protocol 2), which
-# torch.load(weights_only=True) refuses unless `getattr` is allow-listed;
-# mmpfc/utils/compat.py does not do it yet, so every resume fails. Remove
-# this line once compat.allow_mmengine_checkpoint_globals adds it.
-torch.serialization.add_safe_globals([getattr])
-
 
 @DATASETS.register_module(force=True)
 class CkptTinyFaces(torch.utils.data.Dataset):

@@ -18,7 +18,8 @@ SETS = ('lfw', 'cfp_fp', 'agedb_30')
 
 
 class ToyFaceModel(BaseModel):
-    """Linear embedding + classifier; ``predict`` sets ``pred_feat``."""
+    """Linear embedding + classifier; ``predict`` sets ``raw_feat`` and
+    ``pred_feat`` (normalized) like ``PartialFCHead.predict``."""
 
     def __init__(self, num_classes: int, size: int = 12) -> None:
         super().__init__(data_preprocessor=dict(
@@ -33,7 +34,8 @@ class ToyFaceModel(BaseModel):
             return dict(loss=F.cross_entropy(self.cls(feats), labels))
         if mode == 'predict':
             for sample, feat in zip(data_samples, feats):
-                sample.set_field(feat, 'pred_feat')
+                sample.set_field(feat, 'raw_feat')
+                sample.set_field(F.normalize(feat, dim=0), 'pred_feat')
             return data_samples
         return feats
 

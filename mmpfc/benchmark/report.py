@@ -198,8 +198,12 @@ def plot(records: Sequence[dict], path_prefix: str) -> List[str]:
                     'o-', color=color, label=label)
             if key == 'peak_mb':
                 ax.plot([r['num_classes'] for r in rows],
-                        [r['predicted_mb'] for r in rows], '--',
+                        [r['predicted_mb'] for r in rows], 'x--',
                         color=color, alpha=0.6, label=f'{label} predicted')
+        budgets = {r['budget_mb'] for r in records if r.get('budget_mb')}
+        if key == 'peak_mb' and budgets:
+            ax.axhline(min(budgets), color='gray', linestyle=':',
+                       label='memory budget')
         ax.set_xscale('log')
         ax.set_xlabel('identities')
         ax.set_ylabel(ylabel)

@@ -151,13 +151,14 @@ def run_benchmark(cfg: BenchmarkConfig,
     from .report import progress_line
     rows = make_rows(cfg)
     budget = cfg.budget_bytes()
+    for row in rows:
+        row['budget_mb'] = budget / 2**20
     runs: List[List[dict]] = [[] for _ in rows]
     records = [dict(row, status='not run') for row in rows]
     for rnd in range(cfg.repeat):
         for i, row in enumerate(rows):
             if row['predicted_mb'] * 2**20 > budget:
                 records[i]['status'] = 'does not fit'
-                records[i]['budget_mb'] = budget / 2**20
                 if rnd == 0:
                     log(progress_line(records[i])
                         + f' > budget {budget / 2**20:.0f} MB')

@@ -17,13 +17,17 @@ def allow_mmengine_checkpoint_globals() -> None:
     Works around torch >= 2.6 defaulting ``weights_only=True`` while
     mmengine 0.10.7 stores ``HistoryBuffer`` objects and numpy scalars/arrays in
     ``message_hub`` of every checkpoint: without this, ``--resume`` fails with
-    ``UnpicklingError: Weights only load failed``.
+    ``UnpicklingError: Weights only load failed``. mmengine 0.10.7 also
+    pickles ``HistoryBuffer``'s statistics methods as
+    ``getattr(HistoryBuffer, 'min')``, so ``getattr`` is allow-listed too; the
+    unpickler still only reaches attributes of the allow-listed objects.
     """
     add_safe_globals = getattr(torch.serialization, 'add_safe_globals', None)
     if add_safe_globals is None:  # torch < 2.4: weights_only is not default
         return
     from mmengine.logging import HistoryBuffer
-    safe = [HistoryBuffer, np.ndarray, np.dtype]
+    import builtins
+    safe = [HistoryBuffer, np.ndarray, np.dtype, builtins.getattr]
     multiarray = getattr(np, '_core', np.core).multiarray
     safe.append(multiarray._reconstruct)
     safe.append(multiarray.scalar)
