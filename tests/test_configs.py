@@ -87,3 +87,24 @@ def test_demo_trains_one_step_from_its_dataset():
     loss = model(**data, mode='loss')['loss']
     assert torch.isfinite(loss) and loss > 0
     assert data['inputs'].min() >= -1 and data['inputs'].max() <= 1
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=name_of)
+def test_validation_keeps_best_checkpoint_on_a_real_metric_key(path):
+    cfg = Config.fromfile(path)
+    assert cfg.default_hooks.logger.log_metric_by_epoch is False
+    if not cfg.get('val_dataloader'):
+        return
+    from mmpfc.registry import METRICS
+    metric = METRICS.build(cfg.val_evaluator)
+    assert metric.feat_key == 'raw_feat'  # what PartialFCHead.predict sets
+    hook = cfg.default_hooks.checkpoint
+    assert (hook.save_best, hook.rule) == ('mean_accuracy', 'greater')
+    # the key save_best watches is one the metric reports
+    rng = torch.Generator().manual_seed(0)
+    samples = [dict(raw_feat=torch.randn(4, generator=rng),
+                    dataset_name='lfw', image_idx=image, flip=flip,
+                    is_same=bool((image // 2) % 2))
+               for image in range(40) for flip in (False, True)]
+    metric.process({}, samples)
+    assert 'mean_accuracy' in metric.compute_metrics(metric.results)

@@ -11,7 +11,8 @@ model_wrapper_cfg = dict(
 default_hooks = dict(
     runtime_info=dict(type='RuntimeInfoHook'),
     timer=dict(type='IterTimerHook'),
-    logger=dict(type='LoggerHook', interval=50),
+    # iteration-based: validation metrics are logged at their iteration
+    logger=dict(type='LoggerHook', interval=50, log_metric_by_epoch=False),
     param_scheduler=dict(type='ParamSchedulerHook'),
     # Every rank saves its shard (PartialFCRunner's save_checkpoint).
     checkpoint=dict(

@@ -21,4 +21,6 @@ param_scheduler = [
          end=max_iters),
 ]
 train_cfg = dict(max_iters=max_iters, val_interval=2000)
-default_hooks = dict(checkpoint=dict(interval=2000))
+# Keep the checkpoint with the best mean of the LFW/CFP-FP/AgeDB accuracies.
+default_hooks = dict(
+    checkpoint=dict(interval=2000, save_best='mean_accuracy', rule='greater'))
