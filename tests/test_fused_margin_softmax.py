@@ -141,3 +141,83 @@ def test_frozen_centers_and_no_grad(sample_rate):
     assert a0.item() == pytest.approx(b0.item(), rel=1e-12)
     assert a1.item() == pytest.approx(b1.item(), rel=1e-12)
     assert torch.allclose(a2, b2, rtol=1e-9, atol=1e-13)
+
+
+def train_steps(reuse, sample_rate, accumulate, keep_grads):
+    """A few SGD steps of one head; returns its weight, momentum, the losses
+    and every gradient tensor the test kept from earlier steps (cloned at
+    the time and as it is at the end)."""
+    from mmpfc.engine.optimizers import PartialFCOptimWrapper
+    from mmpfc.models.heads import PartialFCHead
+    gen = torch.Generator().manual_seed(5)
+    head = PartialFCHead(NUM_CLASSES, DIM, sample_rate=sample_rate,
+                         loss=dict(type='CombinedMarginLoss', s=16.0, m2=0.5),
+                         seed=3, reuse_buffer=reuse)
+    wrapper = PartialFCOptimWrapper(
+        optimizer=torch.optim.SGD(head.parameters(), lr=0.5, momentum=0.9,
+                                  weight_decay=5e-4),
+        accumulative_counts=accumulate)
+    losses, kept, buffers = [], [], set()
+    for _ in range(4 * accumulate):
+        emb = torch.randn(BATCH, DIM, generator=gen)
+        labels = torch.randint(0, NUM_CLASSES, (BATCH, ), generator=gen)
+        loss = head.loss_by_labels(emb, labels)
+        wrapper.update_params(loss)
+        losses.append(loss.item())
+        if reuse:
+            buffers.add(head._workspace._flat.data_ptr())
+    if keep_grads:  # a user keeps the last dense gradient, then steps on
+        emb = torch.randn(BATCH, DIM, generator=gen)
+        labels = torch.randint(0, NUM_CLASSES, (BATCH, ), generator=gen)
+        head.loss_by_labels(emb, labels).backward()
+        grad = head.weight.grad
+        kept.append((grad.clone(), grad))
+        head.weight.grad = None
+        head.loss_by_labels(emb * 2, labels).backward()
+    momentum = wrapper.optimizer.state[head.weight]['momentum_buffer']
+    return (head.weight.detach().clone(), momentum.clone(), losses, kept,
+            buffers)
+
+
+@pytest.mark.parametrize('sample_rate,accumulate', [(1.0, 1), (1.0, 2),
+                                                    (0.4, 1), (0.4, 2)])
+def test_reused_buffer_changes_nothing(sample_rate, accumulate):
+    fresh = train_steps(False, sample_rate, accumulate, False)
+    reused = train_steps(True, sample_rate, accumulate, False)
+    assert reused[2] == fresh[2]  # losses
+    assert torch.equal(reused[0], fresh[0])  # weights, bit for bit
+    assert torch.equal(reused[1], fresh[1])  # momentum
+    if accumulate == 1:  # the buffer really was reused, every step
+        assert len(reused[4]) == 1
+
+
+def test_reused_buffer_is_recycled_only_when_nothing_views_it():
+    from mmpfc.models.heads.fused_margin_softmax import Workspace
+    space = Workspace()
+    like = torch.zeros(1)
+    first = space.take(12, like)
+    first_ptr = first.data_ptr()
+    held = first[:4]  # something still views it: a new buffer
+    del first
+    second = space.take(12, like)
+    assert second.data_ptr() != first_ptr
+    del second
+    ptr_a = space.take(10, like).data_ptr()  # (the view dies at once)
+    ptr_b = space.take(8, like).data_ptr()
+    assert ptr_a == ptr_b  # free again: the same memory
+    held.fill_(3.0)  # the old buffer lives on for its holder
+    assert held.tolist() == [3.0] * 4
+    # a user keeping a dense gradient across steps keeps its values
+    kept = train_steps(True, 1.0, 1, True)[3]
+    (copy, grad), = kept
+    assert torch.equal(copy, grad)
+
+
+def test_storage_use_count_counts_views():
+    from mmpfc.utils.compat import storage_use_count
+    base = torch.empty(6)
+    assert storage_use_count(base) == 1
+    view = base[2:]
+    assert storage_use_count(base) == storage_use_count(view) == 2
+    del view
+    assert storage_use_count(base) == 1

@@ -96,3 +96,20 @@ def grad_scaler_found_inf(scaler: torch.amp.GradScaler,
     before ``unscale_``.
     """
     return scaler._per_optimizer_states[id(optimizer)]['found_inf_per_device']
+
+
+def storage_use_count(tensor: torch.Tensor) -> int | None:
+    """How many tensors share ``tensor``'s storage, or None if unknown.
+
+    torch 2.14 has no public API for it; ``torch._C._storage_Use_Count`` is
+    the private one its own tests use. None (never "unshared") wherever it
+    is missing, so a caller that reuses memory falls back to allocating.
+    """
+    use_count = getattr(torch._C, '_storage_Use_Count', None)
+    if use_count is None:
+        return None
+    try:
+        # minus the reference held by the temporary storage object itself
+        return int(use_count(tensor.untyped_storage()._cdata)) - 1
+    except (AttributeError, RuntimeError, TypeError):
+        return None

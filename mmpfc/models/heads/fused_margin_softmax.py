@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
+from mmpfc.utils.compat import storage_use_count
 from ..losses import CombinedMarginLoss
 from ..utils.distributed import all_reduce_
 
@@ -41,6 +42,37 @@ class SampledRows:
     def __init__(self, index: torch.Tensor) -> None:
         self.index = index
         self.grad: Optional[torch.Tensor] = None
+
+
+class Workspace:
+    """The (S, max(N, D)) logit/gradient buffer, kept from step to step.
+
+    Without a caching allocator (the CPU), a fresh buffer of a shard's size
+    is mapped, page-faulted and zeroed by the kernel every step, and given
+    back when the optimizer drops the gradient that lives in it; at 1M
+    identities on 2 CPU ranks that costs more than the softmax itself (see
+    docs/benchmark.md). The buffer is handed out again only when no tensor
+    views it any more (the previous step's backward and optimizer update are
+    done), so gradient accumulation and kept references stay correct.
+    The peak is unchanged; between steps the buffer stays allocated.
+    """
+
+    def __init__(self) -> None:
+        self._flat: Optional[torch.Tensor] = None
+
+    def take(self, numel: int, like: torch.Tensor) -> torch.Tensor:
+        """A 1-D buffer of ``numel`` elements of ``like``'s dtype/device."""
+        flat = self._flat
+        if (flat is None or flat.numel() < numel or flat.dtype != like.dtype
+                or flat.device != like.device
+                or storage_use_count(flat) != 1):
+            self._flat = flat = None  # let an unused one go first
+            self._flat = flat = like.new_empty(numel)
+        return flat[:numel]
+
+    def release(self) -> None:
+        """Drop the buffer (its memory returns once no view is left)."""
+        self._flat = None
 
 
 def supports_fused(margin: torch.nn.Module) -> bool:
@@ -78,7 +110,8 @@ class FusedMarginSoftmax(torch.autograd.Function):
     def forward(ctx, emb: torch.Tensor, weight: torch.Tensor,
                 index: Optional[torch.Tensor], labels: torch.Tensor,
                 margin: CombinedMarginLoss,
-                record: Optional[SampledRows]) -> torch.Tensor:
+                record: Optional[SampledRows],
+                workspace: Optional[Workspace]) -> torch.Tensor:
         num, dtype = emb.shape[0], emb.dtype
         emb_norm = torch.linalg.vector_norm(emb, dim=1).clamp_min_(NORM_EPS)
         emb_n = emb / emb_norm[:, None]
@@ -90,7 +123,8 @@ class FusedMarginSoftmax(torch.autograd.Function):
         # logits transposed, (S, N): a chunk of centers is a block of rows.
         # Backward writes the (S, D) center gradient into the same buffer.
         width = max(num, emb.shape[1]) if need_w else num
-        buffer = emb.new_empty(total * width)
+        buffer = (workspace.take(total * width, emb) if workspace is not None
+                  else emb.new_empty(total * width))
         logits = buffer[:total * num].view(total, num)
         w_norm = emb.new_empty(total)
         for start, stop in _spans(total, size):
@@ -199,17 +233,18 @@ class FusedMarginSoftmax(torch.autograd.Function):
         if grad_w is not None:
             grad_w = grad_w.to(ctx.weight_dtype)
         if index is None:
-            return grad_emb, grad_w, None, None, None, None
+            return grad_emb, grad_w, None, None, None, None, None
         if grad_w is not None:
             record.grad = grad_w if record.grad is None else \
                 record.grad.add_(grad_w)
-        return grad_emb, None, None, None, None, None
+        return grad_emb, None, None, None, None, None, None
 
 
 def fused_margin_softmax(emb: torch.Tensor, weight: torch.Tensor,
                          index: Optional[torch.Tensor], labels: torch.Tensor,
                          margin: CombinedMarginLoss,
-                         record: Optional[SampledRows] = None
+                         record: Optional[SampledRows] = None,
+                         workspace: Optional[Workspace] = None
                          ) -> torch.Tensor:
     """Global mean loss of ``emb`` against ``weight`` (or its ``index`` rows).
 
@@ -222,10 +257,11 @@ def fused_margin_softmax(emb: torch.Tensor, weight: torch.Tensor,
         margin: The ``CombinedMarginLoss`` (s, margins, filtering).
         record: Where the gradient of the ``index`` rows is stored; with
             ``index`` None the gradient goes to ``weight.grad`` as usual.
+        workspace: Reused logit/gradient buffer (None: a new one per call).
 
     The result equals ``distributed_cross_entropy(margin(cos, labels),
     labels)`` with ``cos`` the clamped cosines, computed as the log-sum-exp
     (no underflow of the target probability).
     """
     return FusedMarginSoftmax.apply(emb, weight, index, labels, margin,
-                                    record)
+                                    record, workspace)

@@ -14,7 +14,8 @@ from ..utils import (all_gather_with_grad, distributed_cross_entropy,
                      get_rank_and_world_size, mark_sharded, shard_range)
 from ..utils.distributed import all_gather_no_grad
 from .center_sampler import CenterSampler
-from .fused_margin_softmax import (SampledRows, fused_margin_softmax,
+from .fused_margin_softmax import (SampledRows, Workspace,
+                                   fused_margin_softmax,
                                    supports_fused)
 
 
@@ -72,6 +73,12 @@ class PartialFCHead(BaseModule):
         init_std: Std of the normal initialization of the centers.
         seed: Base seed of the center sampler; rank r uses ``seed + r``.
             Defaults to ``torch.initial_seed()`` at construction.
+        reuse_buffer: Keep the fused (S, max(N, D)) logit/gradient buffer
+            from step to step (:class:`.fused_margin_softmax.Workspace`).
+            None: on the CPU only, where every fresh buffer is page-faulted
+            by the kernel; CUDA's caching allocator already recycles it, and
+            freeing it there leaves the memory to the backbone's next
+            forward.
         init_cfg: MMEngine init config (unused by the shard itself).
     """
 
@@ -83,6 +90,7 @@ class PartialFCHead(BaseModule):
                                    m2=0.5, m3=0.0),
                  init_std: float = 0.01,
                  seed: Optional[int] = None,
+                 reuse_buffer: Optional[bool] = None,
                  init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg=init_cfg)
         if not 0.0 <= sample_rate <= 1.0:
@@ -108,6 +116,8 @@ class PartialFCHead(BaseModule):
         mark_sharded(self.weight, owner=self)
         self.sampler = CenterSampler(self.num_local, sample_rate,
                                      seed=(base_seed + self.rank) % (2**63))
+        self.reuse_buffer = reuse_buffer
+        self._workspace = Workspace()
         # (rows, holder of .grad) of the steps since the last optimizer update
         self._sampled: List[Tuple[torch.Tensor, Any]] = []
 
@@ -173,7 +183,8 @@ class PartialFCHead(BaseModule):
             if supports_fused(self.margin_loss):
                 return fused_margin_softmax(embeddings, self.weight, index,
                                             local, self.margin_loss,
-                                            self._record(index))
+                                            self._record(index),
+                                            self._workspace_for(embeddings))
             # any other margin module: the plain composition
             weight = self.weight if index is None else \
                 self._sampled_rows(index)
@@ -181,6 +192,13 @@ class PartialFCHead(BaseModule):
                            F.normalize(weight.to(dtype), dim=1))
             logits = self.margin_loss(cos.clamp(-1.0, 1.0), local)
             return distributed_cross_entropy(logits, local)
+
+    def _workspace_for(self, embeddings: torch.Tensor
+                       ) -> Optional[Workspace]:
+        reuse = self.reuse_buffer
+        if reuse is None:
+            reuse = embeddings.device.type == 'cpu'
+        return self._workspace if reuse else None
 
     def _training_step(self) -> bool:
         return self.training and torch.is_grad_enabled()
