@@ -49,7 +49,8 @@ def test_data_parallel_parts_and_ordering():
     assert dp > mp > pfc
     parts = head_memory('dp', **SETUP)
     assert parts['centers'] == 1_000_000 * 512 * 4
-    assert parts['logits'] == 3 * 128 * 1_000_000 * 4
+    assert parts['logits'] == 4 * 128 * 1_000_000 * 4
+    assert parts['center_grads'] == 4 * parts['centers']
     with pytest.raises(ValueError, match="'dp' or 'pfc'"):
         head_memory('zero', **SETUP)
 

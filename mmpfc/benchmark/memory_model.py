@@ -15,9 +15,10 @@ momentum and logits. Peak bytes per rank of the head:
   ``weight.grad``; ``torch.optim.SGD`` adds a temporary of the shard for
   the weight decay: ``2 Cl D 4 + Cl max(N, D) 4 + Cl D 4``.
 * Data parallel (every rank holds all C centers, plain autograd, local
-  batch B): centers, momentum, the normalized copy, its gradient and the
-  gradient, ``5 C D 4``, plus ``3 B C 4`` for the logits and their
-  temporaries.
+  batch B): centers, momentum, the normalized copy, its gradient,
+  ``F.normalize``'s backward temporary and the gradient, ``6 C D 4``, plus
+  ``4 B C 4`` for the cosines, the margin logits, the softmax and its
+  gradient.
 
 Plus, for every method, the embeddings of the global batch and their
 gradients (``4 N D 4``), the chunk temporaries and what the allocator keeps
@@ -26,6 +27,10 @@ the DDP gradient buckets (``4 P 4`` for P parameters), the largest
 parameter once more (weight-decay temporary), the input batch and the
 activations saved for backward (``B x`` a per-sample figure measured with
 :func:`activation_bytes_per_sample`).
+
+On the CPU the Partial FC head keeps its logit/gradient buffer from one
+step to the next (``PartialFCHead(reuse_buffer=None)``): the peak is the
+same, and with a backbone the buffer is counted beside the activations.
 
 The model counts tensors, not the CUDA context (~0.3-0.5 GB per GPU, shown
 by ``nvidia-smi`` but not by ``torch.cuda.max_memory_allocated``) nor the
@@ -89,8 +94,8 @@ def head_memory(method: str, num_classes: int, world_size: int,
     if method == 'dp':
         centers = num_classes * dim * FP32
         return dict(centers=centers, momentum=centers * momentum,
-                    center_grads=3 * centers,
-                    logits=3 * batch_size * num_classes * FP32,
+                    center_grads=4 * centers,
+                    logits=4 * batch_size * num_classes * FP32,
                     embeddings=4 * batch_size * dim * FP32)
     if method != 'pfc':
         raise ValueError(f"method must be 'dp' or 'pfc', got {method!r}")
