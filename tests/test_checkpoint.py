@@ -62,6 +62,8 @@ def head_state(runner) -> dict:
     return dict(
         class_start=head.class_start, weight=head.weight.detach().clone(),
         momentum=None if momentum is None else momentum.clone(),
+        optimizer_state={k: v.clone() for k, v in state.items()
+                         if torch.is_tensor(v)},
         backbone={k: v.clone()
                   for k, v in model.backbone.state_dict().items()},
         sampler=head.sampler.state_dict(), iter=runner.iter)
@@ -69,7 +71,8 @@ def head_state(runner) -> dict:
 
 def make_cfg(work_dir, world_size=1, max_iters=4, sample_rate=0.5,
              load_from=None, resume=False, interval=2, max_keep_ckpts=-1,
-             num_classes=NUM_CLASSES, backbone=None, dim=DIM):
+             num_classes=NUM_CLASSES, backbone=None, dim=DIM,
+             optimizer=None):
     """Config of the tiny training run (dict for ``Runner.from_cfg``)."""
     from mmengine.config import Config
     return Config(dict(
@@ -90,8 +93,9 @@ def make_cfg(work_dir, world_size=1, max_iters=4, sample_rate=0.5,
             dataset=dict(type='CkptTinyFaces', num_classes=num_classes)),
         train_cfg=dict(by_epoch=False, max_iters=max_iters),
         optim_wrapper=dict(type='PartialFCOptimWrapper',
-                           optimizer=dict(type='SGD', lr=0.2, momentum=0.9,
-                                          weight_decay=5e-4),
+                           optimizer=optimizer or dict(
+                               type='SGD', lr=0.2, momentum=0.9,
+                               weight_decay=5e-4),
                            clip_grad=dict(max_norm=5)),
         param_scheduler=[
             dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0,

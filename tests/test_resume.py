@@ -9,8 +9,8 @@ import shutil
 import pytest
 import torch
 from dist_utils import run_distributed
-from test_checkpoint import (build_runner, head_state, make_cfg,
-                             shard_dirs)
+from test_checkpoint import (NUM_CLASSES, build_runner, head_state,
+                             make_cfg, shard_dirs)
 
 from mmpfc.checkpoint import CheckpointError, CheckpointRows, load_file
 from mmpfc.checkpoint.merge import merge_checkpoint
@@ -138,3 +138,30 @@ def test_incomplete_checkpoint_names_missing_shard(straight, tmp_path):
     with pytest.raises(CheckpointError, match=r'1 of 2 shard files missing '
                        r'in .*: rank1-of2\.pth$'):
         CheckpointRows(copy, load_file(copy))
+
+
+def test_adamw_state_of_sampled_centers_resumes_on_other_world_size(
+        tmp_path):
+    """Partial FC with AdamW: the moments and per-row step counts of every
+    center are saved by their rank and re-split by class id (2 -> 3)."""
+    kwargs = dict(max_iters=6, interval=6, sample_rate=0.5,
+                  optimizer=dict(type='AdamW', lr=0.01, weight_decay=0.1))
+    first = str(tmp_path / 'w2')
+    trained = run_distributed(train_worker, 2, first, kwargs)
+    saved = torch.cat([r['final']['optimizer_state']['row_step']
+                       for r in trained])
+    assert 0 < saved.min() and saved.max() <= 6  # sampled some steps only
+    source = CheckpointRows(osp.join(first, 'iter_6.pth'),
+                            load_file(osp.join(first, 'iter_6.pth')))
+    _, rows, _ = source.take('head.weight', 0, NUM_CLASSES)
+    assert sorted(rows) == ['exp_avg', 'exp_avg_sq', 'row_step']
+    assert torch.equal(rows['row_step'], saved)
+    three = run_distributed(
+        train_worker, 3, str(tmp_path / 'w3'),
+        dict(kwargs, max_iters=7, load_from=osp.join(first, 'iter_6.pth'),
+             resume=True))
+    for result in three:
+        start = result['start']['class_start']
+        got = result['start']['optimizer_state']
+        for key, value in rows.items():
+            assert torch.equal(got[key], value[start:start + len(got[key])])

@@ -8,7 +8,7 @@ head that is wrong in three places, fixed here:
   replicated parameters are clipped (the reference clips the backbone only);
 * sampled centers (``PartialFCHead`` with ``sample_rate < 1``) have no
   ``.grad`` on ``weight``: their gradient rows are applied after the dense
-  step with the group's SGD rule (see ``sparse_sgd``);
+  step with the group's SGD or Adam(W) rule (see ``sparse_step``);
 * fp16 loss scaling: an overflow in one rank's shard must skip the step on
   every rank, otherwise the backbone replicas diverge.
 """
@@ -26,7 +26,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from mmpfc.models.utils import get_rank_and_world_size, is_sharded
 from mmpfc.registry import OPTIM_WRAPPERS
 from mmpfc.utils.compat import grad_scaler_found_inf
-from .sparse_sgd import sparse_sgd_step
+from .sparse_step import sparse_step
 
 SparseUpdate = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -57,7 +57,7 @@ class ShardAwareMixin:
 
     def _apply_sparse_updates(self, updates: List[SparseUpdate]) -> None:
         for param, rows, grad in updates:
-            sparse_sgd_step(self.optimizer, param, rows, grad)
+            sparse_step(self.optimizer, param, rows, grad)
 
     def _clip_grad(self) -> None:
         """Clip replicated parameters only (identical on every rank)."""

@@ -10,6 +10,8 @@ written.
 """
 from __future__ import annotations
 
+from typing import Iterator, Tuple
+
 import torch
 
 SUPPORTED_OPTIMIZERS = (torch.optim.SGD, )
@@ -24,6 +26,17 @@ def find_param_group(optimizer: torch.optim.Optimizer,
         if any(p is param for p in group['params']):
             return group
     raise KeyError('parameter is not managed by this optimizer')
+
+
+def row_chunks(data: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor
+               ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """(row indices, their gradient) in chunks of ``CHUNK_BYTES`` of
+    ``data``, so that temporaries stay small whatever the number of rows."""
+    row_bytes = max(1, data[:1].numel() * data.element_size())
+    budget = CHUNK_BYTES.get(data.device.type, CHUNK_BYTES['cuda'])
+    size = max(1, budget // row_bytes)
+    for start in range(0, rows.numel(), size):
+        yield rows[start:start + size], grad[start:start + size]
 
 
 @torch.no_grad()
@@ -54,14 +67,9 @@ def sparse_sgd_step(optimizer: torch.optim.Optimizer, param: torch.Tensor,
         if buf_all is None:
             buf_all = torch.zeros_like(data)
             state['momentum_buffer'] = buf_all
-    # Row chunks: temporaries stay small whatever the number of rows.
-    row_bytes = max(1, data[:1].numel() * data.element_size())
-    budget = CHUNK_BYTES.get(data.device.type, CHUNK_BYTES['cuda'])
-    size = max(1, budget // row_bytes)
-    for start in range(0, rows.numel(), size):
-        index = rows[start:start + size]
+    for index, chunk in row_chunks(data, rows, grad):
         weight = data.index_select(0, index)
-        step = grad[start:start + size].to(weight.dtype)
+        step = chunk.to(weight.dtype)
         if maximize:
             step = -step
         if weight_decay != 0:
