@@ -102,9 +102,11 @@ class PartialFCAmpOptimWrapper(ShardAwareMixin, AmpOptimWrapper):
 
     On CUDA it is ``AmpOptimWrapper`` (fp16 autocast, dynamic loss scaling)
     with the overflow decision all-reduced over ranks. Without CUDA it runs
-    bf16 autocast on the CPU, which needs no loss scaler. The head's logits
-    and softmax stay fp32 in both cases. The current loss scale is logged as
-    ``train/loss_scale``.
+    bf16 autocast on the CPU, which needs no loss scaler; ``dtype='float16'``
+    there gives CPU fp16 autocast with a CPU ``GradScaler`` (the same
+    loss-scaling and overflow-sharing code as on GPUs, e.g. to test it with
+    gloo). The head's logits and softmax stay fp32 in every case. The current
+    loss scale is logged as ``train/loss_scale``.
 
     Example::
 
@@ -119,14 +121,34 @@ class PartialFCAmpOptimWrapper(ShardAwareMixin, AmpOptimWrapper):
             self.device_type = 'cuda'
             return
         OptimWrapper.__init__(self, **kwargs)
+        self.device_type = 'cpu'
+        if dtype in ('float16', torch.float16):
+            self.cast_dtype = torch.float16
+            self._init_cpu_loss_scaler(loss_scale)
+            return
         if dtype not in (None, 'bfloat16', torch.bfloat16):
             raise ValueError(
-                f'dtype={dtype!r} needs CUDA; on the CPU mixed precision is '
-                'bfloat16 (dtype=None or \'bfloat16\')')
-        self.device_type = 'cpu'
+                f'dtype={dtype!r}: on the CPU mixed precision is bfloat16 '
+                "(dtype=None or 'bfloat16') or float16 with loss scaling "
+                "(dtype='float16')")
         self.cast_dtype = torch.bfloat16
         self.loss_scaler = None
         self._scale_update_param = None
+
+    def _init_cpu_loss_scaler(self, loss_scale) -> None:
+        """``AmpOptimWrapper``'s ``loss_scale`` forms, on a CPU scaler."""
+        self._scale_update_param = None
+        if loss_scale == 'dynamic':
+            self.loss_scaler = torch.amp.GradScaler('cpu')
+        elif isinstance(loss_scale, (int, float)):
+            self._scale_update_param = float(loss_scale)
+            self.loss_scaler = torch.amp.GradScaler(
+                'cpu', init_scale=float(loss_scale))
+        elif isinstance(loss_scale, dict):
+            self.loss_scaler = torch.amp.GradScaler('cpu', **loss_scale)
+        else:
+            raise TypeError("loss_scale must be 'dynamic', a number or a "
+                            f'dict of GradScaler arguments, got {loss_scale!r}')
 
     @contextmanager
     def optim_context(self, model: nn.Module):
@@ -163,7 +185,7 @@ class PartialFCAmpOptimWrapper(ShardAwareMixin, AmpOptimWrapper):
     def _share_overflow(self, updates: List[SparseUpdate]) -> bool:
         """Make every rank skip the step if any rank saw inf/NaN."""
         found = grad_scaler_found_inf(self.loss_scaler, self.optimizer)
-        flag = torch.zeros(1, device='cuda')
+        flag = torch.zeros(1, device=self.device_type)
         for value in found.values():
             flag += value.to(flag.device)
         for _, _, grad in updates:
@@ -172,7 +194,7 @@ class PartialFCAmpOptimWrapper(ShardAwareMixin, AmpOptimWrapper):
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         flag.clamp_(max=1.0)
         for value in found.values():
-            value.copy_(flag.to(value.device))
+            value.copy_(flag.to(value.device).reshape(value.shape))
         return bool(flag.item())
 
     def state_dict(self) -> dict:

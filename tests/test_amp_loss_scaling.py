@@ -1,0 +1,90 @@
+"""fp16 loss scaling with a sharded, sampled head (CPU fp16 + CPU GradScaler,
+the same code path as CUDA): an overflow in one rank's sampled centers makes
+every rank skip the step and halve the scale; clean steps update alike."""
+import torch
+import torch.distributed as dist
+from dist_utils import run_distributed
+
+import mmpfc  # noqa: F401
+
+NUM_CLASSES, DIM, BATCH = 20, 8, 4
+
+
+def amp_worker(rank, world_size, poison_step):
+    from mmpfc.engine.optimizers import PartialFCAmpOptimWrapper
+    from mmpfc.models.heads import PartialFCHead
+    torch.manual_seed(0)  # same backbone on every rank
+    backbone = torch.nn.Linear(6, DIM)
+    head = PartialFCHead(NUM_CLASSES, DIM, sample_rate=0.5, seed=1)
+    wrapper = PartialFCAmpOptimWrapper(
+        # dynamic, from a scale at which these tiny embeddings' gradients
+        # fit fp16 (at 2**16 the first steps overflow for real)
+        dtype='float16', loss_scale=dict(init_scale=16.0),
+        optimizer=torch.optim.SGD(
+            [*backbone.parameters(), *head.parameters()], lr=0.1,
+            momentum=0.9))
+    if rank == 1:  # an overflow in this rank's sampled-center gradient only
+        original = head.pop_sampled_gradient
+
+        def poisoned():
+            rows, grad = original()
+            if len(history) == poison_step:
+                grad[0, 0] = float('inf')
+            return rows, grad
+        head.pop_sampled_gradient = poisoned
+    gen = torch.Generator().manual_seed(10 + rank)
+    history = []
+    for _ in range(3):
+        before = (backbone.weight.detach().clone(),
+                  head.weight.detach().clone())
+        inputs = torch.randn(BATCH, 6, generator=gen)
+        labels = torch.randint(0, NUM_CLASSES, (BATCH, ), generator=gen)
+        with wrapper.optim_context(backbone):
+            feats = backbone(inputs)
+        assert feats.dtype == torch.float16
+        loss = head.loss_by_labels(feats, labels)
+        wrapper.backward(loss)
+        for p in backbone.parameters():  # what DDP does
+            dist.all_reduce(p.grad)
+            p.grad.div_(world_size)
+        scale = wrapper.loss_scaler.get_scale()
+        wrapper.step()
+        wrapper.zero_grad()
+        history.append(dict(
+            scale=scale, next_scale=wrapper.loss_scaler.get_scale(),
+            backbone_changed=not torch.equal(backbone.weight, before[0]),
+            head_changed=not torch.equal(head.weight, before[1]),
+            backbone=backbone.weight.detach().clone()))
+    return history
+
+
+def test_overflow_on_one_rank_skips_the_step_on_every_rank():
+    ranks = run_distributed(amp_worker, 2, 1)
+    for history in ranks:
+        clean, poisoned, after = history
+        assert clean['backbone_changed'] and clean['head_changed']
+        assert clean['next_scale'] == clean['scale'] == 16.0
+        # rank 1 saw inf: both ranks skip, both halve the scale
+        assert not poisoned['backbone_changed']
+        assert not poisoned['head_changed']
+        assert poisoned['next_scale'] == poisoned['scale'] / 2
+        assert after['backbone_changed'] and after['head_changed']
+    for step in range(3):  # the replicated backbone stays identical
+        assert torch.equal(ranks[0][step]['backbone'],
+                           ranks[1][step]['backbone'])
+
+
+def test_cpu_dtype_options():
+    import pytest
+
+    from mmpfc.engine.optimizers import PartialFCAmpOptimWrapper
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    bf16 = PartialFCAmpOptimWrapper(optimizer=torch.optim.SGD(params, lr=1))
+    assert bf16.loss_scaler is None and bf16.cast_dtype == torch.bfloat16
+    static = PartialFCAmpOptimWrapper(
+        dtype='float16', loss_scale=128.0,
+        optimizer=torch.optim.SGD(params, lr=1))
+    assert static.loss_scaler.get_scale() == 128.0
+    with pytest.raises(ValueError, match="dtype='float64': on the CPU"):
+        PartialFCAmpOptimWrapper(dtype='float64',
+                                 optimizer=torch.optim.SGD(params, lr=1))
