@@ -22,6 +22,7 @@ EXPECTED = {  # config: (num_classes, sample_rate, head type)
     'r50_mp_ms1mv3': (93431, 1.0, 'PartialFCHead'),
     'r50_mp_glint360k': (360232, 1.0, 'PartialFCHead'),
     'r50_pfc0.2_webface42m': (2059906, 0.2, 'PartialFCHead'),
+    'vit_t_pfc0.3_webface42m': (2059906, 0.3, 'PartialFCHead'),
 }
 
 
@@ -67,6 +68,10 @@ def test_model_builds_and_embeds(path):
     model = MODELS.build(cfg.model)
     if name_of(path).startswith('r50'):
         assert model.backbone.depth == 50
+    if name_of(path).startswith('vit_t'):
+        assert model.backbone.patch_resolution == (12, 12)
+        assert cfg.optim_wrapper.optimizer == dict(type='AdamW', lr=1e-3,
+                                                   weight_decay=0.1)
     head = model.head
     assert head.weight.shape == (cfg.model.head.num_classes,
                                  cfg.model.head.in_channels)
