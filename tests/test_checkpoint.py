@@ -332,3 +332,35 @@ def load_tool(*path):
     import runpy
     script = osp.join(osp.dirname(__file__), '..', 'tools', *path)
     return runpy.run_path(script, run_name='tool_under_test')['main']
+
+
+def unshared_disk_worker(rank, world_size, work_dir, local_dir):
+    """Rank 1 writes its shard to a folder of its own, as on a second
+    machine whose work dir is not shared."""
+    import mmpfc.engine.runners.sharded_checkpoint as sharded
+    if rank == 1:
+        original = sharded.atomic_save
+
+        def save_elsewhere(obj, path):
+            return original(obj, osp.join(local_dir, osp.basename(path)))
+        sharded.atomic_save = save_elsewhere
+    runner = build_runner(make_cfg(work_dir, world_size=2, max_iters=2,
+                                   interval=2))
+    try:
+        runner.train()
+    except CheckpointError as err:
+        return str(err), sorted(os.listdir(work_dir))
+    return None, sorted(os.listdir(work_dir))
+
+
+def test_save_refuses_a_work_dir_not_shared_by_every_rank(tmp_path):
+    from dist_utils import run_distributed
+    work_dir, local = tmp_path / 'shared', tmp_path / 'rank1_local'
+    work_dir.mkdir()
+    local.mkdir()
+    results = run_distributed(unshared_disk_worker, 2, str(work_dir),
+                              str(local))
+    for message, files in results:
+        assert message is not None  # every rank stops, none hangs
+        assert "['rank1-of2.pth']" in message and 'shared' in message
+        assert 'iter_2.pth' not in files  # no main file naming lost shards

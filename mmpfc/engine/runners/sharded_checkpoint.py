@@ -101,6 +101,7 @@ class ShardedCheckpointMixin:
             out_dir, shard_dir, shard_file_name(rank, world_size)))
         del payload
         gathered = all_gather_object((nbytes, info))
+        self._check_shards_visible(out_dir, shard_dir, gathered)
         if rank == 0:
             manifest = build_manifest(
                 manifest_params([i for _, i in gathered], world_size),
@@ -120,6 +121,34 @@ class ShardedCheckpointMixin:
                 f'shard(s) in {shard_dir}: {total / 2**20:.1f} MiB in '
                 f'{time.perf_counter() - start:.2f} s')
         barrier()
+
+    @staticmethod
+    def _check_shards_visible(out_dir: str, shard_dir: str,
+                              gathered: list) -> None:
+        """Every rank raises if rank 0 cannot see every shard complete.
+
+        On several machines each rank writes to its own filesystem unless
+        the work dir is shared; a main file would then point at shards that
+        rank 0, and a later resume, cannot read. Fail at save time instead
+        (the previous checkpoint stays the latest).
+        """
+        rank, world_size = get_dist_info()
+        missing = None
+        if rank == 0:
+            missing = []
+            for r, (nbytes, _) in enumerate(gathered):
+                path = osp.join(out_dir, shard_dir,
+                                shard_file_name(r, world_size))
+                if not osp.isfile(path) or osp.getsize(path) != nbytes:
+                    missing.append(shard_file_name(r, world_size))
+        box = [missing]
+        broadcast_object_list(box)
+        if box[0]:
+            raise CheckpointError(
+                f'rank 0 cannot see {box[0]} in {osp.join(out_dir, shard_dir)}'
+                ' although their ranks wrote them: the work dir must be one '
+                'folder shared by every machine (e.g. NFS); nothing was '
+                'saved as the latest checkpoint')
 
     def _write_main_file(self, out_dir: str, filename: str, manifest: dict,
                          save_optimizer: bool, save_param_scheduler: bool,
