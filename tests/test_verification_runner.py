@@ -94,6 +94,9 @@ def test_train_and_validate_from_configs(data_root, tmp_path):
             checkpoint=dict(type='CheckpointHook', interval=100,
                             by_epoch=False, save_best='mean_accuracy',
                             rule='greater')),
+        visualizer=dict(type='Visualizer', vis_backends=[
+            dict(type='LocalVisBackend'),
+            dict(type='TensorboardVisBackend')]),
         default_scope='mmpfc', log_level='WARNING')
     runner.train()
     scalars = [json.loads(line) for line in open(
@@ -105,5 +108,15 @@ def test_train_and_validate_from_configs(data_root, tmp_path):
         assert val_rows[-1][f'{name}/xnorm'] > 0
     assert any(f.startswith('best_mean_accuracy')
                for f in os.listdir(tmp_path))
+    # TensorBoard gets the same validation scalars, at the same steps
+    from tensorboard.backend.event_processing.event_accumulator import \
+        EventAccumulator
+    events = EventAccumulator(
+        os.path.join(runner.log_dir, 'vis_data')).Reload()
+    for key in ('mean_accuracy', 'lfw/accuracy', 'agedb_30/xnorm'):
+        logged = events.Scalars(key)
+        assert [e.step for e in logged] == [row['step'] for row in val_rows]
+        assert [e.value for e in logged] == pytest.approx(
+            [row[key] for row in val_rows], rel=1e-6)  # float32 in events
     # stop the workers now (at pytest's exit, gc joins them for 10 s)
     runner.train_loop.dataloader_iterator._iterator._shutdown_workers()

@@ -36,7 +36,8 @@ env_cfg = dict(
 
 log_processor = dict(type='LogProcessor', window_size=50, by_epoch=False)
 log_level = 'INFO'
-# Add dict(type='TensorboardVisBackend') for TensorBoard.
+# Add dict(type='TensorboardVisBackend') for TensorBoard (installed with the
+# requirements; it gets the same scalars as the JSON log).
 vis_backends = [dict(type='LocalVisBackend')]
 visualizer = dict(type='Visualizer', vis_backends=vis_backends)
 
