@@ -112,7 +112,7 @@ def sampling_worker(rank, world_size, sample_rate):
         before = head.weight.detach().clone()
         feats = emb[mine].clone().requires_grad_(True)
         loss = head.loss((feats, ), data_samples(labels[mine]))['loss']
-        index = head._sampled[-1][0].clone()
+        index = head._sampled.last_index.clone()
         wrapper.update_params(loss)
         momentum = wrapper.optimizer.state[head.weight]['momentum_buffer']
         steps.append(dict(before=before, after=head.weight.detach().clone(),

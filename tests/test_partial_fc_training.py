@@ -90,7 +90,7 @@ def test_gradient_accumulation_sums_sampled_gradients():
     expected_grad = torch.zeros_like(before)
     for micro in range(2):
         loss = head.loss_by_labels(feats[micro], labels[micro])
-        index = head._sampled[-1][0].clone()
+        index = head._sampled.last_index.clone()
         # independent gradient of this micro-batch over its sampled rows
         ref = before[index].clone().requires_grad_(True)
         sub_labels = torch.searchsorted(index, labels[micro])

@@ -30,18 +30,11 @@ from torch.autograd.function import once_differentiable
 from mmpfc.utils.compat import storage_use_count
 from ..losses import CombinedMarginLoss
 from ..utils.distributed import all_reduce_
+from .sampled_gradients import SampledRows
 
 NORM_EPS = 1e-12  # as F.normalize
 #: Bytes of one chunk of gathered centers (and of the logits beside them).
 CHUNK_BYTES = {'cpu': 2**20, 'cuda': 256 * 2**20}
-
-
-class SampledRows:
-    """The gradient of the sampled rows of a shard, filled in by backward."""
-
-    def __init__(self, index: torch.Tensor) -> None:
-        self.index = index
-        self.grad: Optional[torch.Tensor] = None
 
 
 class Workspace:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from mmpfc.registry import MODELS
 from .partial_fc_head import PartialFCHead, build_margin_loss
+from .sampled_gradients import SampledGradients
 
 
 @MODELS.register_module()
@@ -47,7 +48,7 @@ class MarginSoftmaxHead(PartialFCHead):
         self.weight = nn.Parameter(
             torch.empty(num_classes, in_channels).normal_(
                 0.0, init_std, generator=init_gen))
-        self._sampled = []
+        self._sampled = SampledGradients()
 
     def loss_by_labels(self, embeddings: torch.Tensor,
                        labels: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The sharded, sampled classification layer (Partial FC) as an mmpretrain head."""
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -14,9 +14,9 @@ from ..utils import (all_gather_with_grad, distributed_cross_entropy,
                      get_rank_and_world_size, mark_sharded, shard_range)
 from ..utils.distributed import all_gather_no_grad
 from .center_sampler import CenterSampler
-from .fused_margin_softmax import (SampledRows, Workspace,
-                                   fused_margin_softmax,
+from .fused_margin_softmax import (Workspace, fused_margin_softmax,
                                    supports_fused)
+from .sampled_gradients import SampledGradients, SampledRows
 
 
 def build_margin_loss(loss: Union[dict, nn.Module]) -> nn.Module:
@@ -119,7 +119,7 @@ class PartialFCHead(BaseModule):
         self.reuse_buffer = reuse_buffer
         self._workspace = Workspace()
         # (rows, holder of .grad) of the steps since the last optimizer update
-        self._sampled: List[Tuple[torch.Tensor, Any]] = []
+        self._sampled = SampledGradients()
 
     @property
     def samples_centers(self) -> bool:
@@ -209,7 +209,7 @@ class PartialFCHead(BaseModule):
         if index is None or not self._training_step():
             return None
         record = SampledRows(index)
-        self._sampled.append((index, record))
+        self._sampled.add(index, record)
         return record
 
     def _sampled_rows(self, index: torch.Tensor) -> torch.Tensor:
@@ -218,7 +218,7 @@ class PartialFCHead(BaseModule):
         if not self._training_step():
             return rows
         rows.requires_grad_(True)
-        self._sampled.append((index, rows))
+        self._sampled.add(index, rows)
         return rows
 
     def pop_sampled_gradient(self
@@ -229,26 +229,15 @@ class PartialFCHead(BaseModule):
         their gradients are summed per row. Returns None when nothing was
         sampled with a gradient. Clears the record.
         """
-        pairs = [(idx, leaf.grad) for idx, leaf in self._sampled
-                 if leaf.grad is not None]
-        self._sampled = []
-        if not pairs:
-            return None
-        if len(pairs) == 1:
-            return pairs[0]
-        index = torch.cat([idx for idx, _ in pairs])
-        rows, inverse = torch.unique(index, sorted=True, return_inverse=True)
-        grad = pairs[0][1].new_zeros(rows.numel(), self.in_channels)
-        grad.index_add_(0, inverse, torch.cat([g for _, g in pairs]))
-        return rows, grad
+        return self._sampled.pop(self.in_channels)
 
     def has_sampled_gradient(self) -> bool:
         """True if a backward produced sampled-row gradients not yet applied."""
-        return any(leaf.grad is not None for _, leaf in self._sampled)
+        return self._sampled.pending()
 
     def clear_sampled_gradient(self) -> None:
         """Forget sampled gradients (``zero_grad`` of the optim wrapper)."""
-        self._sampled = []
+        self._sampled.clear()
 
     # ------------------------------------------------------------- checks
     def _labels_from(self, data_samples: Sequence) -> torch.Tensor:
