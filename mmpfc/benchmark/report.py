@@ -180,7 +180,7 @@ def markdown(records: Sequence[dict], checks: Sequence[dict]) -> str:
 
 
 def plot(records: Sequence[dict], path_prefix: str) -> List[str]:
-    """``<prefix>speed.png`` and ``<prefix>memory.png`` (log x-axis)."""
+    """``<prefix>speed.png`` (log-log) and ``<prefix>memory.png`` (log x)."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -205,6 +205,8 @@ def plot(records: Sequence[dict], path_prefix: str) -> List[str]:
             ax.axhline(min(budgets), color='gray', linestyle=':',
                        label='memory budget')
         ax.set_xscale('log')
+        if key == 'samples_per_s':  # methods differ by orders of magnitude
+            ax.set_yscale('log')
         ax.set_xlabel('identities')
         ax.set_ylabel(ylabel)
         ax.grid(True, which='both', alpha=0.3)
