@@ -17,7 +17,7 @@ from mmengine.hooks import Hook
 import mmpfc  # noqa: F401
 from mmpfc.checkpoint import (CheckpointError, atomic_save, load_file,
                               remove_stale_shard_dirs)
-from mmpfc.registry import DATASETS, HOOKS, METRICS, RUNNERS
+from mmpfc.registry import DATASETS, HOOKS, METRICS, MODELS, RUNNERS
 
 NUM_CLASSES, GLOBAL_BATCH, DIM = 10, 6, 120
 
@@ -53,6 +53,19 @@ class CkptCaptureHook(Hook):
         runner.captured = head_state(runner)
 
 
+@MODELS.register_module(force=True)
+class GapDropoutNeck(torch.nn.Module):
+    """Global average pooling, then dropout: a model that draws random
+    numbers every step (what exact resume must reproduce)."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__()
+        self.dropout = torch.nn.Dropout(p)
+
+    def forward(self, inputs):
+        return tuple(self.dropout(x.mean(dim=(2, 3))) for x in inputs)
+
+
 def head_state(runner) -> dict:
     """Shard rows, their momentum, backbone weights, sampler state."""
     model = getattr(runner.model, 'module', runner.model)
@@ -72,7 +85,7 @@ def head_state(runner) -> dict:
 def make_cfg(work_dir, world_size=1, max_iters=4, sample_rate=0.5,
              load_from=None, resume=False, interval=2, max_keep_ckpts=-1,
              num_classes=NUM_CLASSES, backbone=None, dim=DIM,
-             optimizer=None):
+             optimizer=None, neck=None):
     """Config of the tiny training run (dict for ``Runner.from_cfg``)."""
     from mmengine.config import Config
     return Config(dict(
@@ -82,7 +95,7 @@ def make_cfg(work_dir, world_size=1, max_iters=4, sample_rate=0.5,
             type='FaceRecognizer',
             data_preprocessor=dict(mean=[127.5], std=[127.5]),
             backbone=backbone or dict(type='mmpretrain.LeNet5'),
-            neck=dict(type='mmpretrain.GlobalAveragePooling'),
+            neck=neck or dict(type='mmpretrain.GlobalAveragePooling'),
             head=dict(type='PartialFCHead', num_classes=num_classes,
                       in_channels=dim, sample_rate=sample_rate, seed=5,
                       loss=dict(type='CombinedMarginLoss', s=16.0, m1=1.0,

@@ -85,6 +85,12 @@ class CheckpointRows:
             return {}
         return dict(self.shard(rank).get('samplers', {}))
 
+    def rng_state(self, rank: int) -> Optional[dict]:
+        """Process random state saved by ``rank`` (None if not saved)."""
+        if self.layout != 'shards':
+            return None
+        return self.shard(rank).get('rng')
+
     def take(self, name: str, start: int, stop: int,
              location: Optional[OptimizerLocation] = None) -> Rows:
         """Rows ``[start, stop)`` of ``name``: weight, row-wise optimizer

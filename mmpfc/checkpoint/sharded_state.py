@@ -19,6 +19,7 @@ from mmengine.model import is_model_wrapper
 
 from mmpfc.models.utils import is_sharded, shard_range
 from .format import FORMAT
+from .rng import process_rng_state
 
 # (key of the optimizer in an OptimWrapperDict, or '', index of the param)
 OptimizerLocation = Tuple[str, int]
@@ -139,7 +140,8 @@ def collect_shard(model: nn.Module, optim_wrapper, rank: int,
         fields this rank knows (``optimizer`` location, ``row_state`` names).
     """
     payload = dict(format=FORMAT, rank=rank, world_size=world_size,
-                   token=token, params={}, samplers={})
+                   token=token, params={}, samplers={},
+                   rng=process_rng_state())
     info = {}
     for sp in find_sharded_params(model):
         expected = shard_range(sp.num_classes, rank, world_size)

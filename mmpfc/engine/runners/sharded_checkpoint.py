@@ -26,6 +26,7 @@ from mmpfc.checkpoint import (MANIFEST_KEY, CheckpointError, CheckpointRows,
                               shard_file_name, strip_sharded, unwrap_model)
 from mmpfc.checkpoint.fit import fit_rows
 from mmpfc.checkpoint.format import new_token
+from mmpfc.checkpoint.rng import set_process_rng_state
 
 # Mixes the resumed iteration into a sampler's seed when its saved RNG state
 # cannot be used (another world size): streams do not repeat old ones.
@@ -65,6 +66,8 @@ class ShardedCheckpointMixin:
 
     _mmpfc_manifest: Optional[dict] = None
     _mmpfc_sampler_states: Optional[dict] = None
+    _mmpfc_rng_state: Optional[dict] = None  # of the loaded checkpoint
+    _mmpfc_pending_rng: Optional[dict] = None  # applied at the next iter
 
     # ------------------------------------------------------------------ save
     def save_checkpoint(self,
@@ -170,7 +173,13 @@ class ShardedCheckpointMixin:
 
     def call_hook(self, fn_name: str, **kwargs) -> None:
         """After all ``before_save_checkpoint`` hooks, drop the shard
-        entries from the main file and add the manifest."""
+        entries from the main file and add the manifest. Before the first
+        iteration after a resume, put back the saved random state (after
+        the train loop has skipped the batches already trained)."""
+        if fn_name == 'before_train_iter' and \
+                self._mmpfc_pending_rng is not None:
+            set_process_rng_state(self._mmpfc_pending_rng)
+            self._mmpfc_pending_rng = None
         super().call_hook(fn_name, **kwargs)
         if fn_name == 'before_save_checkpoint' and \
                 self._mmpfc_manifest is not None:
@@ -206,6 +215,9 @@ class ShardedCheckpointMixin:
         source = CheckpointRows(filename, checkpoint)
         self._mmpfc_sampler_states = fit_rows(
             model, self.optim_wrapper, source, checkpoint, *get_dist_info())
+        # same class ranges: this rank continues the saving rank's run
+        self._mmpfc_rng_state = None if self._mmpfc_sampler_states is None \
+            else source.rng_state(get_dist_info()[0])
         diff = compare_state_dicts(model.state_dict(),
                                    checkpoint['state_dict'])
         exact = strict or source.manifest is not None
@@ -225,10 +237,15 @@ class ShardedCheckpointMixin:
                resume_optimizer: bool = True,
                resume_param_scheduler: bool = True,
                map_location: Union[str, Callable] = 'default') -> None:
-        """MMEngine's resume, then the samplers' RNG state."""
+        """MMEngine's resume, then the samplers' RNG state; the process's
+        random state is restored at the first iteration (same class ranges
+        only: on another world size the ranks' streams do not map)."""
         self._mmpfc_sampler_states = None
+        self._mmpfc_rng_state = None
         super().resume(filename, resume_optimizer, resume_param_scheduler,
                        map_location)
+        self._mmpfc_pending_rng = self._mmpfc_rng_state
+        self._mmpfc_rng_state = None
         states = self._mmpfc_sampler_states or {}
         self._mmpfc_sampler_states = None
         reseeded = []
