@@ -221,3 +221,24 @@ def test_storage_use_count_counts_views():
     assert storage_use_count(base) == storage_use_count(view) == 2
     del view
     assert storage_use_count(base) == 1
+
+
+def test_copies_of_a_head_do_not_copy_its_buffer():
+    import copy
+    import pickle
+
+    from mmpfc.models.heads import PartialFCHead
+    from mmpfc.models.heads.fused_margin_softmax import Workspace
+    head = PartialFCHead(NUM_CLASSES, DIM, reuse_buffer=True)
+    head.loss_by_labels(torch.randn(BATCH, DIM),
+                        torch.arange(BATCH)).backward()
+    assert head._workspace._flat is not None
+    from mmpfc.models.utils import is_sharded, sharded_owner
+    # e.g. an EMA copy of the model, or a pickled one
+    for twin in (copy.deepcopy(head), pickle.loads(pickle.dumps(head))):
+        assert twin._workspace._flat is None
+        assert torch.equal(twin.weight, head.weight)
+        # the copy's shard is sharded and owned by the copy
+        assert is_sharded(twin.weight) and sharded_owner(twin.weight) is twin
+    assert sharded_owner(head.weight) is head
+    assert isinstance(pickle.loads(pickle.dumps(Workspace())), Workspace)

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from mmengine.model import is_model_wrapper
 
-from mmpfc.models.utils import is_sharded, shard_range
+from mmpfc.models.utils import is_sharded, shard_range, sharded_owner
 from .format import FORMAT
 from .rng import process_rng_state
 
@@ -62,8 +62,7 @@ def find_sharded_params(model: nn.Module) -> List[ShardedParam]:
     for name, param in model.named_parameters():
         if not is_sharded(param):
             continue
-        ref = getattr(param, 'mmpfc_owner', None)
-        owner = ref() if ref is not None else None
+        owner = sharded_owner(param)
         if owner is None or not hasattr(owner, 'num_classes') or \
                 not hasattr(owner, 'class_start') or param.dim() != 2:
             raise TypeError(

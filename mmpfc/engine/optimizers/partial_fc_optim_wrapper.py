@@ -23,7 +23,8 @@ import torch.nn as nn
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from mmpfc.models.utils import get_rank_and_world_size, is_sharded
+from mmpfc.models.utils import (get_rank_and_world_size, is_sharded,
+                                sharded_owner)
 from mmpfc.registry import OPTIM_WRAPPERS
 from mmpfc.utils.compat import grad_scaler_found_inf
 from .sparse_step import sparse_step
@@ -40,8 +41,7 @@ class ShardAwareMixin:
     def _sampling_owners(self) -> list:
         owners = []
         for param in self._all_params():
-            owner_ref = getattr(param, 'mmpfc_owner', None)
-            owner = owner_ref() if owner_ref is not None else None
+            owner = sharded_owner(param)
             if owner is not None and getattr(owner, 'samples_centers', False):
                 owners.append((param, owner))
         return owners
@@ -219,8 +219,7 @@ def _refuse_unapplied_sampled_gradients(optimizer, args, kwargs) -> None:
     """
     for group in optimizer.param_groups:
         for param in group['params']:
-            owner_ref = getattr(param, 'mmpfc_owner', None)
-            owner = owner_ref() if owner_ref is not None else None
+            owner = sharded_owner(param)
             if owner is not None and owner.has_sampled_gradient():
                 raise RuntimeError(
                     f'{type(owner).__name__} (sample_rate='

@@ -67,6 +67,16 @@ class Workspace:
         """Drop the buffer (its memory returns once no view is left)."""
         self._flat = None
 
+    # A copied or pickled head (e.g. an EMA copy) starts without a buffer.
+    def __deepcopy__(self, memo: dict) -> 'Workspace':
+        return Workspace()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self._flat = None
+
 
 def supports_fused(margin: torch.nn.Module) -> bool:
     """True for a ``CombinedMarginLoss`` that keeps the stock ``forward``."""

@@ -121,6 +121,11 @@ class PartialFCHead(BaseModule):
         # (rows, holder of .grad) of the steps since the last optimizer update
         self._sampled = SampledGradients()
 
+    def __setstate__(self, state: dict) -> None:
+        # a copy (deepcopy, pickle) owns its own copy of the shard
+        super().__setstate__(state)
+        mark_sharded(self.weight, owner=self)
+
     @property
     def samples_centers(self) -> bool:
         """True when steps use sampled rows (sparse update path)."""

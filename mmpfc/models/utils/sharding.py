@@ -6,11 +6,15 @@ from the replicated backbone; they recognise it with :func:`is_sharded`.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+import weakref
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
 _SHARDED_ATTR = 'mmpfc_sharded'
+# id(param) -> (weak param, weak owner); tensors cannot be WeakKeyDictionary
+# keys (their == is elementwise), so entries are dropped by a finalizer.
+_OWNERS: Dict[int, Tuple[weakref.ref, weakref.ref]] = {}
 
 
 class ShardRange(NamedTuple):
@@ -41,12 +45,27 @@ def shard_range(num_classes: int, rank: int, world_size: int) -> ShardRange:
 
 
 def mark_sharded(param: torch.Tensor, owner: object = None) -> torch.Tensor:
-    """Tag ``param`` as rank-local; ``owner`` is the module that updates it."""
+    """Tag ``param`` as rank-local; ``owner`` is the module that updates it.
+
+    The tag is an attribute of ``param`` (copied and pickled with it); the
+    owner is kept in a weak table, not on the tensor, so that a sharded
+    parameter stays picklable and a copied module can claim its copy.
+    """
     setattr(param, _SHARDED_ATTR, True)
     if owner is not None:
-        import weakref
-        param.mmpfc_owner = weakref.ref(owner)
+        key = id(param)
+        if key not in _OWNERS:
+            weakref.finalize(param, _OWNERS.pop, key, None)
+        _OWNERS[key] = (weakref.ref(param), weakref.ref(owner))
     return param
+
+
+def sharded_owner(param: torch.Tensor) -> Optional[object]:
+    """The module given to :func:`mark_sharded` for ``param``, if alive."""
+    entry = _OWNERS.get(id(param))
+    if entry is None or entry[0]() is not param:
+        return None
+    return entry[1]()
 
 
 def is_sharded(param: torch.Tensor) -> bool:
