@@ -377,3 +377,13 @@ def test_save_refuses_a_work_dir_not_shared_by_every_rank(tmp_path):
         assert message is not None  # every rank stops, none hangs
         assert "['rank1-of2.pth']" in message and 'shared' in message
         assert 'iter_2.pth' not in files  # no main file naming lost shards
+
+
+def test_ema_hook_with_sharded_head_is_refused(tmp_path):
+    cfg = make_cfg(tmp_path)
+    cfg.custom_hooks = [dict(type='EMAHook')]
+    runner = build_runner(cfg)
+    with pytest.raises(ValueError,
+                       match=r"EMAHook .* rank 0 only.*'head\.weight'"):
+        runner.train()
+    assert not glob.glob(osp.join(str(tmp_path), '*.pth'))  # nothing trained

@@ -112,6 +112,7 @@ class PartialFCRunner(ShardedCheckpointMixin, Runner):
             model = self.model.module if is_model_wrapper(
                 self.model) else self.model
             check_train_data(model, dataloader)
+            check_hooks(model, self.hooks)
             if isinstance(loop, IterBasedTrainLoop) and not isinstance(
                     dataloader.sampler, InfiniteSampler):
                 sampler = type(dataloader.sampler).__name__
@@ -131,6 +132,24 @@ def _scoped_name(cls: type) -> str:
                 return f'{registry.scope}.{name}'
         registry = registry.parent
     raise KeyError(f'{cls.__name__} is not registered as a model wrapper')
+
+
+def check_hooks(model: nn.Module, hooks: list) -> None:
+    """Refuse hooks that would lose rank-local rows of a sharded head.
+
+    MMEngine's ``EMAHook`` keeps an averaged copy of the whole model and
+    checkpoints it (``ema_state_dict``) from rank 0 only: the other ranks'
+    averaged centers would be lost without a word.
+    """
+    from mmengine.hooks import EMAHook
+    ema = [type(h).__name__ for h in hooks if isinstance(h, EMAHook)]
+    sharded = sharded_names(model)
+    if ema and sharded:
+        raise ValueError(
+            f'{ema[0]} averages a copy of the model, but MMEngine saves that '
+            'copy on rank 0 only, which would lose the other ranks\' rows '
+            f'of the sharded {sharded}: EMA of a sharded head is not '
+            'supported; remove the EMA hook from custom_hooks')
 
 
 def check_train_data(model: nn.Module, dataloader) -> None:
