@@ -147,8 +147,9 @@ class PartialFCAmpOptimWrapper(ShardAwareMixin, AmpOptimWrapper):
         elif isinstance(loss_scale, dict):
             self.loss_scaler = torch.amp.GradScaler('cpu', **loss_scale)
         else:
-            raise TypeError("loss_scale must be 'dynamic', a number or a "
-                            f'dict of GradScaler arguments, got {loss_scale!r}')
+            raise TypeError(
+                "loss_scale must be 'dynamic', a number or a dict of "
+                f'GradScaler arguments, got {loss_scale!r}')
 
     @contextmanager
     def optim_context(self, model: nn.Module):

@@ -10,9 +10,9 @@ As with SGD, a center's state advances only when it is sampled: the moments
 ``optimizer.state[param]`` (one row per local class, so checkpoints shard
 and re-split them), and ``row_step`` counts, per row, the updates that row
 has had, which is the ``step`` of its bias correction (``step`` itself
-counts the sparse updates of the shard, as torch's state requires). A row sampled at
-every step therefore follows ``torch.optim.AdamW`` exactly; rows not given
-are untouched.
+counts the sparse updates of the shard, as torch's state requires). A row
+sampled at every step therefore follows ``torch.optim.AdamW`` exactly; rows
+not given are untouched.
 """
 from __future__ import annotations
 

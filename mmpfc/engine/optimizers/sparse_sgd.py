@@ -14,7 +14,6 @@ from typing import Iterator, Tuple
 
 import torch
 
-SUPPORTED_OPTIMIZERS = (torch.optim.SGD, )
 #: Bytes of one chunk of rows read and written at a time, by device type.
 CHUNK_BYTES = {'cpu': 2**20, 'cuda': 256 * 2**20}
 
@@ -50,11 +49,11 @@ def sparse_sgd_step(optimizer: torch.optim.Optimizer, param: torch.Tensor,
     untouched (original Partial FC semantics: weight decay and
     momentum of a center apply when it is sampled).
     """
-    if not isinstance(optimizer, SUPPORTED_OPTIMIZERS):
+    if not isinstance(optimizer, torch.optim.SGD):
         raise TypeError(
-            'Partial FC (sample_rate < 1) updates sampled centers with the '
-            f'SGD rule; optimizer {type(optimizer).__name__} is not supported '
-            '(use type=\'SGD\', or sample_rate=1.0 for any optimizer).')
+            f'sparse_sgd_step applies torch.optim.SGD\'s rule, not '
+            f'{type(optimizer).__name__}\'s: call sparse_step, which picks '
+            'the rule by optimizer type')
     group = find_param_group(optimizer, param)
     lr, momentum = group['lr'], group['momentum']
     weight_decay, dampening = group['weight_decay'], group['dampening']

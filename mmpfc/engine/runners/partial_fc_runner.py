@@ -7,6 +7,7 @@ from typing import Dict, Optional, Union
 import torch.nn as nn
 from mmengine.dataset import InfiniteSampler
 from mmengine.dist import broadcast, get_dist_info, is_distributed
+from mmengine.hooks import EMAHook
 from mmengine.model import is_model_wrapper
 from mmengine.runner import IterBasedTrainLoop, Runner
 from mmengine.runner.base_loop import BaseLoop
@@ -141,7 +142,6 @@ def check_hooks(model: nn.Module, hooks: list) -> None:
     checkpoints it (``ema_state_dict``) from rank 0 only: the other ranks'
     averaged centers would be lost without a word.
     """
-    from mmengine.hooks import EMAHook
     ema = [type(h).__name__ for h in hooks if isinstance(h, EMAHook)]
     sharded = sharded_names(model)
     if ema and sharded:

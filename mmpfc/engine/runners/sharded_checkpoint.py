@@ -104,7 +104,8 @@ class ShardedCheckpointMixin:
             out_dir, shard_dir, shard_file_name(rank, world_size)))
         del payload
         gathered = all_gather_object((nbytes, info))
-        self._check_shards_visible(out_dir, shard_dir, gathered)
+        self._check_shards_visible(out_dir, shard_dir, gathered, rank,
+                                   world_size)
         if rank == 0:
             manifest = build_manifest(
                 manifest_params([i for _, i in gathered], world_size),
@@ -126,8 +127,8 @@ class ShardedCheckpointMixin:
         barrier()
 
     @staticmethod
-    def _check_shards_visible(out_dir: str, shard_dir: str,
-                              gathered: list) -> None:
+    def _check_shards_visible(out_dir: str, shard_dir: str, gathered: list,
+                              rank: int, world_size: int) -> None:
         """Every rank raises if rank 0 cannot see every shard complete.
 
         On several machines each rank writes to its own filesystem unless
@@ -135,7 +136,6 @@ class ShardedCheckpointMixin:
         rank 0, and a later resume, cannot read. Fail at save time instead
         (the previous checkpoint stays the latest).
         """
-        rank, world_size = get_dist_info()
         missing = None
         if rank == 0:
             missing = []
@@ -213,11 +213,12 @@ class ShardedCheckpointMixin:
 
         model = unwrap_model(self.model)
         source = CheckpointRows(filename, checkpoint)
+        rank, world_size = get_dist_info()
         self._mmpfc_sampler_states = fit_rows(
-            model, self.optim_wrapper, source, checkpoint, *get_dist_info())
+            model, self.optim_wrapper, source, checkpoint, rank, world_size)
         # same class ranges: this rank continues the saving rank's run
         self._mmpfc_rng_state = None if self._mmpfc_sampler_states is None \
-            else source.rng_state(get_dist_info()[0])
+            else source.rng_state(rank)
         diff = compare_state_dicts(model.state_dict(),
                                    checkpoint['state_dict'])
         exact = strict or source.manifest is not None

@@ -55,17 +55,16 @@ class Workspace:
 
     def take(self, numel: int, like: torch.Tensor) -> torch.Tensor:
         """A 1-D buffer of ``numel`` elements of ``like``'s dtype/device."""
-        flat = self._flat
-        if (flat is None or flat.numel() < numel or flat.dtype != like.dtype
-                or flat.device != like.device
-                or storage_use_count(flat) != 1):
-            self._flat = flat = None  # let an unused one go first
-            self._flat = flat = like.new_empty(numel)
-        return flat[:numel]
+        if not self._reusable(numel, like):
+            self._flat = None  # an unused old buffer goes before the new one
+            self._flat = like.new_empty(numel)
+        return self._flat[:numel]
 
-    def release(self) -> None:
-        """Drop the buffer (its memory returns once no view is left)."""
-        self._flat = None
+    def _reusable(self, numel: int, like: torch.Tensor) -> bool:
+        flat = self._flat
+        return (flat is not None and flat.numel() >= numel
+                and flat.dtype == like.dtype and flat.device == like.device
+                and storage_use_count(flat) == 1)
 
     # A copied or pickled head (e.g. an EMA copy) starts without a buffer.
     def __deepcopy__(self, memo: dict) -> 'Workspace':

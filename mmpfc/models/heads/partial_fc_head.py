@@ -49,10 +49,11 @@ class PartialFCHead(BaseModule):
     Sampled centers (``sample_rate < 1``) are not updated through
     ``weight.grad``: backward leaves the gradient of the sampled rows in a
     record of the step; ``PartialFCOptimWrapper`` then applies the
-    optimizer's SGD rule (its current lr, momentum, weight decay) to those
-    rows only, and keeps the momentum of the whole shard in the optimizer
-    state of ``weight``. Unsampled rows and their momentum are left
-    untouched, and the step costs memory proportional to the sampled rows.
+    optimizer's rule (SGD, Adam or AdamW, with its current hyper-parameters)
+    to those rows only, and keeps the state of the whole shard (momentum,
+    moments) in the optimizer state of ``weight``. Unsampled rows and their
+    state are left untouched, and the step costs memory proportional to the
+    sampled rows.
 
     With a ``CombinedMarginLoss`` the logits, margin and cross-entropy run
     fused (:mod:`.fused_margin_softmax`): no normalized copy of the centers,
