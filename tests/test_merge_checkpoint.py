@@ -46,7 +46,8 @@ def test_merge_round_trip(tool, trained, tmp_path, capsys):
                                state['momentum'][start:start + count])
 
     # resumable: continues at iteration 4 with the same weights and momentum
-    runner = build_runner(make_cfg(tmp_path / 'resumed', max_iters=4,
+    # (one more iteration: a resumed run that is complete trains nothing)
+    runner = build_runner(make_cfg(tmp_path / 'resumed', max_iters=5,
                                    load_from=dst, resume=True))
     runner.train()
     start = runner.captured

@@ -1,6 +1,7 @@
 """Train a face recognizer with MMEngine (mmpfc configs).
 
-    python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--amp]
+    python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]]
+                                 [--overwrite] [--amp]
                                  [--cfg-options k=v ...] [--launcher ...]
 
 Distributed: ``bash tools/dist_train.sh CONFIG GPUS`` (torchrun) or
@@ -17,6 +18,9 @@ import sys
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from mmengine.config import Config, DictAction  # noqa: E402
+# A failing rank's traceback becomes torchrun's closing "root cause" report.
+from torch.distributed.elastic.multiprocessing.errors import \
+    record  # noqa: E402
 
 AMP_WRAPPER = 'PartialFCAmpOptimWrapper'
 FP32_WRAPPERS = ('OptimWrapper', 'PartialFCOptimWrapper')
@@ -30,6 +34,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         '--resume', nargs='?', type=str, const='auto',
         help='resume from this checkpoint; without a path, from the latest '
         'checkpoint in the work dir')
+    parser.add_argument(
+        '--overwrite', action='store_true',
+        help='start a new run in a work dir that holds checkpoints of '
+        'another run, replacing them (without it the run refuses)')
     parser.add_argument(
         '--amp', action='store_true',
         help='mixed precision: fp16 with loss scaling on GPUs, bf16 '
@@ -73,6 +81,8 @@ def build_cfg(args: argparse.Namespace) -> Config:
     elif cfg.get('work_dir', None) is None:
         cfg.work_dir = osp.join('./work_dirs',
                                 osp.splitext(osp.basename(args.config))[0])
+    if args.overwrite:
+        cfg.overwrite = True
     if args.amp:
         use_amp(cfg)
     if args.resume == 'auto':
@@ -84,6 +94,7 @@ def build_cfg(args: argparse.Namespace) -> Config:
     return cfg
 
 
+@record
 def main(argv=None) -> None:
     args = parse_args(argv)
     import mmpfc  # noqa: F401  (registers every component)

@@ -23,9 +23,13 @@ default_hooks = dict(
 # `Training: Speed ... samples/sec   Loss ...` every LoggerHook interval, and
 # a `gpustat -i`-like table of every rank's memory (device memory on GPUs,
 # process RSS on the CPU).
+# A non-finite loss or weight stops every rank before a checkpoint of it is
+# written (action='warn' logs and goes on while the weights are finite).
 custom_hooks = [
     dict(type='SpeedLogHook'),
     dict(type='MemoryTableHook', interval=2000),
+    dict(type='TrainingHealthHook', patience=1, action='stop',
+         min_loss_scale=1e-4),
 ]
 
 env_cfg = dict(
@@ -43,4 +47,6 @@ visualizer = dict(type='Visualizer', vis_backends=vis_backends)
 
 load_from = None
 resume = False
+# A fresh run refuses a work dir that holds checkpoints; True replaces them.
+overwrite = False
 randomness = dict(seed=2048)  # the reference's seed

@@ -2,22 +2,33 @@
 from __future__ import annotations
 
 import math
+import os.path as osp
 from typing import Dict, Optional, Union
 
 import torch.nn as nn
 from mmengine.dataset import InfiniteSampler
-from mmengine.dist import broadcast, get_dist_info, is_distributed
-from mmengine.hooks import EMAHook
+from mmengine.dist import (broadcast, broadcast_object_list, get_dist_info,
+                           is_distributed)
+from mmengine.hooks import CheckpointHook, EMAHook
 from mmengine.model import is_model_wrapper
 from mmengine.runner import IterBasedTrainLoop, Runner
 from mmengine.runner.base_loop import BaseLoop
 from torch.nn.parallel import DistributedDataParallel
 
+from mmpfc.engine.hooks.training_health_hook import (TrainingDivergedError,
+                                                     any_rank,
+                                                     nonfinite_parameters)
 from mmpfc.engine.model_wrappers import (PartialFCDistributedDataParallel,
                                          sharded_names)
 from mmpfc.registry import MODEL_WRAPPERS, RUNNERS
 from mmpfc.utils.compat import init_process_group_for_device
 from .sharded_checkpoint import ShardedCheckpointMixin
+from .work_dir import (existing_checkpoints, refuse_used_work_dir,
+                       resolve_last_checkpoint)
+
+
+class _RunComplete(Exception):
+    """Raised by ``load_or_resume`` when the resumed run has no step left."""
 
 
 @RUNNERS.register_module()
@@ -41,7 +52,12 @@ class PartialFCRunner(ShardedCheckpointMixin, Runner):
       ``num_classes`` differs from the dataset's, a loader that yields no
       batch, or one whose last batch per rank would be smaller (the sharded
       head all-gathers equal batches) fail before training;
-    * checkpoints keep every rank's shard (:class:`ShardedCheckpointMixin`).
+    * checkpoints keep every rank's shard (:class:`ShardedCheckpointMixin`)
+      and are never written with non-finite weights;
+    * a fresh run refuses a work dir that holds checkpoints (unless
+      ``resume`` or ``overwrite=True``), ``last_checkpoint`` is resolved in
+      the work dir itself, and resuming a finished run says so and trains
+      nothing (:mod:`.work_dir`).
 
     Use it with ``runner_type='PartialFCRunner'`` (set in
     ``configs/_base_/default_runtime.py``); ``tools/train.py`` builds the
@@ -92,6 +108,77 @@ class PartialFCRunner(ShardedCheckpointMixin, Runner):
                 "model_wrapper_cfg=dict(type="
                 "'PartialFCDistributedDataParallel') or a subclass")
         return dict(model_wrapper_cfg, type=_scoped_name(wrapper_cls))
+
+    def train(self) -> nn.Module:
+        """MMEngine's ``train`` behind the work-dir guard; a resumed run
+        that is already complete returns at once."""
+        self._refuse_other_runs_checkpoints()
+        try:
+            return super().train()
+        except _RunComplete:
+            self.call_hook('after_run')
+            return self.model
+
+    def _refuse_other_runs_checkpoints(self) -> None:
+        """A fresh run must not overwrite checkpoints it did not write."""
+        if self._resume or self.cfg.get('overwrite', False):
+            return
+        dirs = [self.work_dir, *self._checkpoint_dirs()]
+        box = [existing_checkpoints(dirs) if self.rank == 0 else None]
+        if self.distributed:
+            broadcast_object_list(box)
+        if box[0]:
+            refuse_used_work_dir(self.work_dir, dirs, box[0])
+
+    def _checkpoint_dirs(self) -> list:
+        """Where the CheckpointHooks will write (MMEngine's rule for
+        ``out_dir``: ``<out_dir>/<work dir name>``)."""
+        dirs = []
+        for hook in self.hooks:
+            if isinstance(hook, CheckpointHook):
+                out = getattr(hook, 'out_dir', None)
+                dirs.append(self.work_dir if out is None else osp.join(
+                    out, osp.basename(osp.normpath(self.work_dir))))
+        return dirs
+
+    def load_or_resume(self) -> None:
+        """Auto-resume from this work dir's ``last_checkpoint`` (resolved in
+        the dir itself); stop before the loop if no iteration is left."""
+        if self._resume and self._load_from is None and not self._has_loaded:
+            self._load_from = resolve_last_checkpoint(self.work_dir,
+                                                      self.logger)
+            if self._load_from is None:
+                self.logger.info(f'No last_checkpoint in {self.work_dir}: '
+                                 'training from the start')
+                self._resume = False
+        super().load_or_resume()
+        loop = self._train_loop
+        if self._resume and isinstance(loop, BaseLoop) and \
+                self.iter >= loop.max_iters:
+            self.logger.warning(
+                f'The run in {self.work_dir} is complete: it was resumed at '
+                f'iteration {self.iter} of max_iters={loop.max_iters}, so '
+                'there is nothing to train. To train longer, raise '
+                'train_cfg.max_iters (and the schedule\'s end) with '
+                '--cfg-options.')
+            raise _RunComplete
+
+    def save_checkpoint(self, out_dir: str, filename: str, *args,
+                        **kwargs) -> None:
+        """Refuse (on every rank) to save weights that are not finite."""
+        model = self.model.module if is_model_wrapper(
+            self.model) else self.model
+        bad = nonfinite_parameters(model)
+        device = next(model.parameters()).device
+        if any_rank(bool(bad), device):
+            where = f': {bad} on this rank' if bad else ' on another rank'
+            raise TrainingDivergedError(
+                f'refusing to save {osp.join(out_dir, filename)} at '
+                f'iteration {self.iter}: the weights are not finite{where}. '
+                'The checkpoints already in the work dir are the last good '
+                'ones; resume from one after fixing the cause (e.g. a lower '
+                'learning rate).')
+        super().save_checkpoint(out_dir, filename, *args, **kwargs)
 
     def _init_model_weights(self) -> None:
         """``init_weights``, then broadcast replicated entries only."""
