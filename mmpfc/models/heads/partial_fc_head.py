@@ -11,7 +11,8 @@ from mmengine.model import BaseModule
 
 from mmpfc.registry import MODELS
 from ..utils import (all_gather_with_grad, distributed_cross_entropy,
-                     get_rank_and_world_size, mark_sharded, shard_range)
+                     get_rank_and_world_size, mark_sharded,
+                     refuse_replicating_ddp, shard_range)
 from ..utils.distributed import all_gather_no_grad
 from .center_sampler import CenterSampler
 from .fused_margin_softmax import (Workspace, fused_margin_softmax,
@@ -171,6 +172,8 @@ class PartialFCHead(BaseModule):
     def loss_by_labels(self, embeddings: torch.Tensor,
                        labels: torch.Tensor) -> torch.Tensor:
         """Loss for a (B, D) embedding batch and its (B,) class ids."""
+        if self.world_size > 1:
+            refuse_replicating_ddp()  # before stock DDP trains rank 0's rows
         labels = self._check_inputs(embeddings, labels)
         embeddings = all_gather_with_grad(embeddings)
         labels = all_gather_no_grad(labels.to(embeddings.device))

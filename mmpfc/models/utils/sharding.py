@@ -71,3 +71,41 @@ def sharded_owner(param: torch.Tensor) -> Optional[object]:
 def is_sharded(param: torch.Tensor) -> bool:
     """True for tensors tagged by :func:`mark_sharded`."""
     return bool(getattr(param, _SHARDED_ATTR, False))
+
+
+
+# DDP wrappers already found to ignore every sharded tensor of their module
+_SAFE_DDPS: 'weakref.WeakSet' = weakref.WeakSet()
+SHARD_SAFE_CONFIG = ("runner_type = 'mmpfc.PartialFCRunner'\n"
+                     "model_wrapper_cfg = dict("
+                     "type='mmpfc.PartialFCDistributedDataParallel')")
+
+
+def refuse_replicating_ddp() -> None:
+    """Raise if the DDP running this forward replicates sharded tensors.
+
+    Stock DDP (MMEngine's ``MMDistributedDataParallel`` included, which a
+    stock ``Runner`` uses) broadcasts rank 0's parameters at wrap time and
+    averages every gradient: the ranks' own rows are gone before the first
+    step, and a stock ``Runner`` then saves rank 0's rows only. The wrapper
+    is visible only while it runs the forward
+    (``DistributedDataParallel._active_ddp_module``), so a sharded head calls
+    this from its loss; each wrapper is inspected once.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+    ddp = getattr(DistributedDataParallel, '_active_ddp_module', None)
+    if ddp is None or ddp in _SAFE_DDPS:
+        return
+    ignored = set(getattr(ddp, 'parameters_to_ignore', ()))
+    replicated = [name for name, t in (*ddp.module.named_parameters(),
+                                       *ddp.module.named_buffers())
+                  if is_sharded(t) and name not in ignored]
+    if replicated:
+        fix = SHARD_SAFE_CONFIG.replace('\n', '\n    ')
+        raise RuntimeError(
+            f'{replicated} hold rank-local rows, but the '
+            f'{type(ddp).__name__} running the model broadcasts them from '
+            "rank 0 and averages their gradients: every rank now trains rank "
+            "0's rows, and a stock MMEngine Runner saves rank 0's only. Add "
+            f'these two lines to the config:\n    {fix}')
+    _SAFE_DDPS.add(ddp)
