@@ -185,3 +185,24 @@ def test_exact_resume_reproduces_dropout(tmp_path):
         assert torch.equal(got['weight'], ref['weight'])
         for key, value in ref['backbone'].items():
             assert torch.equal(got['backbone'][key], value), key
+
+
+def test_resume_with_another_optimizer_type_explains_itself(tmp_path):
+    """SGD state resumed by AdamW: torch alone fails with KeyError 'step'."""
+    first = str(tmp_path / 'sgd')
+    build_runner(make_cfg(first, max_iters=2, interval=2)).train()
+    ckpt = osp.join(first, 'iter_2.pth')
+    runner = build_runner(make_cfg(
+        str(tmp_path / 'adamw'), max_iters=4, load_from=ckpt, resume=True,
+        optimizer=dict(type='AdamW', lr=1e-3, weight_decay=0.1)))
+    with pytest.raises(CheckpointError, match=(
+            r"iter_2.pth holds the state of an optimizer with parameter-"
+            r"group settings \['dampening', 'lr', 'momentum', 'nesterov', "
+            r"'weight_decay'\], but this run's AdamW has \['amsgrad', "
+            r"'betas', 'eps', 'lr', 'weight_decay'\].*load_from=PATH with "
+            r"resume=False")):
+        runner.train()
+    # the weights alone still start a new AdamW run
+    build_runner(make_cfg(str(tmp_path / 'adamw2'), max_iters=1,
+                          load_from=ckpt, optimizer=dict(
+                              type='AdamW', lr=1e-3))).train()

@@ -244,11 +244,12 @@ def check_train_data(model: nn.Module, dataloader) -> None:
 
     Raises ValueError for: a head ``num_classes`` different from the
     dataset's ``num_classes`` (when the dataset has one), a loader that yields
-    no batch (``drop_last`` with fewer samples per rank than the batch), and,
-    for a sharded head on several ranks with a finite sampler, a per-rank
-    sample count that the batch size does not divide without ``drop_last``
-    (the last batches would differ in size and the head's all-gather fails
-    mid-training).
+    no batch (``drop_last`` with fewer samples on a rank than the batch),
+    and, for a sharded head on several ranks with a finite sampler, batches
+    that would differ between ranks: a per-rank count the batch size does
+    not divide without ``drop_last``, or, with ``round_up=False`` (unequal
+    counts per rank), a different number of batches per rank. The head
+    all-gathers equal batches, so either would fail mid-training.
     """
     dataset = dataloader.dataset
     head = getattr(model, 'head', None)
@@ -267,19 +268,42 @@ def check_train_data(model: nn.Module, dataloader) -> None:
                        InfiniteSampler):
         return  # an infinite stream of full batches
     _, world_size = get_dist_info()
-    per_rank = math.ceil(len(dataset) / world_size)  # DefaultSampler pads
-    if dataloader.drop_last and per_rank < batch:
+    counts = samples_per_rank(len(dataset), world_size, getattr(
+        dataloader.sampler, 'round_up', True))
+    described = (f'{counts[0]} samples per rank' if len(set(counts)) == 1
+                 else f'{counts} samples on ranks 0..{world_size - 1}')
+    where = (f'({described}: {len(dataset)} samples on {world_size} '
+             'ranks)')
+    if dataloader.drop_last and min(counts) < batch:
         raise ValueError(
             f'drop_last=True with batch_size={batch} per rank but only '
-            f'{per_rank} samples per rank ({len(dataset)} samples on '
-            f'{world_size} ranks): the loader yields no batch; lower the '
-            'batch size')
-    if not dataloader.drop_last and world_size > 1 and sharded_names(model) \
-            and per_rank % batch:
+            f'{min(counts)} samples on a rank {where}: the loader yields no '
+            'batch; lower the batch size')
+    if world_size == 1 or not sharded_names(model):
+        return
+    batches = [c // batch if dataloader.drop_last else math.ceil(c / batch)
+               for c in counts]
+    last = [c % batch for c in counts]
+    if len(set(batches)) != 1 or (not dataloader.drop_last and any(last)):
+        if len(set(counts)) == 1:
+            detail = (f'batch_size={batch} per rank does not divide the '
+                      f'{counts[0]} samples per rank {where}: the last batch '
+                      f'would hold {last[0]} samples')
+        else:
+            detail = (f'the ranks get {described} (the sampler has '
+                      f'round_up=False): with batch_size={batch} they make '
+                      f'{batches} batches, the last holding {last} samples')
         raise ValueError(
-            f'batch_size={batch} per rank does not divide the {per_rank} '
-            f'samples per rank ({len(dataset)} samples on {world_size} '
-            f'ranks): the last batch would hold {per_rank % batch} samples '
-            'and the sharded head needs equal batches on every rank; set '
-            "train_dataloader.drop_last=True or sampler=dict(type="
+            f'{detail}, and the sharded head needs the same batch size on '
+            'every rank at every step; set train_dataloader.drop_last=True '
+            "(and the sampler's round_up=True), or sampler=dict(type="
             "'InfiniteSampler')")
+
+
+def samples_per_rank(num_samples: int, world_size: int,
+                     round_up: bool) -> list:
+    """How many samples MMEngine's ``DefaultSampler`` gives each rank."""
+    if round_up:  # padded with repeats to equal counts
+        return [math.ceil(num_samples / world_size)] * world_size
+    return [math.ceil((num_samples - r) / world_size)
+            for r in range(world_size)]

@@ -68,6 +68,7 @@ class ShardedCheckpointMixin:
     _mmpfc_sampler_states: Optional[dict] = None
     _mmpfc_rng_state: Optional[dict] = None  # of the loaded checkpoint
     _mmpfc_pending_rng: Optional[dict] = None  # applied at the next iter
+    _mmpfc_resuming_optimizer = False  # resume() checks the optimizer type
 
     # ------------------------------------------------------------------ save
     def save_checkpoint(self,
@@ -207,6 +208,9 @@ class ShardedCheckpointMixin:
                                   f'{type(checkpoint).__name__}, not a dict')
         if 'state_dict' not in checkpoint:  # a bare state dict
             checkpoint = dict(state_dict=checkpoint)
+        if self._mmpfc_resuming_optimizer:
+            check_optimizer_matches(filename, checkpoint.get('optimizer'),
+                                    self.optim_wrapper)
         self.call_hook('after_load_checkpoint', checkpoint=checkpoint)
         checkpoint['state_dict'] = _revise_keys(checkpoint['state_dict'],
                                                 revise_keys)
@@ -243,8 +247,12 @@ class ShardedCheckpointMixin:
         only: on another world size the ranks' streams do not map)."""
         self._mmpfc_sampler_states = None
         self._mmpfc_rng_state = None
-        super().resume(filename, resume_optimizer, resume_param_scheduler,
-                       map_location)
+        self._mmpfc_resuming_optimizer = resume_optimizer
+        try:
+            super().resume(filename, resume_optimizer,
+                           resume_param_scheduler, map_location)
+        finally:
+            self._mmpfc_resuming_optimizer = False
         self._mmpfc_pending_rng = self._mmpfc_rng_state
         self._mmpfc_rng_state = None
         states = self._mmpfc_sampler_states or {}
@@ -265,6 +273,37 @@ class ShardedCheckpointMixin:
             self.logger.info(
                 f'Sampler RNG of {reseeded} reseeded: the checkpoint was '
                 'saved with another world size or merged')
+
+
+# Group keys that do not tell optimizer kinds apart: added by schedulers, or
+# by torch releases (a checkpoint of an older torch lacks them).
+_NOT_KIND_KEYS = {'params', 'initial_lr', 'foreach', 'fused', 'capturable',
+                  'differentiable', 'maximize', 'decoupled_weight_decay'}
+
+
+def check_optimizer_matches(filename: str, saved: Optional[dict],
+                            optim_wrapper) -> None:
+    """Refuse to resume optimizer state saved by another kind of optimizer.
+
+    torch's ``load_state_dict`` of, say, AdamW over SGD state ends in
+    ``KeyError: 'step'``; SGD over Adam state silently drops the moments.
+    The hyper-parameter names of the parameter groups tell the kinds apart.
+    """
+    optimizer = getattr(optim_wrapper, 'optimizer', None)
+    if not isinstance(saved, dict) or 'param_groups' not in saved or \
+            optimizer is None or not saved['param_groups']:
+        return
+    saved_keys = sorted(set(saved['param_groups'][0]) - _NOT_KIND_KEYS)
+    current = sorted(set(optimizer.param_groups[0]) - _NOT_KIND_KEYS)
+    if saved_keys == current:
+        return
+    raise CheckpointError(
+        f'{filename} holds the state of an optimizer with parameter-group '
+        f'settings {saved_keys}, but this run\'s '
+        f'{type(optimizer).__name__} has {current}: another optimizer type '
+        'cannot continue that state. Resume with the optimizer the run was '
+        'trained with, or start a new run from its weights only '
+        '(load_from=PATH with resume=False).')
 
 
 def _revise_keys(state_dict: dict, revise_keys: list) -> dict:
