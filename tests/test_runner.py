@@ -28,7 +28,8 @@ INTERVAL, MAX_ITERS, SECONDS = 2, 4, 2.5
 LOSS = dict(type='CombinedMarginLoss', s=16.0, m1=1.0, m2=0.0, m3=0.2)
 LINE = re.compile(
     r'Training: Speed (\d+\.\d{2}) samples/sec   Loss (\d+\.\d{4})   '
-    r'LearningRate (\d+\.\d{4})   Epoch: (\d+)   Global Step: (\d+)$')
+    r'LearningRate (\d+\.\d{4})   Epoch: (\d+)   Global Step: (\d+)   '
+    r'Required: 0 hours$')
 
 
 @MODELS.register_module(force=True)
@@ -177,6 +178,14 @@ def runner_worker(rank, world_size, work_dir):
                      train_dataloader=dict(
                          sampler=dict(type='DefaultSampler'),
                          dataset=dict(num_samples=10))),
+        expect_error(work_dir, 'uneven_round_up', ValueError,
+                     r'\[6, 5\] samples on ranks 0..1 \(the sampler has '
+                     r'round_up=False\): with batch_size=2 they make '
+                     r'\[3, 2\] batches',
+                     train_dataloader=dict(
+                         drop_last=True, sampler=dict(
+                             type='DefaultSampler', round_up=False),
+                         dataset=dict(num_samples=11))),
         expect_error(work_dir, 'empty_loader', ValueError,
                      'yields no batch',
                      train_dataloader=dict(

@@ -86,6 +86,13 @@ def test_dist_train_sh_runs_two_cpu_processes(tmp_path):
                        r'(\d+)', out)
     assert [step for _, step in lines] == ['2', '4']  # rank 0 only
     assert len(re.findall(r'^\[[01]\] .* \| peak ', out, re.M)) == 4
-    assert 'PartialFCAmpOptimWrapper' in out
+    # the config dump and hook table: in the log file, not on the console
+    assert 'Environment, config and hook order: see ' in out
+    assert 'Hooks will be executed' not in out and '\nConfig:' not in out
+    log_file, = glob.glob(osp.join(str(tmp_path), '*', '*.log'))
+    with open(log_file) as f:
+        logged = f.read()
+    assert 'PartialFCAmpOptimWrapper' in logged
+    assert 'Hooks will be executed in the following order' in logged
     assert glob.glob(osp.join(str(tmp_path), 'iter_4.pth.shards-*',
                               'rank1-of2.pth'))

@@ -18,6 +18,9 @@ NODE_RANK=${NODE_RANK:-0}
 PORT=${PORT:-29500}
 MASTER_ADDR=${MASTER_ADDR:-"127.0.0.1"}
 
+# torchrun sets 1 thread per process anyway, with a 4-line notice; say it.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 if [ -z "$PYTHON" ]; then
     if [ -x "$ROOT/.venv/bin/python" ]; then

@@ -11,17 +11,62 @@ from mmengine.runner import EpochBasedTrainLoop
 from mmpfc.registry import HOOKS
 
 SPEED_LINE = ('Training: Speed {speed:.2f} samples/sec   Loss {loss:.4f}   '
-              'LearningRate {lr:.4f}   Epoch: {epoch:d}   '
-              'Global Step: {step:d}')
+              'LearningRate {lr}   Epoch: {epoch:d}   Global Step: {step:d}')
+
+
+def format_lr(lr: float) -> str:
+    """A learning rate readable at any magnitude: ``%.4f`` inside
+    [1e-4, 1e4] (and for 0), ``%.4e`` outside, e.g. ``0.2000``,
+    ``2.0000e-05``, ``0.0000``.
+    """
+    if lr == 0 or 1e-4 <= abs(lr) <= 1e4:
+        return f'{lr:.4f}'
+    return f'{lr:.4e}'
 
 
 def format_speed_line(speed: float, loss: float, lr: float, epoch: int,
-                      step: int) -> str:
+                      step: int, loss_scale: Optional[float] = None,
+                      required_hours: Optional[float] = None) -> str:
     """The insightface ``arcface_torch`` log line (three spaces between
-    fields), e.g. ``Training: Speed 5299.56 samples/sec   Loss 1.0965   ...``.
+    fields)::
+
+        Training: Speed 5299.56 samples/sec   Loss 1.0965   LearningRate 0.2000   Epoch: 0   Global Step: 100   Fp16 Grad Scale: 65536   Required: 1 hours
+
+    ``LearningRate`` goes through :func:`format_lr` (readable below 1e-4,
+    where ``%.4f`` shows 0). As in the reference's newer versions,
+    ``Fp16 Grad Scale: %2.f`` (the loss scale, only with a loss scaler)
+    follows ``Global Step`` and ``Required: %1.f hours`` (the estimated time
+    left, rounded to whole hours) comes last; each is left out when
+    ``None``.
     """
-    return SPEED_LINE.format(speed=speed, loss=loss, lr=lr, epoch=epoch,
-                             step=step)
+    line = SPEED_LINE.format(speed=speed, loss=loss, lr=format_lr(lr),
+                             epoch=epoch, step=step)
+    if loss_scale is not None:
+        line += '   Fp16 Grad Scale: %2.f' % loss_scale
+    if required_hours is not None:
+        line += '   Required: %1.f hours' % required_hours
+    return line
+
+
+def hours_left(seconds: float, steps_done: int, steps_left: int) -> float:
+    """Hours the ``steps_left`` iterations take at the average pace of the
+    ``steps_done`` ones that took ``seconds`` (0 before any step is done).
+    """
+    if steps_done <= 0:
+        return 0.0
+    return seconds / steps_done * max(steps_left, 0) / 3600
+
+
+def loss_scale_of(runner) -> Optional[float]:
+    """The loss scale of the last iteration (``train/loss_scale`` in the
+    message hub) when the optim wrapper has a loss scaler, else ``None``.
+    """
+    if getattr(runner.optim_wrapper, 'loss_scaler', None) is None:
+        return None
+    scalars = runner.message_hub.log_scalars
+    if 'train/loss_scale' not in scalars:
+        return None
+    return float(scalars['train/loss_scale'].current())
 
 
 def logger_interval(runner, default: int = 50) -> int:
@@ -36,17 +81,23 @@ def logger_interval(runner, default: int = 50) -> int:
 class SpeedLogHook(Hook):
     """Every ``interval`` iterations rank 0 logs the reference's speed line::
 
-        Training: Speed 5299.56 samples/sec   Loss 1.0965   LearningRate 0.2000   Epoch: 0   Global Step: 100
+        Training: Speed 5299.56 samples/sec   Loss 1.0965   LearningRate 0.2000   Epoch: 0   Global Step: 100   Required: 1 hours
 
     * Speed = iterations since the last line x per-rank batch x world size /
       wall seconds since the last line (on rank 0; the first interval
       counts from the start of training, data loader start-up included);
     * Loss = mean of the iterations' losses (rank 0's; a sharded head's loss
       is the global one, the same on every rank);
-    * LearningRate = the first parameter group's lr of the last iteration;
+    * LearningRate = the first parameter group's lr of the last iteration
+      (``%.4f`` inside [1e-4, 1e4], else ``%.4e``, e.g. ``2.0000e-05``);
     * Epoch = completed passes over the dataset (``samples seen //
       len(dataset)``; ``runner.epoch`` with an epoch-based loop);
-    * Global Step = iterations done.
+    * Global Step = iterations done;
+    * Fp16 Grad Scale (only with a loss scaler, i.e. fp16) = the loss scale
+      of the last iteration (``train/loss_scale``);
+    * Required = hours left: the remaining iterations of the train loop's
+      ``max_iters`` at the average seconds per iteration of this run so far
+      (from ``before_train``, so a resumed run measures its own pace).
 
     It goes through ``runner.logger`` (console and log file) and updates the
     scalar ``train/speed`` in the message hub, so MMEngine's own line (with
@@ -86,9 +137,9 @@ class SpeedLogHook(Hook):
             self.dataset_size = len(dataloader.dataset)
         except TypeError:  # an iterable dataset
             self.dataset_size = None
-        self._last_step = runner.iter
+        self._last_step = self._start_step = runner.iter
         self._loss_sum, self._loss_count = 0.0, 0
-        self._tic = self.clock()
+        self._tic = self._start = self.clock()
 
     def after_train_iter(self, runner, batch_idx: int,
                          data_batch: Optional[Sequence] = None,
@@ -101,7 +152,8 @@ class SpeedLogHook(Hook):
         if not self.every_n_train_iters(runner, self.interval):
             return
         step = runner.iter + 1
-        seconds = self.clock() - self._tic
+        now = self.clock()
+        seconds = now - self._tic
         samples = (step - self._last_step) * self.batch_size * \
             runner.world_size
         speed = samples / seconds if seconds > 0 else float('inf')
@@ -110,8 +162,12 @@ class SpeedLogHook(Hook):
             if 'train/lr' in runner.message_hub.log_scalars else float('nan')
         runner.message_hub.update_scalar('train/speed', speed)
         if runner.rank == 0:
+            hours = hours_left(now - self._start,
+                               step - self._start_step,
+                               runner.max_iters - step)
             runner.logger.info(format_speed_line(
-                speed, loss, lr, self.epoch(runner, step), step))
+                speed, loss, lr, self.epoch(runner, step), step,
+                loss_scale=loss_scale_of(runner), required_hours=hours))
         self._last_step = step
         self._loss_sum, self._loss_count = 0.0, 0
         self._tic = self.clock()

@@ -22,6 +22,7 @@ from mmpfc.engine.model_wrappers import (PartialFCDistributedDataParallel,
                                          sharded_names)
 from mmpfc.registry import MODEL_WRAPPERS, RUNNERS
 from mmpfc.utils.compat import init_process_group_for_device
+from mmpfc.utils.logging import quiet_console
 from .sharded_checkpoint import ShardedCheckpointMixin
 from .work_dir import (existing_checkpoints, refuse_used_work_dir,
                        resolve_last_checkpoint)
@@ -37,6 +38,8 @@ class PartialFCRunner(ShardedCheckpointMixin, Runner):
 
     Differences from MMEngine's ``Runner`` (SPEC section 4):
 
+    * the console shows one line for MMEngine's environment dump, config
+      dump and hook table (the log file keeps them);
     * ``setup_env`` initializes the process group with
       :func:`mmpfc.utils.compat.init_process_group_for_device`: NCCL on GPUs,
       gloo on a machine without CUDA (stock ``init_dist`` calls
@@ -63,6 +66,13 @@ class PartialFCRunner(ShardedCheckpointMixin, Runner):
     ``configs/_base_/default_runtime.py``); ``tools/train.py`` builds the
     runner from the registry.
     """
+
+    def build_logger(self, *args, **kwargs):
+        """MMEngine's logger, with the start-up blocks (environment, config,
+        hook order) kept in the log file and off the console."""
+        logger = super().build_logger(*args, **kwargs)
+        quiet_console(logger)
+        return logger
 
     def setup_env(self, env_cfg: Dict) -> None:
         """Create the process group (gloo without CUDA), then MMEngine's."""
