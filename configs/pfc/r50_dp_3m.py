@@ -1,4 +1,5 @@
-# The data-parallel baseline of the reference tables (SPEC section 1): every
+# The data-parallel baseline of the insightface arcface_torch speed tables
+# (its README, "Speed Benchmark"): every
 # GPU holds all class centers (MarginSoftmaxHead, replicated) and DDP
 # all-reduces their gradients. At 3M identities it does not fit a 32 GB GPU
 # (the reference stops at 1.4M: 32 GB); to compare at 125K-1.4M identities

@@ -1,4 +1,5 @@
-# Reproduces the reference's Partial FC speed test (SPEC section 1):
+# Reproduces the Partial FC speed test of insightface arcface_torch (its
+# README, "Speed Benchmark"):
 # 3,000,000 synthetic identities, IResNet-50 (512-d), mixed precision,
 # 128 images per GPU, Partial FC with sample rate 0.1.
 # Reference on 8x V100-32GB: ~5300 samples/s, ~10.3-10.5 GB per GPU.

@@ -36,7 +36,7 @@ class _RunComplete(Exception):
 class PartialFCRunner(ShardedCheckpointMixin, Runner):
     """``Runner`` that keeps the rows of a sharded head rank-local.
 
-    Differences from MMEngine's ``Runner`` (SPEC section 4):
+    Differences from MMEngine's ``Runner``:
 
     * the console shows one line for MMEngine's environment dump, config
       dump and hook table (the log file keeps them);
