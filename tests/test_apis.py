@@ -88,3 +88,18 @@ def test_sharded_checkpoint_and_wrong_model(tmp_path, face_model):
     assert emb.shape == (4, 120)
     with pytest.raises(CheckpointError, match='missing in the checkpoint'):
         init_recognizer(face_model[0], config=runner.cfg)
+
+
+def test_missing_or_undecodable_image_names_its_path(face_model, tmp_path):
+    recognizer = init_recognizer(face_model[0])
+    good = str(tmp_path / 'good.png')
+    cv2.imwrite(good, rgb_faces(1)[0])
+    with pytest.raises(FileNotFoundError, match=r'image file .*nope\.png '
+                       'does not exist'):
+        extract_embeddings(recognizer, [good, str(tmp_path / 'nope.png')])
+    (tmp_path / 'bad.png').write_bytes(b'not png')
+    with pytest.raises(ValueError, match=r"bad\.png: cannot decode the image "
+                       r"bytes \(7 bytes, starts with b'not png'\)"):
+        extract_embeddings(recognizer, [good, tmp_path / 'bad.png'])
+    assert extract_embeddings(recognizer, tmp_path / 'good.png').shape == (
+        1, 16)

@@ -7,6 +7,7 @@ a synthetic in-memory dataset, trained by ``PartialFCRunner`` on CPU.
 import glob
 import os
 import os.path as osp
+import pickle
 import shutil
 
 import pytest
@@ -179,6 +180,41 @@ def test_atomic_save_keeps_previous_file_on_failure(tmp_path):
         atomic_save({'x': Unpicklable()}, path)
     assert torch.equal(load_file(path)['x'], torch.ones(3))
     assert os.listdir(tmp_path) == ['a.pth']  # no temp file left
+
+
+@pytest.mark.parametrize('content, message', [
+    (b'hello world\n', r"c\.pth is not a torch checkpoint \(starts with "
+     r"b'hello world\\n'; torch\.save writes a zip archive or a legacy "
+     r"torch pickle\)"),
+    (pickle.dumps({'a': 1}), r'c\.pth is not a torch checkpoint \(starts '
+     r"with b'\\x80"),
+    (b'', r'cannot read checkpoint .*c\.pth \(0 bytes\): the file is empty'),
+])
+def test_load_file_refuses_files_torch_did_not_write(tmp_path, content,
+                                                     message):
+    path = tmp_path / 'c.pth'
+    path.write_bytes(content)
+    for mmap in (False, True):
+        with pytest.raises(CheckpointError, match=message):
+            load_file(str(path), mmap=mmap)
+
+
+@pytest.mark.parametrize('legacy', [False, True])
+def test_load_file_names_a_file_truncated_anywhere(tmp_path, legacy):
+    path = tmp_path / 'c.pth'
+    torch.save({'w': torch.zeros(1000)}, path,
+               _use_new_zipfile_serialization=not legacy)
+    data = path.read_bytes()
+    # torch fails differently at each: central directory missing, data cut
+    # (OSError), pickle cut (IndexError, struct.error, EOF)
+    cuts = (16, 18, 20, len(data) // 2, len(data) - 100, len(data) - 1)
+    for cut in cuts:
+        path.write_bytes(data[:cut])
+        for mmap in (False, True):
+            with pytest.raises(CheckpointError,
+                               match=rf'c\.pth \({cut} bytes\): the file '
+                               'is truncated or corrupt'):
+                load_file(str(path), mmap=mmap)
 
 
 def test_stale_shard_folders_are_removed(tmp_path):

@@ -117,3 +117,67 @@ def test_eval_ijb_end_to_end(tmp_path):
     scores = np.load(tmp_path / 'out' / 'ijbc_r18_scores.npy')
     assert scores.shape == (3, ) and np.all(np.abs(scores) <= 1 + 1e-6)
     assert os.path.getsize(tmp_path / 'out' / 'ijbc_r18_roc.png') > 1000
+
+
+def test_missing_or_undecodable_crop_names_its_path(tmp_path):
+    from mmpfc.evaluation.functional.ijb import read_ijb_meta
+    write_ijb(tmp_path / 'IJBC', np.random.default_rng(0))
+    meta = read_ijb_meta(str(tmp_path / 'IJBC'))
+    crops = tmp_path / 'IJBC' / 'loose_crop'
+    os.remove(crops / '1.png')
+    (crops / '2.png').write_bytes(b'\x89PNG broken')
+    faces = load_eval_ijb().AlignedFaces(str(crops), meta['names'],
+                                         meta['landmarks'])
+    assert faces[0].shape == (3, 112, 112)
+    with pytest.raises(FileNotFoundError, match=r'image file .*loose_crop.1'
+                       r'\.png does not exist'):
+        faces[1]
+    with pytest.raises(ValueError, match=r'loose_crop.2\.png: cannot decode '
+                       r'the image bytes \(11 bytes'):
+        faces[2]
+
+
+def _edit(path, old, new):
+    path.write_text(path.read_text().replace(old, new, 1))
+
+
+@pytest.mark.parametrize('name, old, new, message', [
+    ('name_5pts_score', ' 0.91\n', ' x\n', r'ijbc_name_5pts_score\.txt, '
+     r'line 2: expected 12 fields \(name, 10 landmark coordinates, score\), '
+     r"got '1\.png .* x'"),
+    ('name_5pts_score', ' 0.91\n', '\n', r'ijbc_name_5pts_score\.txt, '
+     r'line 2: expected 12 fields'),
+    ('face_tid_mid', '0.png 1 10\n1.png', '1.png 1 10\n0.png',
+     r"ijbc_face_tid_mid\.txt, line 1: image '1\.png', but "
+     r".*ijbc_name_5pts_score\.txt, line 1, has '0\.png'"),
+    ('face_tid_mid', '2.png 3 30\n', '', r'ijbc_face_tid_mid\.txt lists 2 '
+     r'images, .*ijbc_name_5pts_score\.txt 3'),
+    ('face_tid_mid', '1.png 2 20', '1.png 2', r'ijbc_face_tid_mid\.txt, '
+     r'line 2: expected 3 fields \(name, template id, media id\)'),
+    ('template_pair_label', '1 3 0', '1 3 2', r'ijbc_template_pair_label\.'
+     r'txt: pair 1 \[1, 3, 2\] has label 2; expected 0 or 1'),
+    ('template_pair_label', '2 3 0', '2 7 0', r'ijbc_template_pair_label\.'
+     r'txt: pair 2 \[2, 7, 0\] names template 7, which has no image in '
+     r'.*ijbc_face_tid_mid\.txt'),
+    ('template_pair_label', '2 3 0', '2 3 no', r'ijbc_template_pair_label\.'
+     r'txt: expected lines of 3 integers'),
+])
+def test_bad_meta_line_names_file_and_line(tmp_path, name, old, new,
+                                           message):
+    from mmpfc.evaluation.functional.ijb import read_ijb_meta
+    write_ijb(tmp_path / 'IJBC', np.random.default_rng(0))
+    _edit(tmp_path / 'IJBC' / 'meta' / f'ijbc_{name}.txt', old, new)
+    with pytest.raises(ValueError, match=message):
+        read_ijb_meta(str(tmp_path / 'IJBC'))
+
+
+def test_checkpoint_that_is_not_torch_is_named(tmp_path):
+    from mmpfc.checkpoint import CheckpointError
+    config = tmp_path / 'r18.py'
+    config.write_text("model = dict(type='FaceRecognizer', backbone=dict("
+                      "type='IResNet', depth=18, embedding_size=16))\n")
+    (tmp_path / 'notes.pth').write_text('hello')
+    with pytest.raises(CheckpointError, match=r"notes\.pth is not a torch "
+                       r"checkpoint \(starts with b'hello'"):
+        load_eval_ijb().build_embedder(str(config),
+                                       str(tmp_path / 'notes.pth'), 'cpu')

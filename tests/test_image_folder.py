@@ -42,3 +42,19 @@ def test_num_classes_mismatch(folder, tmp_path):
     with pytest.raises(ValueError, match=r'num_classes=2 .* labels up to 2'):
         FaceImageFolder(ann_file=str(ann), num_classes=2)
     assert len(FaceImageFolder(ann_file=str(ann), num_classes=5)) == 6
+
+
+@pytest.mark.parametrize('lines, message', [
+    ('{0} 0\n{0} x\n', r'list\.txt, line 2: .* is not "path label" \(an '
+     r'integer label after the last space\)'),
+    ('{0} 0\n\n{0} 1\n', r'list\.txt, line 2: \'\' is not "path label"'),
+    ('{0} 0\n{0} -1\n', r'list\.txt: label -1 of .*\.png is negative'),
+    ('', r'list\.txt lists no images'),
+])
+def test_ann_file_errors_name_file_and_line(folder, tmp_path, lines,
+                                            message):
+    root, files = folder
+    ann = tmp_path / 'list.txt'
+    ann.write_text(lines.format(next(iter(files))))
+    with pytest.raises(ValueError, match=message):
+        FaceImageFolder(ann_file=str(ann))

@@ -1,6 +1,7 @@
 """MXFaceDataset on record files written by tools/dataset_converters."""
 import importlib.util
 import os
+import re
 
 import cv2
 import numpy as np
@@ -142,3 +143,64 @@ def test_dataloader_workers_open_their_own_file(faces):
     assert [r[0] for r in rows] == [label for _, label in files]
     assert all(pid == reader_pid != os.getpid() for _, pid, reader_pid in rows)
     assert len({pid for _, pid, _ in rows}) == 2
+
+
+def write_rec(folder, records: dict) -> str:
+    """``folder/train.rec`` (+ ``.idx``) of ``{key: (label, image bytes)}``."""
+    from mmpfc.datasets import IndexedRecordWriter, pack_record
+    rec = os.path.join(str(folder), 'train.rec')
+    with IndexedRecordWriter(rec) as writer:
+        for key, (label, payload) in records.items():
+            writer.write(key, pack_record(label, payload))
+    return rec
+
+
+def png(size=4) -> bytes:
+    img = np.zeros((size, size, 3), np.uint8)
+    return cv2.imencode('.png', img)[1].tobytes()
+
+
+def test_undecodable_image_names_file_and_key(tmp_path):
+    write_rec(tmp_path, {0: (0, png()), 1: (1, b'garbage!!')})
+    ds = MXFaceDataset(data_root=str(tmp_path), pipeline=PIPELINE)
+    assert ds[0]['inputs'].shape == (3, 4, 4)
+    with pytest.raises(ValueError, match=r"train\.rec, key 1: cannot decode "
+                       r"the image bytes \(9 bytes, starts with "
+                       r"b'garbage!'\): not an image, or corrupt"):
+        ds[1]
+    from mmpfc.datasets import LoadImageFromBytes
+    with pytest.raises(ValueError, match=r'sample 7: cannot decode the image '
+                       r'bytes \(0 bytes'):  # no source given: the key
+        LoadImageFromBytes()(dict(img_bytes=b'', key=7))
+
+
+@pytest.mark.parametrize('text', ['3,112', 'a,b,c', '', '0,112,112',
+                                  '3,-112,112'])
+def test_property_must_be_three_positive_integers(tmp_path, text):
+    write_rec(tmp_path, {0: (0, png())})
+    (tmp_path / 'property').write_text(text)
+    with pytest.raises(ValueError, match=r'property: expected "num_classes,'
+                       r'height,width" \(three positive integers\), got '
+                       + re.escape(repr(text))):
+        MXFaceDataset(data_root=str(tmp_path))
+
+
+@pytest.mark.parametrize('label', [float('nan'), float('inf'), 1.5, -1, 3])
+def test_label_outside_classes_names_file_and_key(tmp_path, label):
+    write_rec(tmp_path, {0: (0, png()), 1: (label, png())})
+    ds = MXFaceDataset(data_root=str(tmp_path), num_classes=3)
+    assert ds.get_data_info(0)['gt_label'] == 0
+    with pytest.raises(ValueError, match=rf'train\.rec, key 1: label '
+                       rf'{float(label)} is not an integer in \[0, 3\)'):
+        ds.get_data_info(1)
+
+
+@pytest.mark.parametrize('end, message', [
+    (float('nan'), r'key 0: the meta header\'s first label nan should be'),
+    (0, r'key 0: the meta header\'s first label 0.0 should be'),
+    (1, r'train\.rec: no image records \(.*train\.idx indexes 2 records\)'),
+])
+def test_meta_header_that_announces_no_images(tmp_path, end, message):
+    write_rec(tmp_path, {0: ([end, 5], b''), 1: (0, png())})
+    with pytest.raises(RecordIOError, match=message):
+        MXFaceDataset(data_root=str(tmp_path))

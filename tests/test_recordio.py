@@ -113,3 +113,31 @@ def test_reader_reopens_after_pickle_and_fork(tmp_path):
     assert reader.fd != parent_fd
     os.close(parent_fd)
     assert reader.read(0) == clone.read(0)
+
+
+def test_missing_index_names_it(tmp_path):
+    rec = write(tmp_path, {0: pack_record(0, b'')})
+    os.remove(rec[:-4] + '.idx')
+    with pytest.raises(FileNotFoundError, match=r'index file .*x\.idx not '
+                       r'found: it holds one "key<TAB>offset" line'):
+        IndexedRecordReader(rec)
+
+
+@pytest.mark.parametrize('line', ['abc', '7', '7\t8\t9', '7\t1.5'])
+def test_index_line_that_is_not_key_offset_is_named(tmp_path, line):
+    rec = write(tmp_path, {0: pack_record(0, b'')})
+    with open(rec[:-4] + '.idx', 'a') as f:
+        f.write(f'\n{line}\n')  # line 2 blank, line 3 bad
+    with pytest.raises(RecordIOError, match=r'x\.idx, line 3: .* is not '
+                       r'"key<TAB>offset" \(two integers\)'):
+        IndexedRecordReader(rec)
+
+
+@pytest.mark.parametrize('offset', [-8, 36, 10**6])
+def test_offset_outside_the_record_file_is_refused_at_open(tmp_path, offset):
+    rec = write(tmp_path, {0: pack_record(0, b'abcd')})  # 36 bytes
+    with open(rec[:-4] + '.idx', 'a') as f:
+        f.write(f'5\t{offset}\n')
+    with pytest.raises(RecordIOError, match=rf'x\.idx: key 5 has offset '
+                       rf'{offset}, outside .*x\.rec \(36 bytes'):
+        IndexedRecordReader(rec)

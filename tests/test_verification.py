@@ -1,6 +1,7 @@
 """evaluate_pairs, FaceVerificationDataset and FaceVerificationMetric."""
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -9,7 +10,8 @@ from mmengine.registry import init_default_scope
 from test_mx_face_dataset import load_tool, make_faces
 
 from mmpfc.datasets import FaceVerificationDataset, load_pairs_bin
-from mmpfc.evaluation import FaceVerificationMetric, evaluate_pairs
+from mmpfc.evaluation import (FaceVerificationMetric, evaluate_pairs,
+                              l2_normalize)
 
 
 def reference_accuracy(emb1, emb2, issame, folds=10):
@@ -161,3 +163,121 @@ def test_metric_rejects_incomplete_or_unlabelled_samples(bins):
     with pytest.raises(KeyError, match=r"\['dataset_name'"):
         metric.process(None, [dict(pred_feat=torch.ones(4), image_idx=0,
                                    is_same=True, flip=False)])
+
+
+def test_evaluate_pairs_refuses_embeddings_that_are_not_unit_length():
+    rng = np.random.default_rng(3)
+    emb1 = unit(rng.normal(size=(53, 8)))
+    emb2 = unit(emb1 + rng.normal(size=(53, 8)))
+    issame = rng.random(53) < 0.5
+    expected = evaluate_pairs(emb1, emb2, issame)
+    raw1 = 20 * emb1  # what a backbone outputs before normalization
+    with pytest.raises(ValueError, match=r'emb1 row 0 has L2 norm 20 \(53 '
+                       r'of 53 rows are not unit length\): evaluate_pairs '
+                       r'expects L2-normalized embeddings'):
+        evaluate_pairs(raw1, emb2, issame)
+    raw2 = emb2.copy()
+    raw2[7] = np.nan
+    with pytest.raises(ValueError, match=r'emb2 row 7 has L2 norm nan'):
+        evaluate_pairs(emb1, raw2, issame)
+    # normalized input: accepted, and the same numbers
+    out = evaluate_pairs(l2_normalize(raw1), emb2, issame)
+    assert out['accuracy'] == expected['accuracy']
+    np.testing.assert_allclose(out['fold_threshold'],
+                               expected['fold_threshold'])
+    emb2[3] = 0  # a zero embedding, as l2_normalize leaves it, is accepted
+    evaluate_pairs(emb1, emb2, issame)
+
+
+def write_bin(path, content) -> str:
+    with open(path, 'wb') as f:
+        pickle.dump(content, f, protocol=4)
+    return str(path)
+
+
+def png(value=0) -> bytes:
+    import cv2
+    img = np.full((4, 4, 3), value, np.uint8)
+    return cv2.imencode('.png', img)[1].tobytes()
+
+
+LAYOUT = (r'expected a pickle of \(list of 2P encoded images, list of P '
+          r'is-same bools\), pair p being images 2p and 2p \+ 1')
+
+
+@pytest.mark.parametrize('content, message', [
+    (([png()] * 2, [True], 'extra'),
+     r'lfw\.bin: holds a value of type tuple \(length 3\); ' + LAYOUT),
+    ({'images': []}, r'lfw\.bin: holds a value of type dict'),
+    ((b'png', [True]), r'lfw\.bin: the images are a value of type bytes'),
+    (([png()] * 3, [True]), r'lfw\.bin: 3 images for 1 pairs; ' + LAYOUT),
+    (([], []), r'lfw\.bin: 0 images for 0 pairs'),
+    (([png(), 5], [True]), r'lfw\.bin, image 1: a value of type int \(5\) '
+     r'is not an encoded image \(bytes or a 1-D uint8 array\)'),
+    (([png(), 'png'], [True]), r'lfw\.bin, image 1: a value of type str'),
+    (([png(), np.zeros((4, 4, 3), np.uint8)], [True]),
+     r'lfw\.bin, image 1: .*shape \(4, 4, 3\), dtype uint8'),
+])
+def test_bin_of_another_layout_names_file_and_layout(tmp_path, content,
+                                                     message):
+    path = write_bin(tmp_path / 'lfw.bin', content)
+    with pytest.raises(ValueError, match=message):
+        load_pairs_bin(path)
+
+
+@pytest.mark.parametrize('cut', [0, 10, -3])
+def test_truncated_bin_names_file(tmp_path, cut):
+    path = write_bin(tmp_path / 'lfw.bin', ([png()] * 4, [True, False]))
+    data = open(path, 'rb').read()
+    open(path, 'wb').write(data[:cut])
+    with pytest.raises(ValueError, match=r'lfw\.bin: cannot unpickle it '
+                       r'\(.*\); truncated, or not a pairs file\? Expected '
+                       r'a pickle of'):
+        load_pairs_bin(path)
+
+
+@pytest.mark.parametrize('flag', ['False', 'True', 2, -1, None, 0.0])
+def test_issame_flags_must_be_bools(tmp_path, flag):
+    path = write_bin(tmp_path / 'lfw.bin', ([png()] * 4, [True, flag]))
+    with pytest.raises(ValueError, match=rf'lfw\.bin, pair 1: is-same flag '
+                       rf'{re.escape(repr(flag))} \({type(flag).__name__}\) '
+                       r'is not a bool \(or 0/1\)'):
+        load_pairs_bin(path)
+
+
+def test_issame_accepts_bools_numpy_bools_and_01(tmp_path):
+    flags = [True, np.bool_(False), 0, np.int64(1)]
+    path = write_bin(tmp_path / 'lfw.bin', ([png()] * 8, flags))
+    images, issame = load_pairs_bin(path)
+    assert issame == [True, False, False, True]
+    assert all(type(s) is bool for s in issame)
+    path = write_bin(tmp_path / 'lfw.bin',
+                     ([np.frombuffer(png(), np.uint8)] * 2,
+                      np.array([True])))
+    assert load_pairs_bin(path) == ([png()] * 2, [True])
+
+
+def test_undecodable_bin_image_names_file_and_index(tmp_path):
+    path = write_bin(tmp_path / 'lfw.bin', ([png(), png(), png(), b'junk'],
+                                            [True, False]))
+    init_default_scope('mmpfc')
+    ds = FaceVerificationDataset(ann_file=path)
+    assert ds[5]['inputs'].shape == (3, 4, 4)  # image 2, mirrored
+    with pytest.raises(ValueError, match=r"lfw\.bin, image 3: cannot decode "
+                       r"the image bytes \(4 bytes, starts with b'junk'\)"):
+        ds[6]
+
+
+def test_metric_names_a_non_finite_embedding(bins):
+    paths, _ = bins
+    init_default_scope('mmpfc')
+    ds = FaceVerificationDataset(ann_file=paths['agedb_30'])
+    samples = fake_predictions([ds], lambda x: x.float().flatten()[:4])
+    for sample in samples:
+        if sample['image_idx'] == 3 and sample['flip']:
+            sample['pred_feat'] = torch.full((4, ), float('nan'))
+    metric = FaceVerificationMetric(nrof_folds=2)
+    metric.process(None, samples)
+    with pytest.raises(ValueError, match=r'agedb_30: the embedding of image '
+                       r'3 \(mirrored\) is not finite \(1 of 24 embeddings'):
+        metric.compute_metrics(metric.results)

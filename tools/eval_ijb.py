@@ -16,12 +16,13 @@ import argparse
 import os
 from typing import Sequence
 
-import cv2
 import numpy as np
 import torch
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
 
+from mmpfc.checkpoint import load_file
+from mmpfc.datasets.transforms.loading import read_image_file
 from mmpfc.evaluation.functional.ijb import (DEFAULT_FARS, align_face,
                                              pair_scores, read_ijb_meta,
                                              tar_at_far, template_features)
@@ -38,12 +39,10 @@ class AlignedFaces(torch.utils.data.Dataset):
         return len(self.names)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        path = os.path.join(self.folder, self.names[i])
-        img = cv2.imread(path, cv2.IMREAD_COLOR)
-        if img is None:
-            raise FileNotFoundError(f'cannot read image {path}')
-        face = cv2.cvtColor(align_face(img, self.landmarks[i]),
-                            cv2.COLOR_BGR2RGB)
+        # a missing file or one that is not an image raises, naming the path
+        img = read_image_file(os.path.join(self.folder, self.names[i]),
+                              channel_order='rgb')
+        face = align_face(img, self.landmarks[i])
         return torch.from_numpy(face).permute(2, 0, 1).contiguous()
 
 
@@ -57,7 +56,7 @@ def build_embedder(config: str, checkpoint: str, device: str):
     cfg.model.pop('head', None)
     model = MODELS.build(cfg.model)
     # mmpfc's import allow-lists the objects of MMEngine checkpoints
-    state = torch.load(checkpoint, map_location='cpu')
+    state = load_file(checkpoint)
     state = state.get('state_dict', state)
     if any(k.startswith('backbone.') for k in state):
         state = {k[len('backbone.'):]: v for k, v in state.items()

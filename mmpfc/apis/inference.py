@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -17,9 +18,10 @@ import torch.nn.functional as F
 from mmengine.config import Config
 
 from mmpfc.checkpoint import CheckpointError, compare_state_dicts, load_file
+from mmpfc.datasets.transforms.loading import read_image_file
 from mmpfc.registry import MODELS
 
-ImageLike = Union[str, np.ndarray]
+ImageLike = Union[str, os.PathLike, np.ndarray]
 INPUT_SIZE = (112, 112)  # (height, width) of aligned faces
 
 
@@ -42,6 +44,10 @@ def init_recognizer(checkpoint: Optional[str] = None,
     state = None
     if checkpoint is not None:
         state = load_file(checkpoint, mmap=True)
+        if not isinstance(state, dict):
+            raise CheckpointError(f'checkpoint {checkpoint} holds a '
+                                  f'{type(state).__name__}, not a dict of '
+                                  'weights')
         if 'state_dict' not in state:
             state = dict(state_dict=state)
     model_cfg = _model_config(config, state, checkpoint)
@@ -72,12 +78,10 @@ def _model_config(config, state: Optional[dict], checkpoint) -> dict:
 
 
 def _as_rgb_array(image: ImageLike) -> np.ndarray:
-    if isinstance(image, str):
-        import cv2
-        data = cv2.imread(image, cv2.IMREAD_COLOR)
-        if data is None:
-            raise FileNotFoundError(f'cannot read image {image}')
-        return cv2.cvtColor(data, cv2.COLOR_BGR2RGB)
+    """An RGB array of ``image``: a path is read and decoded (missing file:
+    ``FileNotFoundError``; not an image: ``ValueError``, both naming it)."""
+    if isinstance(image, (str, os.PathLike)):
+        return read_image_file(os.fspath(image), channel_order='rgb')
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] not in (1, 3):
         raise ValueError(f'expected an HxWx3 (or HxWx1) image, got shape '
@@ -114,7 +118,9 @@ def extract_embeddings(model: nn.Module,
         model: From :func:`init_recognizer`.
         images: Image path(s) or RGB ``uint8`` array(s) (HxWx3, or an
             NxHxWx3 stack) of aligned faces. The model's data preprocessor
-            scales them (to [-1, 1] for the default config).
+            scales them (to [-1, 1] for the default config). A missing
+            file raises ``FileNotFoundError``, one that is not an image
+            ``ValueError``; both name the path.
         batch_size: Images per forward pass.
         flip: Add the embedding of the horizontally flipped image before
             normalizing (the verification protocol).
@@ -123,8 +129,8 @@ def extract_embeddings(model: nn.Module,
     Returns:
         float32 array (N, D) with unit-norm rows.
     """
-    if isinstance(images, str) or (isinstance(images, np.ndarray)
-                                   and images.ndim == 3):
+    if isinstance(images, (str, os.PathLike)) or (
+            isinstance(images, np.ndarray) and images.ndim == 3):
         images = [images]
     arrays = [_as_rgb_array(image) for image in images]
     to_bgr = bool(getattr(model.data_preprocessor, 'to_rgb', False))

@@ -11,6 +11,7 @@ import contextlib
 import os
 import os.path as osp
 import pickle
+import struct
 import tempfile
 import zipfile
 from typing import Any, Optional
@@ -20,6 +21,16 @@ import torch
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used as asked; the message says why."""
+
+
+#: how the two formats of ``torch.save`` begin: a zip archive, or (before
+#: torch 1.6, and with ``_use_new_zipfile_serialization=False``) a pickle
+#: whose first object is this magic number, stored as a 10-byte LONG1
+_ZIP_MAGIC = b'PK\x03\x04'
+_LEGACY_MAGIC = b'\x8a\x0a' + (0x1950A86A20F9469CFC6C).to_bytes(10, 'little')
+#: what ``torch.load`` raises on a damaged file, depending on where it breaks
+_LOAD_ERRORS = (RuntimeError, OSError, EOFError, ValueError, KeyError,
+                IndexError, AttributeError, struct.error, zipfile.BadZipFile)
 
 
 def atomic_save(obj: Any, path: str, fsync: bool = True) -> int:
@@ -51,6 +62,11 @@ def load_file(path: str,
               expected_size: Optional[int] = None) -> Any:
     """``torch.load`` with errors that name the file and the problem.
 
+    Every failure is a :class:`CheckpointError` naming ``path``: missing,
+    empty, not written by ``torch.save`` (with its first bytes), of another
+    size than recorded, truncated or corrupt, or holding objects that
+    ``weights_only`` loading refuses.
+
     Args:
         path: File to read.
         what: How the file is called in error messages.
@@ -67,21 +83,40 @@ def load_file(path: str,
         raise CheckpointError(
             f'{what} {path} has {size} bytes but {expected_size} were '
             'written: the file is truncated or was replaced')
+    _check_torch_format(what, path, size)
     try:
         return torch.load(path, map_location=map_location, mmap=mmap)
-    except RuntimeError as err:
-        if not mmap or 'zipfile' not in str(err):
-            raise _unreadable(what, path, size, err) from err
-        # a legacy (pre torch 1.6) file cannot be memory-mapped: read it
-        return load_file(path, what, map_location, False, expected_size)
     except pickle.UnpicklingError as err:
         if 'weights only' in str(err).lower():
             raise CheckpointError(
                 f'{what} {path} holds Python objects that torch.load '
                 f'refuses with weights_only=True: {err}') from err
         raise _unreadable(what, path, size, err) from err
-    except (EOFError, ValueError, zipfile.BadZipFile) as err:
+    except _LOAD_ERRORS as err:
+        if mmap and isinstance(err, RuntimeError) and 'zipfile' in str(err):
+            # a legacy (pre torch 1.6) file cannot be memory-mapped: read it
+            return load_file(path, what, map_location, False, expected_size)
         raise _unreadable(what, path, size, err) from err
+
+
+def _check_torch_format(what: str, path: str, size: int) -> None:
+    """Refuse a file that ``torch.save`` did not write, by its first bytes.
+
+    ``torch.load`` on such a file (a text file, a plain pickle, a config
+    given by mistake) fails with messages that mislead (``KeyError: 101``,
+    a "weights only" complaint) or name nothing; the first bytes say what
+    the file is instead.
+    """
+    if size == 0:
+        raise CheckpointError(f'cannot read {what} {path} (0 bytes): the '
+                              'file is empty (truncated?)')
+    with open(path, 'rb') as f:
+        head = f.read(32)
+    if not head.startswith(_ZIP_MAGIC) and _LEGACY_MAGIC not in head:
+        raise CheckpointError(
+            f'{what} {path} is not a torch checkpoint (starts with '
+            f'{head[:16]!r}; torch.save writes a zip archive or a legacy '
+            'torch pickle)')
 
 
 def _unreadable(what: str, path: str, size: int,

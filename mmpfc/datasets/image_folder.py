@@ -1,9 +1,15 @@
 """Users' own face images, one sub-folder per identity."""
 from __future__ import annotations
 
+import re
+
+from mmengine.fileio import list_from_file
 from mmpretrain.datasets import CustomDataset
 
 from mmpfc.registry import DATASETS
+
+#: an ``ann_file`` line as ``CustomDataset`` splits it: path, space, label
+_ANN_LINE = re.compile(r'.+ [+-]?\d+')
 
 
 @DATASETS.register_module()
@@ -43,10 +49,11 @@ class FaceImageFolder(CustomDataset):
         super().__init__(*args, **kwargs)
 
     def load_data_list(self) -> list[dict]:
-        data_list = super().load_data_list()
+        data_list = self._parse()
         if not self.with_label:
             return data_list
         if self.ann_file:  # labels from the file: they must fit
+            self._check_file_labels(data_list)
             found = 1 + max(info['gt_label'] for info in data_list)
             fits = self.num_classes is None or found <= self.num_classes
             what = f'labels up to {found - 1} in {self.ann_file}'
@@ -60,3 +67,38 @@ class FaceImageFolder(CustomDataset):
         if self.num_classes is None:
             self.num_classes = found
         return data_list
+
+    def _parse(self) -> list[dict]:
+        """``CustomDataset``'s list, with the line named when an
+        ``ann_file`` line is not ``path label`` (its own error is a bare
+        ``invalid literal for int()`` or unpacking error)."""
+        try:
+            return super().load_data_list()
+        except ValueError as err:
+            bad = self._bad_line() if self.ann_file and self.with_label \
+                else None
+            if bad is None:
+                raise
+            raise bad from err
+
+    def _bad_line(self) -> ValueError | None:
+        """The error for the first ``ann_file`` line that is not
+        ``path label``, if any (scanned only after parsing failed)."""
+        for number, line in enumerate(list_from_file(self.ann_file), 1):
+            if not _ANN_LINE.fullmatch(line.strip()):
+                return ValueError(f'{self.ann_file}, line {number}: '
+                                  f'{line!r} is not "path label" (an '
+                                  'integer label after the last space)')
+        return None
+
+    def _check_file_labels(self, data_list: list[dict]) -> None:
+        """An ``ann_file`` must list images, with class ids >= 0 (``-1``
+        would not index the head, yet passes the upper-bound check)."""
+        if not data_list:
+            raise ValueError(f'{self.ann_file} lists no images')
+        for info in data_list:
+            if info['gt_label'] < 0:
+                raise ValueError(
+                    f"{self.ann_file}: label {info['gt_label']} of "
+                    f"{info['img_path']} is negative; labels are class ids "
+                    'in [0, num_classes)')

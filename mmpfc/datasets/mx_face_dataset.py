@@ -15,14 +15,18 @@ from .transforms.builder import build_transforms
 
 def read_property(path: str) -> tuple[int, int, int]:
     """``(num_classes, height, width)`` from an insightface ``property`` file
-    ("85742,112,112")."""
-    with open(path) as f:
+    ("85742,112,112"); anything but three positive integers raises, naming
+    the file and its content."""
+    with open(path, errors='replace') as f:
         text = f.read().strip()
     try:
-        num_classes, height, width = (int(v) for v in text.split(','))
-    except ValueError as err:
-        raise ValueError(f'{path}: expected "num_classes,height,width", '
-                         f'got {text!r}') from err
+        values = [int(v) for v in text.split(',')]
+    except ValueError:
+        values = []
+    if len(values) != 3 or min(values) <= 0:
+        raise ValueError(f'{path}: expected "num_classes,height,width" '
+                         f'(three positive integers), got {text!r}')
+    num_classes, height, width = values
     return num_classes, height, width
 
 
@@ -40,8 +44,9 @@ class MXFaceDataset(BaseDataset):
     The index lives in numpy arrays (a few bytes per image, shared by forked
     workers) instead of a serialized ``data_list``: a 42M-image set loads in
     seconds. Each worker opens its own file descriptor. ``get_data_info``
-    returns ``gt_label`` (int) and the encoded image ``img_bytes``; decode it
-    with :class:`LoadImageFromBytes`.
+    returns ``gt_label`` (int), the encoded image ``img_bytes`` and
+    ``img_source`` (``"<rec>, key <k>"``, for errors); decode it with
+    :class:`LoadImageFromBytes`.
 
     ``num_classes`` is checked against the ``property`` file next to the
     record (when it exists) and against every label read; a mismatch raises
@@ -105,6 +110,10 @@ class MXFaceDataset(BaseDataset):
             idx_path = os.path.join(self.data_root, idx_path)
         self.reader = IndexedRecordReader(self.ann_file, idx_path)
         self._keys = self._image_keys()
+        if not len(self._keys):
+            raise RecordIOError(f'{self.ann_file}: no image records '
+                                f'({self.reader.idx_path} indexes '
+                                f'{len(self.reader)} records)')
         if self._indices is not None:
             self._keys = self._select(self._keys, self._indices)
         self._fully_initialized = True
@@ -129,7 +138,13 @@ class MXFaceDataset(BaseDataset):
         header, labels, payload = self.reader.read_item(0)
         if header.flag == 0 or payload:  # an image: plain im2rec file
             return keys
-        end = int(labels[0])
+        end = float(labels[0])
+        if not (end.is_integer() and end >= 1):
+            raise RecordIOError(
+                f'{self.ann_file}, key 0: the meta header\'s first label '
+                f'{end} should be one past the last image key (an integer '
+                '>= 1)')
+        end = int(end)
         # keys are sorted and unique: counting those in [1, end) suffices
         found = int(np.searchsorted(keys, end) - np.searchsorted(keys, 1))
         if found != end - 1:
@@ -151,21 +166,29 @@ class MXFaceDataset(BaseDataset):
 
     @force_full_init
     def get_data_info(self, idx: int) -> dict:
-        """``gt_label``, ``img_bytes``, ``key`` and ``sample_idx`` of image
-        ``idx``; raises if the record is corrupt or its label is out of
-        range."""
+        """``gt_label``, ``img_bytes``, ``key``, ``img_source`` and
+        ``sample_idx`` of image ``idx``; raises if the record is corrupt or
+        its label is out of range."""
         key = int(self._keys[idx])
         header, labels, img_bytes = self.reader.read_item(key)
-        label = int(labels[0])
-        if label != labels[0] or label < 0 or (
-                self.num_classes is not None and label >= self.num_classes):
-            bound = f'[0, {self.num_classes})' if self.num_classes else '>= 0'
-            raise ValueError(
-                f'{self.ann_file}, key {key}: label {float(labels[0])} is not '
-                f'an integer in {bound}; is num_classes={self.num_classes} '
-                'right for this file?')
-        return dict(gt_label=label, img_bytes=img_bytes, key=key,
+        return dict(gt_label=self._check_label(key, float(labels[0])),
+                    img_bytes=img_bytes, key=key,
+                    img_source=f'{self.ann_file}, key {key}',
                     sample_idx=idx if idx >= 0 else len(self) + idx)
+
+    def _check_label(self, key: int, value: float) -> int:
+        """``value`` as a class id, or an error naming the file and key
+        (a NaN or a fraction is refused too, not truncated by ``int``)."""
+        if value.is_integer() and value >= 0 and (
+                self.num_classes is None or value < self.num_classes):
+            return int(value)
+        if self.num_classes is None:
+            raise ValueError(f'{self.ann_file}, key {key}: label {value} is '
+                             'not a class id (an integer >= 0)')
+        raise ValueError(
+            f'{self.ann_file}, key {key}: label {value} is not an integer in '
+            f'[0, {self.num_classes}); is num_classes={self.num_classes} '
+            'right for this file?')
 
     @force_full_init
     def get_subset_(self, indices: int | Sequence[int]) -> None:

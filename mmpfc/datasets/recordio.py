@@ -15,6 +15,7 @@ text file maps keys to byte offsets, one ``key<TAB>offset`` line per record.
 from __future__ import annotations
 
 import os
+import re
 import struct
 from collections import namedtuple
 from typing import Sequence
@@ -28,6 +29,7 @@ _LEN_MASK = (1 << 29) - 1
 IR_HEADER = struct.Struct('<IfQQ')
 
 IRHeader = namedtuple('IRHeader', ['flag', 'label', 'id', 'id2'])
+_INDEX_LINE = re.compile(r'[+-]?\d+\s+[+-]?\d+')
 
 
 class RecordIOError(ValueError):
@@ -72,18 +74,39 @@ def unpack_record(record: bytes) -> tuple[IRHeader, np.ndarray, bytes]:
 
 
 def read_index(idx_path: str) -> tuple[np.ndarray, np.ndarray]:
-    """Parse a ``.idx`` file into (keys, offsets), both int64, file order."""
+    """Parse a ``.idx`` file into (keys, offsets), both int64, file order.
+
+    Raises ``FileNotFoundError`` when the file is missing and
+    :class:`RecordIOError` naming the first line that is not two integers.
+    """
+    if not os.path.isfile(idx_path):
+        raise FileNotFoundError(f'index file {idx_path} not found: it holds '
+                                'one "key<TAB>offset" line per record of '
+                                'the .rec file')
     if os.path.getsize(idx_path) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     try:
         table = np.loadtxt(idx_path, dtype=np.int64, ndmin=2)
     except ValueError as err:
-        raise RecordIOError(f'{idx_path}: not "key<TAB>offset" lines '
-                            f'({err})') from err
+        raise _bad_index_line(idx_path, err) from err
     if table.shape[1] != 2:
-        raise RecordIOError(f'{idx_path}: expected 2 columns (key, offset), '
-                            f'got {table.shape[1]}')
+        raise _bad_index_line(idx_path)
     return table[:, 0].copy(), table[:, 1].copy()
+
+
+def _bad_index_line(idx_path: str,
+                    err: Exception | None = None) -> RecordIOError:
+    """The error for the first line of ``idx_path`` that is not
+    ``key<TAB>offset``; the file is scanned in Python only once numpy's fast
+    parser has failed, whose message gives no line content."""
+    with open(idx_path, errors='replace') as f:
+        for number, line in enumerate(f, 1):
+            text = line.split('#')[0].strip()
+            if text and not _INDEX_LINE.fullmatch(text):
+                return RecordIOError(
+                    f'{idx_path}, line {number}: {line.rstrip()!r} is not '
+                    '"key<TAB>offset" (two integers)')
+    return RecordIOError(f'{idx_path}: not "key<TAB>offset" lines ({err})')
 
 
 class IndexedRecordReader:
@@ -100,12 +123,27 @@ class IndexedRecordReader:
         if not os.path.isfile(rec_path):
             raise FileNotFoundError(f'RecordIO file {rec_path} not found')
         keys, offsets = read_index(self.idx_path)
+        self._check_offsets(keys, offsets)
         order = np.argsort(keys, kind='stable')
         self.keys, self._offsets = keys[order], offsets[order]
         if len(self.keys) and np.any(np.diff(self.keys) == 0):
             dup = self.keys[:-1][np.diff(self.keys) == 0][0]
             raise RecordIOError(f'{self.idx_path}: key {dup} appears twice')
         self._fd, self._pid = None, None
+
+    def _check_offsets(self, keys: np.ndarray, offsets: np.ndarray) -> None:
+        """Refuse offsets where no record header fits, now rather than as an
+        ``OSError`` (negative) or a "truncated" record (past the end) at
+        the first read of that key, possibly hours into training."""
+        size = os.path.getsize(self.rec_path)
+        bad = np.flatnonzero((offsets < 0) | (offsets > size - _WORD.size))
+        if len(bad):
+            more = f' (and {len(bad) - 1} more keys)' if len(bad) > 1 else ''
+            raise RecordIOError(
+                f'{self.idx_path}: key {keys[bad[0]]} has offset '
+                f'{offsets[bad[0]]}, outside {self.rec_path} ({size} '
+                f'bytes){more}: the .idx does not belong to this .rec, or '
+                'the .rec is truncated')
 
     @property
     def fd(self) -> int:

@@ -1,11 +1,61 @@
-"""Transforms for images that arrive as encoded bytes (RecordIO, ``.bin``)."""
+"""Transforms for images that arrive as encoded bytes (RecordIO, ``.bin``),
+and the decoding helpers that name where an undecodable image came from
+(shared by the datasets, ``mmpfc.apis`` and ``tools/eval_ijb.py``)."""
 from __future__ import annotations
+
+import os
 
 import mmcv
 import numpy as np
 from mmcv.transforms import BaseTransform
 
 from mmpfc.registry import TRANSFORMS
+
+#: ``backend`` values of ``mmcv.imfrombytes``
+DECODE_BACKENDS = ('cv2', 'turbojpeg', 'pillow', 'tifffile')
+
+
+def decode_image(data: bytes,
+                 source: str,
+                 flag: str = 'color',
+                 channel_order: str = 'rgb',
+                 backend: str = 'cv2') -> np.ndarray:
+    """``mmcv.imfrombytes(data)``, or a ``ValueError`` that names ``source``.
+
+    Bytes that are not an image fail in each backend its own way: cv2 returns
+    ``None`` (which mmcv hands to ``cvtColor`` for RGB, raising a
+    ``cv2.error`` that names nothing), pillow raises, an empty buffer trips
+    an assertion. All of them end here as one error that says where the
+    bytes came from (``source``, e.g. ``"train.rec, key 3"``) and what they
+    look like.
+    """
+    cause = None
+    try:
+        img = mmcv.imfrombytes(data, flag=flag, channel_order=channel_order,
+                               backend=backend)
+    except Exception as err:  # the backend's own error: chained below
+        img, cause = None, err
+    if img is None:
+        raise ValueError(
+            f'{source}: cannot decode the image bytes ({len(data)} bytes, '
+            f'starts with {bytes(data[:8])!r}): not an image, or corrupt'
+        ) from cause
+    return img
+
+
+def read_image_file(path: str, channel_order: str = 'rgb') -> np.ndarray:
+    """The decoded colour image of file ``path``.
+
+    ``cv2.imread`` answers ``None`` both for a missing file and for one that
+    is not an image; this tells the two apart: ``FileNotFoundError`` when
+    ``path`` is not a file, the ``ValueError`` of :func:`decode_image` when
+    its bytes are not an image.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'image file {path} does not exist')
+    with open(path, 'rb') as f:
+        data = f.read()
+    return decode_image(data, path, channel_order=channel_order)
 
 
 @TRANSFORMS.register_module()
@@ -19,6 +69,9 @@ class LoadImageFromBytes(BaseTransform):
     weights were trained with) and only scales to [-1, 1]. With
     ``channel_order='bgr'`` set ``to_rgb=True`` in the preprocessor. The
     bytes are dropped afterwards so they do not reach the collate step.
+    Bytes that are not an image raise a ``ValueError`` naming
+    ``results['img_source']`` (the file and record key or image index, set
+    by the datasets), else the sample's ``key`` / ``sample_idx``.
 
     Example::
 
@@ -43,6 +96,10 @@ class LoadImageFromBytes(BaseTransform):
         if channel_order not in ('rgb', 'bgr'):
             raise ValueError(f"channel_order={channel_order!r}: expected "
                              "'rgb' or 'bgr'")
+        if imdecode_backend not in DECODE_BACKENDS:
+            # else every image would fail as "cannot decode"
+            raise ValueError(f'imdecode_backend={imdecode_backend!r}: '
+                             f'expected one of {DECODE_BACKENDS}')
         self.key = key
         self.channel_order = channel_order
         self.color_type = color_type
@@ -51,13 +108,11 @@ class LoadImageFromBytes(BaseTransform):
 
     def transform(self, results: dict) -> dict:
         img_bytes = results.pop(self.key)
-        img = mmcv.imfrombytes(img_bytes, flag=self.color_type,
-                               channel_order=self.channel_order,
-                               backend=self.imdecode_backend)
-        if img is None:
-            where = results.get('key', results.get('sample_idx'))
-            raise ValueError(f'cannot decode the {len(img_bytes)}-byte image '
-                             f'of sample {where} (corrupt or not an image)')
+        source = results.get('img_source') or (
+            f"sample {results.get('key', results.get('sample_idx'))}")
+        img = decode_image(img_bytes, source, flag=self.color_type,
+                           channel_order=self.channel_order,
+                           backend=self.imdecode_backend)
         if self.to_float32:
             img = img.astype(np.float32)
         results['img'] = img

@@ -48,31 +48,94 @@ def read_ijb_meta(root: str, target: str = 'IJBC') -> dict:
     ``root`` is insightface's ``IJB_release/IJBC`` (or ``IJBB``) folder:
     ``meta/{t}_name_5pts_score.txt`` (name, 10 landmark coordinates, score),
     ``meta/{t}_face_tid_mid.txt`` (name, template, media, same order) and
-    ``meta/{t}_template_pair_label.txt`` (template1, template2, 0/1).
+    ``meta/{t}_template_pair_label.txt`` (template1, template2, 0/1). A line
+    of another layout, the two image lists differing, a label other than
+    0/1 or a pair naming a template without images raises a ``ValueError``
+    naming the file and the line or pair.
     """
     prefix = os.path.join(root, 'meta', target.lower())
-    rows = [line.split() for line in open(f'{prefix}_name_5pts_score.txt')
-            if line.strip()]
-    bad = [r for r in rows if len(r) != 12]
-    if bad:
-        raise ValueError(f'{prefix}_name_5pts_score.txt: expected 12 fields '
-                         f'(name, 10 coordinates, score), got {bad[0]}')
-    tid_mid = [line.split() for line in open(f'{prefix}_face_tid_mid.txt')
-               if line.strip()]
-    names = [r[0] for r in rows]
-    if [r[0] for r in tid_mid] != names:
-        raise ValueError(f'{prefix}_face_tid_mid.txt does not list the images '
-                         'of the 5pts file in the same order')
-    pairs = np.loadtxt(f'{prefix}_template_pair_label.txt', np.int64,
-                       ndmin=2)
+    pts_path = f'{prefix}_name_5pts_score.txt'
+    tid_path = f'{prefix}_face_tid_mid.txt'
+    pts = _read_table(pts_path, [str] + [float] * 11,
+                      'name, 10 landmark coordinates, score')
+    tid_mid = _read_table(tid_path, [str, int, int],
+                          'name, template id, media id')
+    _check_same_images(pts_path, pts, tid_path, tid_mid)
+    templates = np.array([row[1] for _, row in tid_mid], np.int64)
+    pairs, labels = _read_pairs(f'{prefix}_template_pair_label.txt',
+                                templates, tid_path)
     return dict(
-        names=names,
-        landmarks=np.array([r[1:11] for r in rows], np.float64).reshape(
-            -1, 5, 2),
-        scores=np.array([r[11] for r in rows], np.float64),
-        templates=np.array([r[1] for r in tid_mid], np.int64),
-        medias=np.array([r[2] for r in tid_mid], np.int64),
-        pairs=pairs[:, :2], labels=pairs[:, 2].astype(bool))
+        names=[row[0] for _, row in pts],
+        landmarks=np.array([row[1:11] for _, row in pts],
+                           np.float64).reshape(-1, 5, 2),
+        scores=np.array([row[11] for _, row in pts], np.float64),
+        templates=templates,
+        medias=np.array([row[2] for _, row in tid_mid], np.int64),
+        pairs=pairs, labels=labels)
+
+
+def _read_table(path: str, types: Sequence[type],
+                layout: str) -> list[tuple[int, tuple]]:
+    """``(line number, typed fields)`` of each non-blank line of ``path``;
+    a line with another number of fields, or a field its type refuses,
+    raises naming the file, the line and the expected ``layout``."""
+    rows = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            fields = line.split()
+            if not fields:
+                continue
+            try:
+                if len(fields) != len(types):
+                    raise ValueError
+                rows.append((number, tuple(
+                    kind(v) for kind, v in zip(types, fields))))
+            except ValueError:
+                raise ValueError(
+                    f'{path}, line {number}: expected {len(types)} fields '
+                    f'({layout}), got {line.strip()!r}') from None
+    return rows
+
+
+def _check_same_images(pts_path: str, pts: list, tid_path: str,
+                       tid_mid: list) -> None:
+    """Both meta files must list the same images in the same order (the
+    features of one are matched to the templates of the other by row)."""
+    for (pts_line, pts_row), (tid_line, tid_row) in zip(pts, tid_mid):
+        if pts_row[0] != tid_row[0]:
+            raise ValueError(
+                f'{tid_path}, line {tid_line}: image {tid_row[0]!r}, but '
+                f'{pts_path}, line {pts_line}, has {pts_row[0]!r}: both must '
+                'list the same images in the same order')
+    if len(pts) != len(tid_mid):
+        raise ValueError(f'{tid_path} lists {len(tid_mid)} images, '
+                         f'{pts_path} {len(pts)}: both must list the same '
+                         'images in the same order')
+
+
+def _read_pairs(path: str, templates: np.ndarray,
+                tid_path: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(pairs (P, 2), labels (P,) bool)`` of the pair file, parsed by
+    numpy (IJB-C has 15M pairs); labels must be 0/1 and templates known."""
+    try:
+        table = np.loadtxt(path, np.int64, ndmin=2)
+    except ValueError as err:
+        raise ValueError(f'{path}: expected lines of 3 integers (template1, '
+                         f'template2, label 0/1): {err}') from err
+    if table.shape[1] != 3:
+        raise ValueError(f'{path}: expected lines of 3 integers (template1, '
+                         f'template2, label 0/1), got {table.shape[1]}')
+    bad = np.flatnonzero((table[:, 2] != 0) & (table[:, 2] != 1))
+    if len(bad):
+        raise ValueError(f'{path}: pair {bad[0]} {table[bad[0]].tolist()} '
+                         f'has label {table[bad[0], 2]}; expected 0 or 1')
+    unknown = np.flatnonzero(~np.isin(table[:, :2], templates).all(axis=1))
+    if len(unknown):
+        row = table[unknown[0]].tolist()
+        missing = row[0] if row[0] not in templates else row[1]
+        raise ValueError(f'{path}: pair {unknown[0]} {row} names template '
+                         f'{missing}, which has no image in {tid_path}')
+    return table[:, :2], table[:, 2].astype(bool)
 
 
 def template_features(img_feats: np.ndarray, templates: np.ndarray,
@@ -98,8 +161,11 @@ def pair_scores(ids: np.ndarray, feats: np.ndarray, pairs: np.ndarray,
                 chunk: int = 100000) -> np.ndarray:
     """Cosine similarity of every template pair (rows of ``pairs``)."""
     index = np.searchsorted(ids, pairs)
-    if np.any(ids[np.minimum(index, len(ids) - 1)] != pairs):
-        raise ValueError('a pair names a template without images')
+    unknown = np.flatnonzero(np.any(
+        ids[np.minimum(index, len(ids) - 1)] != pairs, axis=1))
+    if len(unknown):
+        raise ValueError(f'pair {unknown[0]} {pairs[unknown[0]].tolist()} '
+                         'names a template without images')
     return np.concatenate([
         np.einsum('ij,ij->i', feats[index[s:s + chunk, 0]],
                   feats[index[s:s + chunk, 1]])

@@ -5,6 +5,9 @@ import numpy as np
 
 #: distance thresholds of the protocol: 0, 0.01, ..., 3.99
 DEFAULT_THRESHOLDS = np.arange(0, 4, 0.01)
+#: how far from 1 the norm of an embedding :func:`evaluate_pairs` takes may
+#: be (float16 rounding stays well inside)
+UNIT_NORM_TOLERANCE = 1e-2
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -27,8 +30,14 @@ def evaluate_pairs(emb1: np.ndarray,
     the other folds (the first one on ties) is applied to it. With
     ``nrof_folds=1`` the threshold is chosen and scored on all pairs.
 
-    Pass L2-normalized embeddings: the default thresholds 0..3.99 (step 0.01)
-    span the squared distances of unit vectors.
+    The embeddings must be L2-normalized (the insightface protocol
+    normalizes the flip-summed embedding first): the thresholds 0..3.99
+    span the squared distances of unit vectors, and raw embeddings (norms
+    of 10-30) would put every pair above all of them, scoring chance
+    accuracy without any sign of the mistake. So a row whose norm is not 1
+    (within ``UNIT_NORM_TOLERANCE``), or not finite, raises a
+    ``ValueError`` naming it; normalize with :func:`l2_normalize`, whose
+    zero rows (an all-zero embedding) are accepted as they are.
 
     Args:
         emb1, emb2 (np.ndarray): (P, D) embeddings of the two sides.
@@ -53,6 +62,8 @@ def evaluate_pairs(emb1: np.ndarray,
     if not 1 <= nrof_folds <= len(issame):
         raise ValueError(f'nrof_folds={nrof_folds} must lie in [1, number '
                          f'of pairs={len(issame)}]')
+    _check_unit_rows('emb1', emb1)
+    _check_unit_rows('emb2', emb2)
     thresholds = DEFAULT_THRESHOLDS if thresholds is None else np.asarray(
         thresholds, dtype=np.float64)
 
@@ -77,6 +88,20 @@ def evaluate_pairs(emb1: np.ndarray,
                 threshold=float(fold_thr.mean()),
                 fold_accuracy=fold_acc, fold_threshold=fold_thr,
                 tpr=tpr.mean(axis=0), fpr=fpr.mean(axis=0))
+
+
+def _check_unit_rows(name: str, emb: np.ndarray) -> None:
+    """Refuse rows that are neither unit length nor zero (see
+    :func:`evaluate_pairs` for why), naming the first and counting all."""
+    norms = np.linalg.norm(emb, axis=1)
+    bad = np.flatnonzero(~(np.abs(norms - 1) <= UNIT_NORM_TOLERANCE)
+                         & (norms != 0))
+    if len(bad):
+        raise ValueError(
+            f'{name} row {bad[0]} has L2 norm {norms[bad[0]]:.4g} ({len(bad)} '
+            f'of {len(norms)} rows are not unit length): evaluate_pairs '
+            'expects L2-normalized embeddings, its thresholds 0..4 being '
+            'squared distances of unit vectors; pass l2_normalize(emb)')
 
 
 def _rates(predicted: np.ndarray, issame: np.ndarray

@@ -107,9 +107,23 @@ class FaceVerificationMetric(BaseMetric):
         for image_idx, flip, is_same, feat in items:
             feats[int(flip), image_idx] = feat
             issame[image_idx // 2] = is_same
+        self._check_finite(name, feats)
         xnorm = float(np.linalg.norm(feats, axis=2).mean())
         emb = l2_normalize(feats.sum(axis=0))
         out = evaluate_pairs(emb[0::2], emb[1::2], issame, self.nrof_folds)
         return dict(accuracy=out['accuracy'],
                     accuracy_std=out['accuracy_std'],
                     threshold=out['threshold'], xnorm=xnorm)
+
+    @staticmethod
+    def _check_finite(name: str, feats: np.ndarray) -> None:
+        """Name the first NaN / inf embedding of set ``name``: it would
+        otherwise surface in :func:`evaluate_pairs` as a bad pair row."""
+        finite = np.isfinite(feats).all(axis=2)  # (flip, image)
+        if not finite.all():
+            flip, image = np.argwhere(~finite)[0]
+            raise ValueError(
+                f'{name}: the embedding of image {image}'
+                f'{" (mirrored)" if flip else ""} is not finite '
+                f'({int((~finite).sum())} of {finite.size} embeddings): did '
+                'the model diverge?')
