@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from mmengine.hooks import Hook
-from mmengine.model import is_model_wrapper
 
+from mmpfc.checkpoint import unwrap_model
 from mmpfc.registry import HOOKS
 
 ACTIONS = ('stop', 'warn')
@@ -115,8 +115,7 @@ class TrainingHealthHook(Hook):
     def after_train_iter(self, runner, batch_idx: int,
                          data_batch: Optional[Sequence] = None,
                          outputs: Optional[dict] = None) -> None:
-        model = runner.model.module if is_model_wrapper(runner.model) \
-            else runner.model
+        model = unwrap_model(runner.model)
         device = _device_of(model.parameters())
         losses = _losses(outputs)
         local_bad = not all(math.isfinite(v) for v in losses.values())

@@ -1,5 +1,3 @@
-from .partial_fc_ddp import (PartialFCDistributedDataParallel,
-                             ignores_sharded, sharded_names)
+from .partial_fc_ddp import PartialFCDistributedDataParallel, sharded_names
 
-__all__ = ['PartialFCDistributedDataParallel', 'ignores_sharded',
-           'sharded_names']
+__all__ = ['PartialFCDistributedDataParallel', 'sharded_names']

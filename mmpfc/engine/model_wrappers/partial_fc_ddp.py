@@ -53,8 +53,7 @@ class PartialFCDistributedDataParallel(MMDistributedDataParallel):
                  **kwargs) -> None:
         ignore = set(getattr(module, '_ddp_params_and_buffers_to_ignore',
                              ()))
-        self.sharded_names = sharded_names(module)
-        ignore.update(self.sharded_names)
+        ignore.update(sharded_names(module))
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
             module, sorted(ignore))
         if _on_cpu(module):
@@ -81,13 +80,4 @@ def _on_cpu(module: nn.Module) -> bool:
     return tensor is None or tensor.device.type == 'cpu'
 
 
-def ignores_sharded(model: nn.Module) -> bool:
-    """True if ``model`` (a DDP) ignores every sharded tensor of its module."""
-    if not isinstance(model, DistributedDataParallel):
-        return True
-    ignored = set(getattr(model, 'parameters_to_ignore', ()))
-    return set(sharded_names(model.module)) <= ignored
-
-
-__all__ = ['PartialFCDistributedDataParallel', 'ignores_sharded',
-           'sharded_names']
+__all__ = ['PartialFCDistributedDataParallel', 'sharded_names']

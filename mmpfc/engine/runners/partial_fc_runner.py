@@ -15,6 +15,7 @@ from mmengine.runner import IterBasedTrainLoop, Runner
 from mmengine.runner.base_loop import BaseLoop
 from torch.nn.parallel import DistributedDataParallel
 
+from mmpfc.checkpoint import unwrap_model
 from mmpfc.engine.hooks.training_health_hook import (TrainingDivergedError,
                                                      any_rank,
                                                      nonfinite_parameters)
@@ -176,8 +177,7 @@ class PartialFCRunner(ShardedCheckpointMixin, Runner):
     def save_checkpoint(self, out_dir: str, filename: str, *args,
                         **kwargs) -> None:
         """Refuse (on every rank) to save weights that are not finite."""
-        model = self.model.module if is_model_wrapper(
-            self.model) else self.model
+        model = unwrap_model(self.model)
         bad = nonfinite_parameters(model)
         device = next(model.parameters()).device
         if any_rank(bool(bad), device):
@@ -192,8 +192,7 @@ class PartialFCRunner(ShardedCheckpointMixin, Runner):
 
     def _init_model_weights(self) -> None:
         """``init_weights``, then broadcast replicated entries only."""
-        model = self.model.module if is_model_wrapper(
-            self.model) else self.model
+        model = unwrap_model(self.model)
         if not hasattr(model, 'init_weights'):
             return
         model.init_weights()
@@ -207,8 +206,7 @@ class PartialFCRunner(ShardedCheckpointMixin, Runner):
         loop = super().build_train_loop(loop)
         dataloader = getattr(loop, 'dataloader', None)
         if dataloader is not None:
-            model = self.model.module if is_model_wrapper(
-                self.model) else self.model
+            model = unwrap_model(self.model)
             check_train_data(model, dataloader)
             check_hooks(model, self.hooks)
             if isinstance(loop, IterBasedTrainLoop) and not isinstance(
