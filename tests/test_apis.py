@@ -1,4 +1,4 @@
-"""mmpfc.apis: load a checkpoint, get L2-normalized embeddings."""
+"""mmpfc.apis: load a checkpoint, get (L2-normalized) embeddings."""
 import cv2
 import numpy as np
 import pytest
@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from mmengine.config import Config
 from test_checkpoint import build_runner, calibrate_bn, make_cfg
 
-from mmpfc.apis import extract_embeddings, init_recognizer
+from mmpfc.apis import embed_batch, extract_embeddings, init_recognizer
 from mmpfc.checkpoint import CheckpointError
 from mmpfc.registry import MODELS
 
@@ -15,6 +15,63 @@ MODEL = dict(type='FaceRecognizer',
              backbone=dict(type='MobileFaceNet', embedding_size=16,
                            blocks=(1, 1, 1, 1), scale=1),
              head=dict(type='PartialFCHead', num_classes=10, in_channels=16))
+# the ViT-T configs' neck (fc + BatchNorm) on the tiny backbone
+NECK_MODEL = dict(MODEL,
+                  neck=dict(type='mmpretrain.LinearNeck', in_channels=16,
+                            out_channels=8, gap_dim=0,
+                            norm_cfg=dict(type='BN1d')),
+                  head=dict(type='PartialFCHead', num_classes=10,
+                            in_channels=8))
+
+
+def save_neck_checkpoint(path):
+    """Save a backbone + LinearNeck model as MMEngine does (config in meta)
+    and return it; its neck weights are drawn from their own generator, so
+    no freshly built neck has them."""
+    model = calibrate_bn(MODELS.build(NECK_MODEL))
+    gen = torch.Generator().manual_seed(7)
+    fc, bn = model.neck.fc, model.neck.norm
+    with torch.no_grad():
+        fc.weight.copy_(torch.randn(8, 16, generator=gen))
+        fc.bias.copy_(torch.randn(8, generator=gen))
+        bn.weight.copy_(torch.rand(8, generator=gen) + 0.5)
+        bn.bias.copy_(torch.randn(8, generator=gen))
+        bn.running_mean.copy_(torch.randn(8, generator=gen))
+        bn.running_var.copy_(torch.rand(8, generator=gen) + 0.5)
+    torch.save(dict(meta=dict(cfg=Config(dict(model=NECK_MODEL)).pretty_text),
+                    state_dict=model.state_dict()), str(path))
+    return model
+
+
+def neck_by_hand(model, rgb, flip):
+    """Raw embeddings of RGB uint8 faces (N, H, W, 3): insightface's scaling
+    (x / 255 - 0.5) / 0.5, ``model.backbone``, then the neck's fc and
+    eval-mode BatchNorm written out; with ``flip``, plus the mirror's."""
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(0, 3, 1, 2)
+    x = (x.float() / 255 - 0.5) / 0.5
+    fc, bn = model.neck.fc, model.neck.norm
+
+    def embed(images):
+        y = model.backbone(images)[-1] @ fc.weight.T + fc.bias
+        return (y - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) \
+            * bn.weight + bn.bias
+
+    with torch.no_grad():
+        raw = embed(x) + embed(x.flip(3)) if flip else embed(x)
+    return raw.double().numpy()
+
+
+def unit_rows(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def fresh_neck(model):
+    """``model``'s backbone with a newly initialized neck: what loading
+    only the ``backbone.*`` weights gives."""
+    torch.manual_seed(0)
+    other = MODELS.build(dict(NECK_MODEL, head=None))
+    other.backbone.load_state_dict(model.backbone.state_dict())
+    return other.eval()
 
 
 @pytest.fixture(scope='module')
@@ -103,3 +160,61 @@ def test_missing_or_undecodable_image_names_its_path(face_model, tmp_path):
         extract_embeddings(recognizer, [good, tmp_path / 'bad.png'])
     assert extract_embeddings(recognizer, tmp_path / 'good.png').shape == (
         1, 16)
+
+
+def test_neck_weights_raw_and_normalized(tmp_path):
+    model = save_neck_checkpoint(tmp_path / 'neck.pth')
+    recognizer = init_recognizer(str(tmp_path / 'neck.pth'))
+    faces = rgb_faces(3)
+    expected = neck_by_hand(model, faces, flip=True)
+    raw = extract_embeddings(recognizer, faces, batch_size=2, flip=True,
+                             normalize=False)
+    assert raw.shape == (3, 8) and raw.dtype == np.float32
+    np.testing.assert_allclose(raw, expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        extract_embeddings(recognizer, faces, flip=True),
+        unit_rows(expected), atol=1e-5)
+    np.testing.assert_allclose(
+        embed_batch(recognizer, faces, flip=False, normalize=False),
+        neck_by_hand(model, faces, flip=False), rtol=1e-4, atol=1e-4)
+    # the check can see a wrong neck: a fresh one embeds elsewhere
+    wrong = unit_rows(neck_by_hand(fresh_neck(model), faces, flip=True))
+    assert np.abs(wrong - unit_rows(expected)).max() > 0.1
+
+
+def test_lazy_iterable_and_bad_batch_size(face_model):
+    recognizer = init_recognizer(face_model[0])
+    faces = rgb_faces(3)
+    lazy = extract_embeddings(recognizer, (f for f in faces), batch_size=2)
+    np.testing.assert_allclose(lazy, reference(face_model[1], faces),
+                               atol=1e-5)
+    with pytest.raises(ValueError, match=r'batch_size=0; expected a '
+                       'positive'):
+        extract_embeddings(recognizer, faces, batch_size=0)
+    with pytest.raises(ValueError, match='embed_batch got no images'):
+        embed_batch(recognizer, [])
+
+
+@pytest.mark.parametrize('prefix', ['', 'module.'])
+def test_bare_backbone_file(face_model, tmp_path, prefix):
+    """insightface's backbone.pth: a bare state dict of the backbone."""
+    model = face_model[1]
+    path = str(tmp_path / 'backbone.pth')
+    torch.save({prefix + k: v for k, v in model.backbone.state_dict().items()},
+               path)
+    recognizer = init_recognizer(path, config=dict(model=MODEL))
+    faces = rgb_faces(2)
+    np.testing.assert_allclose(extract_embeddings(recognizer, faces),
+                               reference(model, faces), atol=1e-5)
+
+
+def test_backbone_only_file_refused_for_a_model_with_neck(tmp_path):
+    model = save_neck_checkpoint(tmp_path / 'neck.pth')
+    path = str(tmp_path / 'backbone.pth')
+    torch.save(model.backbone.state_dict(), path)
+    with pytest.raises(CheckpointError, match=r'backbone\.pth does not fit '
+                       r'the model: 7 missing in the checkpoint: '
+                       r'neck\.fc\.weight, neck\.fc\.bias, neck\.norm.*; '
+                       r'a bare backbone state dict .* holds no neck '
+                       r'weights'):
+        init_recognizer(path, config=dict(model=NECK_MODEL))

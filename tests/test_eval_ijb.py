@@ -6,6 +6,9 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from mmengine.config import Config
+from test_apis import (NECK_MODEL, fresh_neck, neck_by_hand,
+                       save_neck_checkpoint, unit_rows)
 from test_mx_face_dataset import ROOT
 
 from mmpfc.evaluation.functional.ijb import (ARCFACE_LANDMARKS, align_face,
@@ -128,7 +131,7 @@ def test_missing_or_undecodable_crop_names_its_path(tmp_path):
     (crops / '2.png').write_bytes(b'\x89PNG broken')
     faces = load_eval_ijb().AlignedFaces(str(crops), meta['names'],
                                          meta['landmarks'])
-    assert faces[0].shape == (3, 112, 112)
+    assert faces[0].shape == (112, 112, 3) and faces[0].dtype == np.uint8
     with pytest.raises(FileNotFoundError, match=r'image file .*loose_crop.1'
                        r'\.png does not exist'):
         faces[1]
@@ -171,13 +174,84 @@ def test_bad_meta_line_names_file_and_line(tmp_path, name, old, new,
         read_ijb_meta(str(tmp_path / 'IJBC'))
 
 
+def run_tool(tmp_path, config, checkpoint):
+    """Run tools/eval_ijb.py on the set under ``tmp_path / 'IJBC'``."""
+    return load_eval_ijb().main([
+        str(config), str(checkpoint), '--data-root', str(tmp_path / 'IJBC'),
+        '--out-dir', str(tmp_path / 'out'), '--num-workers', '0',
+        '--batch-size', '2'
+    ])
+
+
+def aligned_faces(root):
+    """The set's crops aligned from their landmarks, RGB (N, 112, 112, 3)."""
+    from mmpfc.evaluation.functional.ijb import read_ijb_meta
+    meta = read_ijb_meta(str(root))
+    return np.stack([
+        align_face(cv2.imread(str(root / 'loose_crop' / name))[..., ::-1],
+                   points) for name, points in zip(meta['names'],
+                                                   meta['landmarks'])])
+
+
+def test_eval_ijb_uses_the_whole_checkpoint_neck_included(tmp_path):
+    """Backbone + LinearNeck: the tool's pair scores are the cosines of the
+    flip-summed raw embeddings computed here with the saved backbone and
+    neck weights; a fresh neck (loading only ``backbone.*``) scores
+    otherwise."""
+    write_ijb(tmp_path / 'IJBC', np.random.default_rng(0))
+    model = save_neck_checkpoint(tmp_path / 'neck.pth')
+    config = tmp_path / 'neck.py'
+    Config(dict(model=NECK_MODEL)).dump(str(config))
+    run_tool(tmp_path, config, tmp_path / 'neck.pth')
+    scores = np.load(tmp_path / 'out' / 'ijbc_neck_scores.npy')
+    faces = aligned_faces(tmp_path / 'IJBC')
+
+    def pair_cosines(raw):
+        # one image per template: a template is its image's direction, so
+        # the detector score does not matter; pairs (1, 2), (1, 3), (2, 3)
+        unit = unit_rows(raw)
+        return np.array([unit[0] @ unit[1], unit[0] @ unit[2],
+                         unit[1] @ unit[2]])
+
+    expected = pair_cosines(neck_by_hand(model, faces, flip=True))
+    np.testing.assert_allclose(scores, expected, atol=1e-5)
+    wrong = pair_cosines(neck_by_hand(fresh_neck(model), faces, flip=True))
+    assert np.abs(wrong - expected).max() > 0.05
+    # the tool's image embeddings: raw (norm kept), mirror added
+    from mmpfc.apis import init_recognizer
+    from mmpfc.evaluation.functional.ijb import read_ijb_meta
+    meta = read_ijb_meta(str(tmp_path / 'IJBC'))
+    eval_ijb = load_eval_ijb()
+    dataset = eval_ijb.AlignedFaces(str(tmp_path / 'IJBC' / 'loose_crop'),
+                                    meta['names'], meta['landmarks'])
+    recognizer = init_recognizer(str(tmp_path / 'neck.pth'))
+    np.testing.assert_allclose(
+        eval_ijb.extract(recognizer, dataset, batch_size=2, num_workers=0),
+        neck_by_hand(model, faces, flip=True), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        eval_ijb.extract(recognizer, dataset, 2, 0, flip=False),
+        neck_by_hand(model, faces, flip=False), rtol=1e-4, atol=1e-4)
+
+
+def test_insightface_backbone_file_refused_for_a_model_with_neck(tmp_path):
+    from mmpfc.checkpoint import CheckpointError
+    write_ijb(tmp_path / 'IJBC', np.random.default_rng(0))
+    model = save_neck_checkpoint(tmp_path / 'neck.pth')
+    torch.save(model.backbone.state_dict(), tmp_path / 'backbone.pth')
+    config = tmp_path / 'neck.py'
+    Config(dict(model=NECK_MODEL)).dump(str(config))
+    with pytest.raises(CheckpointError, match=r'backbone\.pth does not fit '
+                       r'the model: 7 missing in the checkpoint: neck\.fc'):
+        run_tool(tmp_path, config, tmp_path / 'backbone.pth')
+
+
 def test_checkpoint_that_is_not_torch_is_named(tmp_path):
     from mmpfc.checkpoint import CheckpointError
+    write_ijb(tmp_path / 'IJBC', np.random.default_rng(0))
     config = tmp_path / 'r18.py'
     config.write_text("model = dict(type='FaceRecognizer', backbone=dict("
                       "type='IResNet', depth=18, embedding_size=16))\n")
     (tmp_path / 'notes.pth').write_text('hello')
     with pytest.raises(CheckpointError, match=r"notes\.pth is not a torch "
                        r"checkpoint \(starts with b'hello'"):
-        load_eval_ijb().build_embedder(str(config),
-                                       str(tmp_path / 'notes.pth'), 'cpu')
+        run_tool(tmp_path, config, tmp_path / 'notes.pth')

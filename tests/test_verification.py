@@ -108,13 +108,16 @@ def test_bin_round_trip_and_dataset(bins):
 
 
 def fake_predictions(datasets, model):
-    """Data samples as a model's predict would return them, shuffled."""
+    """Data samples as ``PartialFCHead.predict`` returns them (raw
+    ``raw_feat``, normalized ``pred_feat``), shuffled."""
     samples = []
     for ds in datasets:
         for i in range(len(ds)):
             item = ds[i]
             sample = item['data_samples']
-            sample.set_field(model(item['inputs']), 'pred_feat')
+            feat = model(item['inputs'])
+            sample.set_field(feat, 'raw_feat')
+            sample.set_field(feat / feat.norm(), 'pred_feat')
             samples.append(sample.to_dict())
     order = np.random.default_rng(0).permutation(len(samples))
     return [samples[i] for i in order]
@@ -161,8 +164,13 @@ def test_metric_rejects_incomplete_or_unlabelled_samples(bins):
     with pytest.raises(ValueError, match=r'agedb_30: got 23 embeddings'):
         metric.compute_metrics(metric.results)
     with pytest.raises(KeyError, match=r"\['dataset_name'"):
-        metric.process(None, [dict(pred_feat=torch.ones(4), image_idx=0,
+        metric.process(None, [dict(raw_feat=torch.ones(4), image_idx=0,
                                    is_same=True, flip=False)])
+    with pytest.raises(KeyError, match=r"\['raw_feat'\].*must set "
+                       r"'raw_feat'"):
+        metric.process(None, [dict(pred_feat=torch.ones(4), image_idx=0,
+                                   is_same=True, flip=False,
+                                   dataset_name='lfw')])
 
 
 def test_evaluate_pairs_refuses_embeddings_that_are_not_unit_length():
@@ -275,9 +283,50 @@ def test_metric_names_a_non_finite_embedding(bins):
     samples = fake_predictions([ds], lambda x: x.float().flatten()[:4])
     for sample in samples:
         if sample['image_idx'] == 3 and sample['flip']:
-            sample['pred_feat'] = torch.full((4, ), float('nan'))
+            sample['raw_feat'] = torch.full((4, ), float('nan'))
     metric = FaceVerificationMetric(nrof_folds=2)
     metric.process(None, samples)
     with pytest.raises(ValueError, match=r'agedb_30: the embedding of image '
                        r'3 \(mirrored\) is not finite \(1 of 24 embeddings'):
         metric.compute_metrics(metric.results)
+
+
+def polar(norm, degrees):
+    angle = np.deg2rad(degrees)
+    return norm * np.array([np.cos(angle), np.sin(angle)])
+
+
+def test_metric_flip_sums_raw_embeddings_by_default():
+    """insightface sums the raw embeddings of image and mirror, then
+    normalizes; summing normalized ones weights a norm-1 mirror as much as
+    a norm-10 image. Here the two sums disagree on every pair: raw sums
+    make genuine pairs 11.4 degrees apart and impostors 78.6, normalized
+    sums put genuines 90 degrees apart and impostors on one another."""
+    genuine = [(polar(10, 0), polar(1, 90)), (polar(10, 0), polar(1, -90))]
+    impostor = [(polar(10, 0), polar(1, 90)), (polar(1, 0), polar(10, 90))]
+    pairs = [(genuine, True), (impostor, False)] * 2  # 2 of each per fold
+    samples, raw = [], np.zeros((2, 8, 2))  # (flip, image, dim)
+    for p, (images, same) in enumerate(pairs):
+        for k, views in enumerate(images):
+            for flip, feat in enumerate(views):
+                raw[flip, 2 * p + k] = feat
+                samples.append(dict(
+                    dataset_name='lfw', image_idx=2 * p + k, flip=bool(flip),
+                    is_same=same, raw_feat=torch.tensor(feat),
+                    pred_feat=torch.tensor(feat / np.linalg.norm(feat))))
+    issame = [same for _, same in pairs]
+    by_raw = unit(raw[0] + raw[1])
+    by_unit = unit(unit(raw[0]) + unit(raw[1]))
+    expected, _ = reference_accuracy(by_raw[0::2], by_raw[1::2], issame, 2)
+    other, _ = reference_accuracy(by_unit[0::2], by_unit[1::2], issame, 2)
+    assert (expected, other) == (1.0, 0.5)  # the two sums do differ here
+    metric = FaceVerificationMetric(nrof_folds=2)
+    metric.process(None, samples)
+    out = metric.compute_metrics(metric.results)
+    assert out['lfw/accuracy'] == expected
+    assert out['lfw/xnorm'] == pytest.approx(5.5)  # norms 10 and 1
+    normalized = FaceVerificationMetric(nrof_folds=2, feat_key='pred_feat')
+    normalized.process(None, samples)
+    out = normalized.compute_metrics(normalized.results)
+    assert out['lfw/accuracy'] == other
+    assert out['lfw/xnorm'] == pytest.approx(1.0)

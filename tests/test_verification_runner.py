@@ -54,7 +54,9 @@ def data_root(tmp_path_factory):
     return str(root)
 
 
-def test_configs_carry_spec_counts():
+def test_configs_carry_the_dataset_counts():
+    """Identities and images of each training set, the ``num_classes`` and
+    ``num_image`` of insightface's arcface_torch configs."""
     counts = dict(ms1mv2=(85742, 5822653), ms1mv3=(93431, 5179510),
                   glint360k=(360232, 17091657),
                   webface42m=(2059906, 42474557))

@@ -7,6 +7,10 @@ detector score; templates average their media and sum them; a pair's score is
 the cosine of its two templates. Prints TAR at FAR 1e-6..1e-1 and saves the
 ROC as PNG (and the scores as .npy).
 
+The model and its embeddings come from ``mmpfc.apis`` (``init_recognizer``,
+``embed_batch``): the whole embedding network of the checkpoint (backbone and
+neck, no head) with the config's data preprocessor.
+
     python tools/eval_ijb.py configs/pfc/CONFIG.py work_dirs/x/iter_N.pth \\
         --data-root data/IJB_release/IJBC --target IJBC --out-dir work_dirs/x
 """
@@ -18,10 +22,9 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from mmengine.config import Config
-from mmengine.registry import init_default_scope
+import torch.nn as nn
 
-from mmpfc.checkpoint import load_file
+from mmpfc.apis import embed_batch, init_recognizer
 from mmpfc.datasets.transforms.loading import read_image_file
 from mmpfc.evaluation.functional.ijb import (DEFAULT_FARS, align_face,
                                              pair_scores, read_ijb_meta,
@@ -30,7 +33,7 @@ from mmpfc.evaluation.functional.verification import l2_normalize
 
 
 class AlignedFaces(torch.utils.data.Dataset):
-    """Loose crops aligned to 112x112 RGB, as (3, 112, 112) uint8 tensors."""
+    """Loose crops aligned to 112x112 RGB, as (112, 112, 3) uint8 arrays."""
 
     def __init__(self, folder: str, names: list, landmarks: np.ndarray):
         self.folder, self.names, self.landmarks = folder, names, landmarks
@@ -38,60 +41,31 @@ class AlignedFaces(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.names)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int) -> np.ndarray:
         # a missing file or one that is not an image raises, naming the path
         img = read_image_file(os.path.join(self.folder, self.names[i]),
                               channel_order='rgb')
-        face = align_face(img, self.landmarks[i])
-        return torch.from_numpy(face).permute(2, 0, 1).contiguous()
+        return align_face(img, self.landmarks[i])
 
 
-def build_embedder(config: str, checkpoint: str, device: str):
-    """Backbone (+ neck) and preprocessor of the config's model, with the
-    checkpoint's backbone weights (an mmpfc checkpoint or an insightface
-    ``backbone.pth``); the head is not built."""
-    from mmpfc.registry import MODELS
-    init_default_scope('mmpfc')
-    cfg = Config.fromfile(config)
-    cfg.model.pop('head', None)
-    model = MODELS.build(cfg.model)
-    # mmpfc's import allow-lists the objects of MMEngine checkpoints
-    state = load_file(checkpoint)
-    state = state.get('state_dict', state)
-    if any(k.startswith('backbone.') for k in state):
-        state = {k[len('backbone.'):]: v for k, v in state.items()
-                 if k.startswith('backbone.')}
-    model.backbone.load_state_dict(state, strict=True)
-    model.to(device).eval()
-
-    @torch.no_grad()
-    def embed(batch: torch.Tensor) -> np.ndarray:
-        data = model.data_preprocessor(dict(inputs=list(batch)), False)
-        feats = model(data['inputs'], mode='tensor')
-        feats = feats[-1] if isinstance(feats, (tuple, list)) else feats
-        return feats.float().cpu().numpy()
-
-    return embed
-
-
-def extract(embed, dataset: torch.utils.data.Dataset, batch_size: int,
-            num_workers: int) -> tuple[np.ndarray, np.ndarray]:
-    """Raw embeddings of every image and of its mirror."""
+def extract(model: nn.Module, dataset: torch.utils.data.Dataset,
+            batch_size: int, num_workers: int,
+            flip: bool = True) -> np.ndarray:
+    """Raw embedding of every aligned face of ``dataset`` (with ``flip``,
+    plus that of its mirror), by :func:`mmpfc.apis.embed_batch`; the
+    loader's workers read and align the crops."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size,
                                          num_workers=num_workers)
-    plain, mirror = [], []
-    for batch in loader:
-        plain.append(embed(batch))
-        mirror.append(embed(batch.flip(-1)))
-    return np.concatenate(plain), np.concatenate(mirror)
+    feats = [embed_batch(model, batch.numpy(), flip=flip, normalize=False)
+             for batch in loader]
+    return np.concatenate(feats)
 
 
-def evaluate(meta: dict, plain: np.ndarray, mirror: np.ndarray,
-             flip: bool = True, norm_score: bool = True,
+def evaluate(meta: dict, feats: np.ndarray, norm_score: bool = True,
              detector_score: bool = True,
              fars: Sequence[float] = DEFAULT_FARS) -> tuple[dict, np.ndarray]:
-    """``({far: tar}, pair scores)`` under the chosen protocol switches."""
-    feats = plain + mirror if flip else plain
+    """``({far: tar}, pair scores)`` from the raw image embeddings
+    ``feats`` (N, D) under the chosen protocol switches."""
     if not norm_score:
         feats = l2_normalize(feats)
     if detector_score:
@@ -131,7 +105,8 @@ def format_table(rows: dict, fars: Sequence[float]) -> str:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('config', help='mmpfc model config')
-    parser.add_argument('checkpoint', help='mmpfc or insightface weights')
+    parser.add_argument('checkpoint', help='mmpfc checkpoint, or an '
+                        'insightface backbone.pth for a model without neck')
     parser.add_argument('--data-root', required=True,
                         help='IJB_release/IJBC (or IJBB) folder')
     parser.add_argument('--target', default='IJBC', choices=['IJBB', 'IJBC'])
@@ -152,16 +127,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     meta = read_ijb_meta(args.data_root, args.target)
-    embed = build_embedder(args.config, args.checkpoint, args.device)
+    model = init_recognizer(args.checkpoint, args.config, args.device)
     faces = AlignedFaces(os.path.join(args.data_root, 'loose_crop'),
                          meta['names'], meta['landmarks'])
-    plain, mirror = extract(embed, faces, args.batch_size, args.num_workers)
-    tars, scores = evaluate(meta, plain, mirror, not args.no_flip,
-                            not args.no_norm_score,
+    feats = extract(model, faces, args.batch_size, args.num_workers,
+                    flip=not args.no_flip)
+    tars, scores = evaluate(meta, feats, not args.no_norm_score,
                             not args.no_detector_score)
     name = os.path.splitext(os.path.basename(args.config))[0]
     print(f'{args.target} 1:1 verification, TAR (%) at FAR '
-          f'({len(scores)} pairs, {len(plain)} images)')
+          f'({len(scores)} pairs, {len(feats)} images)')
     print(format_table({name: tars}, DEFAULT_FARS))
     os.makedirs(args.out_dir, exist_ok=True)
     stem = os.path.join(args.out_dir, f'{args.target.lower()}_{name}')

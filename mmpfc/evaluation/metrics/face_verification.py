@@ -16,16 +16,25 @@ _NEEDED = ('dataset_name', 'image_idx', 'is_same', 'flip')
 
 @METRICS.register_module()
 class FaceVerificationMetric(BaseMetric):
-    """Pair accuracy of the insightface protocol (SPEC section 3).
+    """Pair accuracy of the insightface verification protocol.
 
-    Reads from each predicted data sample the embedding ``pred_feat`` (a 1-D
-    tensor; the raw, un-normalized embedding keeps XNorm meaningful, a
-    normalized one gives XNorm 1) and the keys that
+    The protocol is that of ``test()`` in insightface's
+    ``recognition/arcface_torch/eval/verification.py``: the *raw* embeddings
+    of each image and of its mirror are summed, then L2-normalized
+    (``embeddings_list[0] + embeddings_list[1]``, then
+    ``sklearn.preprocessing.normalize``), and XNorm is the mean L2 norm of
+    the raw embeddings, mirrors included. So the metric reads by default
+    ``raw_feat``, the un-normalized embedding that ``PartialFCHead.predict``
+    sets (a 1-D tensor). Reading the normalized ``pred_feat`` instead
+    (``feat_key='pred_feat'``) gives XNorm 1, and its flip sum weights image
+    and mirror equally, whatever their norms: another number than the
+    protocol's.
+
+    Besides the embedding it reads the keys that
     ``FaceVerificationDataset`` attaches: ``dataset_name``, ``image_idx``,
     ``is_same`` and ``flip``. Per set it sums each image's embedding with its
     mirror's, L2-normalizes, and runs :func:`evaluate_pairs` (squared L2,
-    thresholds 0..3.99, 10 folds). XNorm is the mean raw norm of all
-    embeddings, mirrors included.
+    thresholds 0..3.99, 10 folds).
 
     Reports ``{set}/accuracy``, ``{set}/accuracy_std``, ``{set}/threshold``,
     ``{set}/xnorm`` for every set seen, and ``mean_accuracy`` over the sets
@@ -41,7 +50,8 @@ class FaceVerificationMetric(BaseMetric):
 
     Args:
         nrof_folds (int): Cross-validation folds. Defaults to 10.
-        feat_key (str): Data-sample field of the embedding.
+        feat_key (str): Data-sample field of the raw embedding. Defaults
+            to ``'raw_feat'``.
         collect_device (str): ``'cpu'`` or ``'gpu'``, for distributed runs.
         prefix (str, optional): Prefix of the metric names.
     """
@@ -52,7 +62,7 @@ class FaceVerificationMetric(BaseMetric):
 
     def __init__(self,
                  nrof_folds: int = 10,
-                 feat_key: str = 'pred_feat',
+                 feat_key: str = 'raw_feat',
                  collect_device: str = 'cpu',
                  prefix: str | None = None) -> None:
         super().__init__(collect_device=collect_device, prefix=prefix)
