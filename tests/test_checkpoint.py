@@ -375,14 +375,6 @@ def calibrate_bn(model, shape=(8, 3, 112, 112)):
     return model.eval()
 
 
-def load_tool(*path):
-    """``main`` of a script under tools/, e.g. ``load_tool('deploy',
-    'export_onnx.py')``."""
-    import runpy
-    script = osp.join(osp.dirname(__file__), '..', 'tools', *path)
-    return runpy.run_path(script, run_name='tool_under_test')['main']
-
-
 def unshared_disk_worker(rank, world_size, work_dir, local_dir):
     """Rank 1 writes its shard to a folder of its own, as on a second
     machine whose work dir is not shared."""

@@ -3,7 +3,8 @@ import os.path as osp
 
 import pytest
 import torch
-from test_checkpoint import build_runner, load_tool, make_cfg
+from helpers import load_tool
+from test_checkpoint import build_runner, make_cfg
 
 from mmpfc.checkpoint import CheckpointError, CheckpointRows, load_file
 from mmpfc.checkpoint.insightface import find_insightface_files
@@ -16,7 +17,7 @@ BACKBONE = dict(type='MobileFaceNet', embedding_size=DIM, blocks=(1, 1, 1, 1),
 
 @pytest.fixture(scope='module')
 def tool():
-    return load_tool('model_converters', 'insightface2mmpfc.py')
+    return load_tool('model_converters', 'insightface2mmpfc.py').main
 
 
 @pytest.fixture(scope='module')

@@ -1,15 +1,14 @@
 """IJB protocol pieces and tools/eval_ijb.py on tiny synthetic meta files."""
-import importlib.util
 import os
 
 import cv2
 import numpy as np
 import pytest
 import torch
+from helpers import load_tool
 from mmengine.config import Config
 from test_apis import (NECK_MODEL, fresh_neck, neck_by_hand,
                        save_neck_checkpoint, unit_rows)
-from test_mx_face_dataset import ROOT
 
 from mmpfc.evaluation.functional.ijb import (ARCFACE_LANDMARKS, align_face,
                                              pair_scores, roc_curve,
@@ -18,11 +17,7 @@ from mmpfc.evaluation.functional.ijb import (ARCFACE_LANDMARKS, align_face,
 
 
 def load_eval_ijb():
-    path = os.path.join(ROOT, 'tools', 'eval_ijb.py')
-    spec = importlib.util.spec_from_file_location('eval_ijb', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool('eval_ijb.py')
 
 
 def similarity(angle, scale, shift):

@@ -4,7 +4,8 @@ import onnxruntime
 import pytest
 import torch
 from mmengine.config import Config
-from test_checkpoint import calibrate_bn, load_tool
+from helpers import load_tool
+from test_checkpoint import calibrate_bn
 
 from mmpfc.apis import export_onnx, onnx_max_abs_diff
 from mmpfc.apis.export import EmbeddingNet
@@ -21,7 +22,7 @@ def test_tool_exports_mobilefacenet_with_dynamic_batch(tmp_path, capsys):
     ckpt, out = str(tmp_path / 'mbf.pth'), str(tmp_path / 'mbf.onnx')
     torch.save(dict(meta=dict(cfg=Config(dict(model=cfg)).pretty_text),
                     state_dict=model.state_dict()), ckpt)
-    main = load_tool('deploy', 'export_onnx.py')
+    main = load_tool('deploy', 'export_onnx.py').main
     assert main([ckpt, out]) == 0
     printed = capsys.readouterr().out
     print(printed)

@@ -1,6 +1,5 @@
 """The reference's speed line, the per-rank memory table, a quiet console,
 known warnings and tools/plot_log.py."""
-import importlib.util
 import io
 import os.path as osp
 import re
@@ -10,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn as nn
+from helpers import load_tool
 from mmengine.config import Config
 from mmengine.logging import MessageHub, MMLogger
 from mmengine.runner import Runner
@@ -22,7 +22,6 @@ from mmpfc.registry import HOOKS
 from mmpfc.utils.logging import (QuietConsoleFilter, filter_known_warnings,
                                  quiet_console)
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 REFERENCE = ('Training: Speed 5299.56 samples/sec   Loss 1.0965   '
              'LearningRate 0.2000   Epoch: 0   Global Step: 100')
@@ -268,11 +267,7 @@ def test_known_warnings_are_filtered_and_others_still_show():
 # --- tools/plot_log.py ------------------------------------------------------
 
 def load_plot_log():
-    spec = importlib.util.spec_from_file_location(
-        'plot_log', osp.join(ROOT, 'tools', 'plot_log.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool('plot_log.py')
 
 
 SCALARS = (

@@ -2,7 +2,8 @@
 world size and resumable."""
 import pytest
 import torch
-from test_checkpoint import build_runner, head_state, load_tool, make_cfg
+from helpers import load_tool
+from test_checkpoint import build_runner, head_state, make_cfg
 
 from mmpfc.checkpoint import CheckpointError, CheckpointRows, load_file
 from mmpfc.models.utils import shard_range
@@ -10,7 +11,7 @@ from mmpfc.models.utils import shard_range
 
 @pytest.fixture(scope='module')
 def tool():
-    return load_tool('merge_checkpoint.py')
+    return load_tool('merge_checkpoint.py').main
 
 
 @pytest.fixture(scope='module')

@@ -1,5 +1,4 @@
 """MXFaceDataset on record files written by tools/dataset_converters."""
-import importlib.util
 import os
 import re
 
@@ -7,24 +6,20 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from helpers import load_tool
 from mmengine.registry import init_default_scope
 
 from mmpfc.datasets import MXFaceDataset, RecordIOError
 from mmpfc.registry import DATASETS
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PIPELINE = [dict(type='LoadImageFromBytes'),
             dict(type='mmpretrain.RandomFlip', prob=0.5),
             dict(type='mmpretrain.PackInputs')]
 
 
-def load_tool(name: str):
-    """Import ``tools/dataset_converters/{name}.py`` (not a package)."""
-    path = os.path.join(ROOT, 'tools', 'dataset_converters', f'{name}.py')
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def converter(name: str):
+    """``tools/dataset_converters/{name}.py`` as a module."""
+    return load_tool('dataset_converters', f'{name}.py')
 
 
 def make_faces(root, counts=(2, 3, 4), size=12, seed=0) -> dict:
@@ -47,7 +42,7 @@ def make_faces(root, counts=(2, 3, 4), size=12, seed=0) -> dict:
 def faces(tmp_path_factory):
     root = tmp_path_factory.mktemp('data')
     files = make_faces(str(root / 'faces'))
-    folder2rec = load_tool('folder2rec')
+    folder2rec = converter('folder2rec')
     folder2rec.main([str(root / 'faces'), str(root / 'meta')])
     folder2rec.main([str(root / 'faces'), str(root / 'plain'), '--plain'])
     return root, list(files.values())

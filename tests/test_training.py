@@ -1,7 +1,6 @@
 """tools/train.py options and a real ``tools/dist_train.sh`` run (torchrun,
 2 CPU processes, gloo initialized by the runner)."""
 import glob
-import importlib.util
 import os
 import os.path as osp
 import re
@@ -10,17 +9,13 @@ import sys
 
 import pytest
 from dist_utils import free_port
+from helpers import ROOT, load_tool
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DEMO = osp.join(ROOT, 'configs', 'pfc', 'mbf_pfc0.1_demo_cpu.py')
 
 
 def load_train_tool():
-    spec = importlib.util.spec_from_file_location(
-        'mmpfc_train_tool', osp.join(ROOT, 'tools', 'train.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool('train.py')
 
 
 @pytest.fixture(scope='module')

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from mmengine.registry import init_default_scope
-from test_mx_face_dataset import load_tool, make_faces
+from test_mx_face_dataset import converter, make_faces
 
 from mmpfc.datasets import FaceVerificationDataset, load_pairs_bin
 from mmpfc.evaluation import (FaceVerificationMetric, evaluate_pairs,
@@ -75,7 +75,7 @@ def bins(tmp_path_factory):
     """Two .bin sets written with pairs2bin from 12x12 images."""
     root = tmp_path_factory.mktemp('verif')
     files = list(make_faces(str(root), counts=(4, 4, 4), seed=1))
-    pairs2bin = load_tool('pairs2bin')
+    pairs2bin = converter('pairs2bin')
     paths = {}
     for name, count in (('lfw', 10), ('agedb_30', 6)):
         lines = [f'{os.path.relpath(files[(2 * p) % 12], root)} '

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from mmengine.config import Config
 from mmengine.model import BaseModel
 from mmengine.runner import Runner
-from test_mx_face_dataset import ROOT, load_tool, make_faces
+from helpers import ROOT
+from test_mx_face_dataset import converter, make_faces
 
 from mmpfc.registry import DATASETS
 
@@ -44,8 +45,8 @@ class ToyFaceModel(BaseModel):
 def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp('ms1m')
     files = list(make_faces(str(root / 'faces'), counts=(4, 4, 4)))
-    load_tool('folder2rec').main([str(root / 'faces'), str(root)])
-    pairs2bin = load_tool('pairs2bin')
+    converter('folder2rec').main([str(root / 'faces'), str(root)])
+    pairs2bin = converter('pairs2bin')
     for shift, name in enumerate(SETS):
         lines = [f'{files[p]} {files[(p + 1 + shift) % 12]} {p % 2}\n'
                  for p in range(10)]
