@@ -35,8 +35,9 @@ custom_hooks = [
 env_cfg = dict(
     cudnn_benchmark=True,
     mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
-    # No backend: NCCL when CUDA is available, gloo otherwise.
-    dist_cfg=dict())
+    # No backend: NCCL when CUDA is available, gloo otherwise. Ranks started
+    # without torchrun give up after start_timeout s if one is missing.
+    dist_cfg=dict(start_timeout=300))
 
 log_processor = dict(type='LogProcessor', window_size=50, by_epoch=False)
 log_level = 'INFO'

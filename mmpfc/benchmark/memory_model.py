@@ -31,6 +31,9 @@ activations saved for backward (``B x`` a per-sample figure measured with
 On the CPU the Partial FC head keeps its logit/gradient buffer from one
 step to the next (``PartialFCHead(reuse_buffer=None)``): the peak is the
 same, and with a backbone the buffer is counted beside the activations.
+On CUDA the fused head also keeps a bit mask of the clamped cosines,
+``S N / 8`` bytes (5 MB at the reference's 3M identities on 8 GPUs), left
+to ``RUNTIME_SLACK``.
 
 The model counts tensors, not the CUDA context (~0.3-0.5 GB per GPU, shown
 by ``nvidia-smi`` but not by ``torch.cuda.max_memory_allocated``) nor the

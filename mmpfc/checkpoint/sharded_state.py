@@ -18,6 +18,8 @@ import torch.nn as nn
 from mmengine.model import is_model_wrapper
 
 from mmpfc.models.utils import is_sharded, shard_range, sharded_owner
+from mmpfc.models.utils.host_copies import (drop_host_copies,
+                                            offer_host_copies)
 from .format import FORMAT
 from .rng import process_rng_state
 
@@ -137,6 +139,12 @@ def collect_shard(model: nn.Module, optim_wrapper, rank: int,
         class range, row-wise and other optimizer state, and the sampler
         state of its owner; ``info`` maps parameter names to the manifest
         fields this rank knows (``optimizer`` location, ``row_state`` names).
+
+    Every tensor is copied to the host once: on rank 0, which writes the
+    MMEngine main file next, the copies of device tensors are offered to
+    that file's ``state_dict`` calls (:mod:`mmpfc.models.utils.host_copies`),
+    which would otherwise copy the shard and its optimizer state to the host
+    again only for :func:`strip_sharded` to drop them.
     """
     payload = dict(format=FORMAT, rank=rank, world_size=world_size,
                    token=token, params={}, samplers={},
@@ -152,11 +160,16 @@ def collect_shard(model: nn.Module, optim_wrapper, rank: int,
         located = locate_param(optim_wrapper, sp.param)
         state = located[1].state.get(sp.param, {}) if located else {}
         rows, scalars = split_state(state, sp.num_local)
-        payload['params'][sp.name] = dict(
+        entry = dict(
             class_start=sp.class_start, num_local=sp.num_local,
             num_classes=sp.num_classes, weight=_cpu(sp.param),
             rows={k: _cpu(v) for k, v in rows.items()},
             scalars={k: _cpu(v) for k, v in scalars.items()})
+        payload['params'][sp.name] = entry
+        if rank == 0 and sp.param.device.type != 'cpu':
+            offer_host_copies(sp.param, dict(
+                weight=entry['weight'],
+                **{f'state.{k}': v for k, v in entry['rows'].items()}))
         sampler = getattr(sp.owner, 'sampler', None)
         if sampler is not None and hasattr(sampler, 'state_dict'):
             payload['samplers'][sp.owner_name] = sampler.state_dict()
@@ -186,7 +199,9 @@ def manifest_params(infos: List[dict], world_size: int) -> Dict[str, dict]:
 
 
 def strip_sharded(checkpoint: dict, params: Dict[str, dict]) -> None:
-    """Remove rank 0's shard entries from an MMEngine checkpoint dict."""
+    """Remove rank 0's shard entries from an MMEngine checkpoint dict
+    (and forget the host copies :func:`collect_shard` offered for it)."""
+    drop_host_copies()
     for name, entry in params.items():
         checkpoint['state_dict'].pop(name, None)
         optimizer_state = checkpoint.get('optimizer')

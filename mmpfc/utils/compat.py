@@ -5,6 +5,7 @@ Delete an entry once the upstream version named in it is no longer supported.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -39,26 +40,76 @@ def allow_mmengine_checkpoint_globals() -> None:
     add_safe_globals(safe)
 
 
+#: Environment variable that overrides the default process-group backend.
+BACKEND_ENV = 'MMPFC_DIST_BACKEND'
+
+
+def choose_backend(backend: str | None = None) -> str:
+    """The ``torch.distributed`` backend to use, chosen explicitly.
+
+    In order: ``backend`` (e.g. ``env_cfg.dist_cfg.backend`` of a config),
+    the environment variable ``MMPFC_DIST_BACKEND``, then the default: NCCL
+    when CUDA is available and the launcher gives this process a local rank
+    that names one of the visible GPUs (``LOCAL_RANK``, or ``SLURM_LOCALID``
+    under slurm), gloo otherwise (a CPU-only machine, or a CPU job on a GPU
+    machine started with ``CUDA_VISIBLE_DEVICES=``).
+    """
+    if backend:
+        return backend
+    env = os.environ.get(BACKEND_ENV, '').strip()
+    if env:
+        return env
+    local_rank = os.environ.get('LOCAL_RANK', os.environ.get('SLURM_LOCALID'))
+    if torch.cuda.is_available() and local_rank is not None and \
+            local_rank.strip().isdigit() and \
+            int(local_rank) < torch.cuda.device_count():
+        return 'nccl'
+    return 'gloo'
+
+
 def init_process_group_for_device(launcher: str = 'pytorch',
                                   backend: str | None = None,
+                                  start_timeout: float | None = 300.0,
                                   **kwargs) -> None:
-    """Initialize ``torch.distributed`` so that CPU-only machines work.
+    """Initialize ``torch.distributed``, the backend by :func:`choose_backend`.
+
+    Outside torchrun's agent (ranks started by hand or by a scheduler with
+    the env:// variables), the ranks meet through a store that waits at most
+    ``start_timeout`` seconds for all of them, so that a missing peer (one
+    process started with ``WORLD_SIZE=2``) fails with a message instead of
+    hanging for the collective timeout (30 min). ``None`` waits that long.
 
     Works around mmengine 0.10.7 ``init_dist('pytorch')`` calling
     ``torch.cuda.set_device`` unconditionally (it raises on a machine without
-    CUDA). On CUDA machines this defers to mmengine (NCCL); without CUDA it
-    creates the gloo group itself from the torchrun / slurm environment, and
-    MMEngine's ``Runner.setup_env`` then sees an initialized group and skips
-    its own init.
+    CUDA). NCCL defers to mmengine (which binds the process to the GPU of its
+    local rank); any other backend (gloo) creates the group itself from the
+    torchrun / slurm environment, and MMEngine's ``Runner.setup_env`` then
+    sees an initialized group and skips its own init.
     """
     if dist.is_available() and dist.is_initialized():
         return
-    if torch.cuda.is_available():
+    backend = choose_backend(backend)
+    if backend == 'nccl':
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                "backend='nccl' needs CUDA, but torch.cuda.is_available() is "
+                f"False: use backend='gloo' (or unset {BACKEND_ENV})")
         from mmengine.dist import init_dist
-        init_dist(launcher, backend=backend or 'nccl', **kwargs)
+        if launcher == 'pytorch':
+            kwargs.update(_rendezvous(launcher, start_timeout,
+                                      kwargs.get('timeout')))
+        init_dist(launcher, backend=backend, **kwargs)
         return
     if launcher == 'slurm':
-        _export_slurm_env(kwargs.get('port'))
+        _export_slurm_env(kwargs.pop('port', None))
+    dist.init_process_group(backend=backend, **kwargs, **_rendezvous(
+        launcher, start_timeout, kwargs.get('timeout')))
+
+
+def _rendezvous(launcher: str, start_timeout: float | None,
+                timeout: timedelta | None) -> dict:
+    """``init_process_group`` arguments from the env:// variables, with a
+    store that gives up after ``start_timeout`` s if a rank is missing."""
     missing = [k for k in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
                if k not in os.environ]
     if missing:
@@ -66,7 +117,28 @@ def init_process_group_for_device(launcher: str = 'pytorch',
             f'launcher={launcher!r} needs a process group, but the environment '
             f'lacks {missing}: start with torchrun (tools/dist_train.sh) or '
             f'srun (tools/slurm_train.sh), or use --launcher none.')
-    dist.init_process_group(backend=backend or 'gloo')
+    rank, world_size = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
+    # torchrun's agent has gathered every rank already and serves the store
+    if start_timeout is None or \
+            os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True':
+        return dict(rank=rank, world_size=world_size)
+    addr, port = os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT'])
+    try:
+        store = dist.TCPStore(addr, port, world_size, is_master=rank == 0,
+                              timeout=timedelta(seconds=start_timeout),
+                              wait_for_workers=True)
+    except RuntimeError as err:  # DistStoreError and timeouts
+        raise RuntimeError(
+            f'rank {rank} of WORLD_SIZE={world_size}: not every rank joined '
+            f'at MASTER_ADDR={addr} MASTER_PORT={port} within '
+            f'start_timeout={start_timeout:g} s. Start all {world_size} '
+            'processes (bash tools/dist_train.sh CONFIG NPROC, or torchrun '
+            '--nproc-per-node), check WORLD_SIZE / MASTER_ADDR / '
+            'MASTER_PORT, or raise env_cfg.dist_cfg.start_timeout '
+            f'({type(err).__name__}: {str(err).splitlines()[0]})') from err
+    # later store operations (barriers, new groups) get the usual patience
+    store.set_timeout(timeout or timedelta(minutes=30))
+    return dict(rank=rank, world_size=world_size, store=store)
 
 
 def _export_slurm_env(port: int | None) -> None:
@@ -96,6 +168,21 @@ def grad_scaler_found_inf(scaler: torch.amp.GradScaler,
     before ``unscale_``.
     """
     return scaler._per_optimizer_states[id(optimizer)]['found_inf_per_device']
+
+
+def grad_scaler_scale(scaler: torch.amp.GradScaler) -> torch.Tensor:
+    """The current loss scale as the scaler's device tensor, not read.
+
+    ``GradScaler.get_scale()`` returns a Python float (a device sync on
+    CUDA); torch 2.x (checked up to 2.14) has no public accessor for the
+    tensor, so the private ``_scale`` is read. The scale exists once
+    ``scaler.scale(loss)`` has run.
+    """
+    scale = getattr(scaler, '_scale', None)
+    if scale is None:
+        raise RuntimeError('the loss scale is read before the first '
+                           'backward: call wrapper.backward(loss) first')
+    return scale
 
 
 def storage_use_count(tensor: torch.Tensor) -> int | None:

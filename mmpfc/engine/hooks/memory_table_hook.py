@@ -31,10 +31,13 @@ def rank_memory(rank: int) -> dict:
     """What this rank uses, in MB.
 
     On CUDA: ``used`` / ``total`` of the whole device (what ``gpustat``
-    shows: every process and the CUDA context), ``peak`` the largest tensor
-    allocation of this process, ``reserved`` its caching allocator's pool.
-    On the CPU: the process RSS (``used``), its high-water mark (``peak``)
-    and the machine's memory (``total``).
+    shows: every process and the CUDA context), ``peak`` the most memory
+    this process's tensors held since the peak statistics were last reset
+    (:func:`reset_peak_memory`; ``MemoryTableHook`` resets them after every
+    table, so it is the peak of the interval), ``reserved`` its caching
+    allocator's pool. On the CPU: the process RSS (``used``), its
+    high-water mark since the process started (``peak``) and the machine's
+    memory (``total``).
     """
     host = socket.gethostname()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -55,11 +58,22 @@ def rank_memory(rank: int) -> dict:
                 total=total_kb / 1024, peak=peak_kb / 1024, reserved=None)
 
 
+def reset_peak_memory() -> None:
+    """Start a new interval for the CUDA ``peak`` of :func:`rank_memory`.
+
+    A no-op without an initialized CUDA context. The CPU high-water mark
+    (``VmHWM``) is the process's and is not reset.
+    """
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats(torch.cuda.current_device())
+
+
 def format_memory_table(rows: Sequence[dict], step: int) -> str:
     """One line per rank: ``[r] host device | used / total MB | peak MB``."""
     kinds = {row['kind'] for row in rows}
     what = ('device memory (used/total of the GPU; peak = max allocated '
-            'by the process)' if kinds == {'cuda'} else
+            'by the process since the previous table)'
+            if kinds == {'cuda'} else
             'process RSS (used/total of the host; peak = high-water mark)')
     width = max(len(f"{row['host']} {row['device']}") for row in rows)
     lines = [f'Memory per rank after step {step}, {what}:']
@@ -83,6 +97,12 @@ class MemoryTableHook(Hook):
         Memory per rank after step 100, process RSS (...):
         [0] node1 cpu (RSS) |   7410 /  24003 MB | peak   7420 MB
         [1] node1 cpu (RSS) |   7398 /  24003 MB | peak   7411 MB
+
+    On GPUs ``peak`` is the interval's: the CUDA peak statistics are reset
+    when training starts and after every table, so a table shows the peak
+    since the previous one (the first includes the start-up, e.g. the cuDNN
+    benchmark search), not the peak since the process started. On the CPU
+    it is the process's RSS high-water mark.
 
     The largest ``used`` over ranks goes to the message hub as
     ``train/mem_used_mb`` (JSON log, TensorBoard). The table is logged after
@@ -112,6 +132,7 @@ class MemoryTableHook(Hook):
     def before_train(self, runner) -> None:
         if self.first is None:
             self.first = logger_interval(runner)
+        reset_peak_memory()  # the first interval starts with training
 
     def after_train_iter(self, runner, batch_idx: int,
                          data_batch: Optional[Sequence] = None,
@@ -133,6 +154,7 @@ class MemoryTableHook(Hook):
             'train/mem_used_mb', max(row['used'] for row in rows))
         if runner.rank == 0:
             runner.logger.info(format_memory_table(rows, step))
+        reset_peak_memory()  # the next table shows the next interval's peak
         return rows
 
 

@@ -15,7 +15,7 @@ head that is wrong in three places, fixed here:
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -25,8 +25,9 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from mmpfc.models.utils import (get_rank_and_world_size, is_sharded,
                                 sharded_owner)
+from mmpfc.models.utils.host_copies import take_host_copy
 from mmpfc.registry import OPTIM_WRAPPERS
-from mmpfc.utils.compat import grad_scaler_found_inf
+from mmpfc.utils.compat import grad_scaler_found_inf, grad_scaler_scale
 from .sparse_step import sparse_step
 
 SparseUpdate = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -59,16 +60,43 @@ class ShardAwareMixin:
         for param, rows, grad in updates:
             sparse_step(self.optimizer, param, rows, grad)
 
-    def _clip_grad(self) -> None:
-        """Clip replicated parameters only (identical on every rank)."""
+    def _clip_params(self) -> Optional[torch.Tensor]:
+        """Clip replicated parameters only (identical on every rank).
+
+        Returns what the clip function returns (the total norm for
+        ``clip_grad_norm_``, None for ``clip_grad_value_``), not read.
+        """
         params = [p for p in self._all_params()
                   if p.requires_grad and p.grad is not None
                   and not is_sharded(p)]
-        if params:
-            norm = self.clip_func(params, **self.clip_grad_kwargs)
-            if norm is not None:
-                self.message_hub.update_scalar(f'train/{self.grad_name}',
-                                               float(norm))
+        if not params:
+            return None
+        return self.clip_func(params, **self.clip_grad_kwargs)
+
+    def _clip_grad(self) -> None:
+        """Clip replicated parameters and log the norm (reads it: a sync)."""
+        norm = self._clip_params()
+        if norm is not None:
+            self.message_hub.update_scalar(f'train/{self.grad_name}',
+                                           float(norm))
+
+    def _with_host_copies(self, state_dict: dict) -> dict:
+        """``state_dict`` with the host copies a sharded save offered for
+        the optimizer state of sharded parameters (not copied twice)."""
+        state = state_dict.get('state', {})
+        for index, param in enumerate(self._all_params()):
+            if not is_sharded(param) or index not in state:
+                continue
+            entry = dict(state[index])  # never change the live state
+            for key in entry:
+                copy = take_host_copy(param, f'state.{key}')
+                if copy is not None:
+                    entry[key] = copy
+            state[index] = entry
+        return state_dict
+
+    def state_dict(self) -> dict:
+        return self._with_host_copies(super().state_dict())
 
     def zero_grad(self, **kwargs) -> None:
         super().zero_grad(**kwargs)
@@ -98,15 +126,24 @@ class PartialFCOptimWrapper(ShardAwareMixin, OptimWrapper):
 
 @OPTIM_WRAPPERS.register_module()
 class PartialFCAmpOptimWrapper(ShardAwareMixin, AmpOptimWrapper):
-    """Mixed precision for a sharded head: fp16 + loss scaling on CUDA.
+    """Mixed precision for a sharded head, on the device of its parameters.
 
-    On CUDA it is ``AmpOptimWrapper`` (fp16 autocast, dynamic loss scaling)
-    with the overflow decision all-reduced over ranks. Without CUDA it runs
-    bf16 autocast on the CPU, which needs no loss scaler; ``dtype='float16'``
-    there gives CPU fp16 autocast with a CPU ``GradScaler`` (the same
-    loss-scaling and overflow-sharing code as on GPUs, e.g. to test it with
-    gloo). The head's logits and softmax stay fp32 in every case. The current
-    loss scale is logged as ``train/loss_scale``.
+    The device type comes from the parameters of ``optimizer`` (all must be
+    on one device type), never from ``torch.cuda.is_available()``: a CPU
+    model on a GPU machine gets CPU autocast. On CUDA it is fp16 autocast
+    with dynamic loss scaling (``AmpOptimWrapper``'s ``loss_scale`` forms)
+    and the overflow decision all-reduced over ranks; ``dtype='bfloat16'``
+    autocasts to bf16 with the same scaler. On the CPU it runs bf16 autocast,
+    which needs no loss scaler; ``dtype='float16'`` there gives CPU fp16
+    autocast with a CPU ``GradScaler`` (the same loss-scaling and
+    overflow-sharing code as on GPUs, e.g. to test it with gloo). The head's
+    logits and softmax stay fp32 in every case. The current loss scale is
+    logged as ``train/loss_scale``.
+
+    A loss-scaled step reads the device once: the shared overflow flag, the
+    scale used and the gradient norm (with ``clip_grad``) come back in one
+    copy; an overflowed step skips the optimizer, as ``GradScaler.step``
+    does.
 
     Example::
 
@@ -115,41 +152,56 @@ class PartialFCAmpOptimWrapper(ShardAwareMixin, AmpOptimWrapper):
                                           weight_decay=5e-4))
     """
 
-    def __init__(self, loss_scale='dynamic', dtype=None, **kwargs) -> None:
-        if torch.cuda.is_available():
-            super().__init__(loss_scale=loss_scale, dtype=dtype, **kwargs)
-            self.device_type = 'cuda'
-            return
-        OptimWrapper.__init__(self, **kwargs)
-        self.device_type = 'cpu'
-        if dtype in ('float16', torch.float16):
-            self.cast_dtype = torch.float16
-            self._init_cpu_loss_scaler(loss_scale)
-            return
-        if dtype not in (None, 'bfloat16', torch.bfloat16):
-            raise ValueError(
-                f'dtype={dtype!r}: on the CPU mixed precision is bfloat16 '
-                "(dtype=None or 'bfloat16') or float16 with loss scaling "
-                "(dtype='float16')")
-        self.cast_dtype = torch.bfloat16
-        self.loss_scaler = None
-        self._scale_update_param = None
+    #: device type -> (default autocast dtype, dtypes allowed there)
+    DTYPES = {
+        'cuda': (torch.float16, (torch.float16, torch.bfloat16)),
+        'cpu': (torch.bfloat16, (torch.bfloat16, torch.float16)),
+    }
 
-    def _init_cpu_loss_scaler(self, loss_scale) -> None:
-        """``AmpOptimWrapper``'s ``loss_scale`` forms, on a CPU scaler."""
+    def __init__(self, loss_scale='dynamic', dtype=None, **kwargs) -> None:
+        OptimWrapper.__init__(self, **kwargs)
+        self.device = params_device(self.optimizer)
+        self.device_type = self.device.type
+        if self.device_type not in self.DTYPES:
+            raise ValueError(
+                f'PartialFCAmpOptimWrapper supports parameters on '
+                f'{sorted(self.DTYPES)}, got {self.device_type!r}')
+        self.cast_dtype = self._cast_dtype(dtype)
         self._scale_update_param = None
+        self.loss_scaler = None
+        # bf16 on the CPU has fp32's range: no loss scaling
+        if self.device_type == 'cuda' or self.cast_dtype == torch.float16:
+            self.loss_scaler = self._build_loss_scaler(loss_scale)
+
+    def _cast_dtype(self, dtype) -> torch.dtype:
+        """The autocast dtype for ``dtype`` (None, a name or a dtype)."""
+        default, allowed = self.DTYPES[self.device_type]
+        if dtype is None:
+            return default
+        cast = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+        if cast not in allowed:
+            names = ' or '.join(repr(str(d).replace('torch.', ''))
+                                for d in allowed)
+            raise ValueError(
+                f'dtype={dtype!r}: on the {self.device_type.upper()} mixed '
+                f'precision is {names} (dtype=None: '
+                f"{str(default).replace('torch.', '')!r}); on the CPU "
+                "bfloat16 needs no loss scaling and float16 is loss-scaled")
+        return cast
+
+    def _build_loss_scaler(self, loss_scale) -> torch.amp.GradScaler:
+        """``AmpOptimWrapper``'s ``loss_scale`` forms, on this device."""
+        device = self.device_type
         if loss_scale == 'dynamic':
-            self.loss_scaler = torch.amp.GradScaler('cpu')
-        elif isinstance(loss_scale, (int, float)):
+            return torch.amp.GradScaler(device)
+        if isinstance(loss_scale, (int, float)):
             self._scale_update_param = float(loss_scale)
-            self.loss_scaler = torch.amp.GradScaler(
-                'cpu', init_scale=float(loss_scale))
-        elif isinstance(loss_scale, dict):
-            self.loss_scaler = torch.amp.GradScaler('cpu', **loss_scale)
-        else:
-            raise TypeError(
-                "loss_scale must be 'dynamic', a number or a dict of "
-                f'GradScaler arguments, got {loss_scale!r}')
+            return torch.amp.GradScaler(device, init_scale=float(loss_scale))
+        if isinstance(loss_scale, dict):
+            return torch.amp.GradScaler(device, **loss_scale)
+        raise TypeError(
+            "loss_scale must be 'dynamic', a number or a dict of "
+            f'GradScaler arguments, got {loss_scale!r}')
 
     @contextmanager
     def optim_context(self, model: nn.Module):
@@ -170,37 +222,56 @@ class PartialFCAmpOptimWrapper(ShardAwareMixin, AmpOptimWrapper):
             self.optimizer.step(**kwargs)
             self._apply_sparse_updates(updates)
             return
-        scale = self.loss_scaler.get_scale()
+        scale = grad_scaler_scale(self.loss_scaler)
         self.loss_scaler.unscale_(self.optimizer)
+        inv_scale = scale.double().reciprocal().float()  # as unscale_
         for _, _, grad in updates:
-            grad.mul_(1.0 / scale)
-        overflow = self._share_overflow(updates)
-        if self.clip_grad_kwargs and not overflow:
-            self._clip_grad()
-        self.loss_scaler.step(self.optimizer, **kwargs)
-        self.loss_scaler.update(self._scale_update_param)
+            grad.mul_(inv_scale.to(grad.device))
+        flag = self._share_overflow(updates)
+        norm = None
+        if self.clip_grad_kwargs:
+            # clipped before the decision is read; an overflowed step is
+            # skipped anyway and its norm is not logged
+            norm = self._clip_params()
+        # the one device read of the step: overflow, scale, norm
+        values = [flag.reshape(()), scale.reshape(()).to(flag)]
+        if torch.is_tensor(norm):
+            values.append(norm.reshape(()).to(flag))
+        host = torch.stack(values).tolist()
+        overflow = host[0] > 0
         if not overflow:
+            # the gradients are unscaled: what GradScaler.step would run
+            self.optimizer.step(**kwargs)
             self._apply_sparse_updates(updates)
-        self.message_hub.update_scalar('train/loss_scale', scale)
+            if len(host) > 2:
+                self.message_hub.update_scalar(f'train/{self.grad_name}',
+                                               host[2])
+        self.loss_scaler.update(self._scale_update_param)
+        self.message_hub.update_scalar('train/loss_scale', host[1])
 
-    def _share_overflow(self, updates: List[SparseUpdate]) -> bool:
-        """Make every rank skip the step if any rank saw inf/NaN."""
+    def _share_overflow(self, updates: List[SparseUpdate]) -> torch.Tensor:
+        """Make every rank skip the step if any rank saw inf/NaN.
+
+        Returns the shared flag (1 element, 1.0 on overflow) on the device,
+        without reading it; the scaler's per-device flags are overwritten
+        with it, so ``loss_scaler.update`` backs off on every rank.
+        """
         found = grad_scaler_found_inf(self.loss_scaler, self.optimizer)
-        flag = torch.zeros(1, device=self.device_type)
+        flag = torch.zeros(1, device=self.device)
         for value in found.values():
             flag += value.to(flag.device)
         for _, _, grad in updates:
-            flag += (~torch.isfinite(grad)).any().float()
+            flag += (~torch.isfinite(grad)).any().float().to(flag.device)
         if get_rank_and_world_size()[1] > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         flag.clamp_(max=1.0)
         for value in found.values():
             value.copy_(flag.to(value.device).reshape(value.shape))
-        return bool(flag.item())
+        return flag
 
     def state_dict(self) -> dict:
         if self.loss_scaler is None:
-            return OptimWrapper.state_dict(self)
+            return self._with_host_copies(OptimWrapper.state_dict(self))
         return super().state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -208,6 +279,26 @@ class PartialFCAmpOptimWrapper(ShardAwareMixin, AmpOptimWrapper):
             state_dict.pop('loss_scaler', None)
             return OptimWrapper.load_state_dict(self, state_dict)
         return super().load_state_dict(state_dict)
+
+
+def params_device(optimizer: torch.optim.Optimizer) -> torch.device:
+    """The one device that holds every parameter of ``optimizer``.
+
+    Raises ValueError, naming the devices, when the parameters are spread
+    over several device types (autocast and the loss scaler are per device
+    type) or when there are none.
+    """
+    devices = {}
+    for group in optimizer.param_groups:
+        for param in group['params']:
+            devices.setdefault(param.device.type, param.device)
+    if len(devices) != 1:
+        raise ValueError(
+            'PartialFCAmpOptimWrapper needs every parameter of the optimizer '
+            f'on one device type, got {sorted(devices) or "no parameters"}: '
+            'move the whole model (model.to(device)) before building the '
+            'optimizer')
+    return next(iter(devices.values()))
 
 
 def _refuse_unapplied_sampled_gradients(optimizer, args, kwargs) -> None:

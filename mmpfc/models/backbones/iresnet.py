@@ -7,7 +7,7 @@ attributes or reorder the ``layerN`` sequences.
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager, Dict, Optional, Tuple
+from typing import Callable, ContextManager, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -37,6 +37,27 @@ def autocast_if(enabled: bool, device_type: str) -> ContextManager:
     if enabled:
         return torch.autocast(device_type)
     return contextlib.nullcontext()
+
+
+def no_autocast(device_type: str) -> ContextManager:
+    """Switch autocast off for ``device_type`` (where torch has autocast)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def run_full_precision(fn: Callable[[torch.Tensor], torch.Tensor],
+                       x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``fn(x)`` outside autocast, with ``x`` cast to ``dtype``.
+
+    The embedding layers of a face backbone run here, ``dtype`` being their
+    weights': under an outer AMP region (the optim wrapper's autocast) they
+    would otherwise compute the embedding in fp16/bf16, and the head would
+    all-gather it, and reduce-scatter its gradient, in that precision.
+    insightface keeps them in fp32 as well.
+    """
+    with no_autocast(x.device.type):
+        return fn(x.to(dtype))
 
 
 def _conv3x3(in_channels: int, out_channels: int,
@@ -92,9 +113,11 @@ class IResNet(BaseModule):
         depth: One of 18, 34, 50, 100, 200.
         embedding_size: Output dimension D.
         dropout: Dropout probability before the fc layer.
-        fp16: Run the convolutional body under autocast and the fc layer
-            and final BN in fp32 (insightface's ``fp16`` switch). Leave it
-            off when the optim wrapper already autocasts the whole model.
+        fp16: Run the convolutional body under autocast (insightface's
+            ``fp16`` switch). Leave it off when the optim wrapper already
+            autocasts the whole model. The fc layer and the final BN (the
+            embedding) always run in the weights' precision, outside any
+            autocast (:func:`run_full_precision`).
         zero_init_residual: Zero the scale of each branch's last BN (bn3)
             so every block starts as the identity (insightface zeroes bn2,
             which silences the branch too but is the less common choice).
@@ -166,5 +189,9 @@ class IResNet(BaseModule):
             x = self.prelu(self.bn1(self.conv1(x)))
             x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
             x = self.dropout(torch.flatten(self.bn2(x), 1))
-        x = self.fc(x.float() if self.fp16 else x)
-        return (self.features(x), )
+        return (run_full_precision(self.embedding, x,
+                                   self.fc.weight.dtype), )
+
+    def embedding(self, x: torch.Tensor) -> torch.Tensor:
+        """The embedding layers: fc, then the BatchNorm1d ``features``."""
+        return self.features(self.fc(x))

@@ -13,7 +13,7 @@ import torch.nn as nn
 from mmengine.model import BaseModule
 
 from mmpfc.registry import MODELS
-from .iresnet import autocast_if
+from .iresnet import autocast_if, run_full_precision
 
 
 class _Layers(nn.Module):
@@ -85,8 +85,10 @@ class MobileFaceNet(BaseModule):
         blocks: Bottlenecks in the four stages; a first entry of 1 means a
             single depthwise conv instead of a residual stage.
         scale: Width multiplier of the stages (64 * scale, 128 * scale).
-        fp16: Run the body under autocast and the 1x1 conv and GDC head in
-            fp32 (insightface's ``fp16`` switch).
+        fp16: Run the body under autocast (insightface's ``fp16``
+            switch). The 1x1 conv and the GDC head (the embedding) always run
+            in the weights' precision, outside any autocast, also under the
+            optim wrapper's AMP.
         init_cfg: MMEngine init config, e.g. ``Pretrained``.
 
     ``forward`` returns a one-tuple ``(embedding,)`` of shape (N, D).
@@ -139,5 +141,9 @@ class MobileFaceNet(BaseModule):
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor]:
         with autocast_if(self.fp16, x.device.type):
             x = self.layers(x)
-        x = self.conv_sep(x.float() if self.fp16 else x)
-        return (self.features(x), )
+        dtype = self.features.layers[2].weight.dtype
+        return (run_full_precision(self.embedding, x, dtype), )
+
+    def embedding(self, x: torch.Tensor) -> torch.Tensor:
+        """The embedding layers: 1x1 conv, GDC, linear and BatchNorm1d."""
+        return self.features(self.conv_sep(x))

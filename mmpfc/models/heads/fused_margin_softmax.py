@@ -18,6 +18,14 @@ the same loss and gradients with:
 
 The margin's target logit is differentiated by autograd on the (at most N)
 target cosines, so any ``CombinedMarginLoss`` setting works unchanged.
+
+Nothing is read from the device on CUDA (no host-device synchronization):
+the targets are addressed with one (row, column) pair per column, columns
+whose target lives on another rank included (masked, never changed), and
+the positions whose cosine was clamped (outside [-1, 1] by rounding, no
+gradient) are kept as a bit mask of S x N bits. On the CPU, where a read
+costs nothing, one ``aminmax`` decides whether any position was clamped
+(:data:`BIT_MASK_CLAMP`).
 """
 from __future__ import annotations
 
@@ -35,6 +43,62 @@ from .sampled_gradients import SampledRows
 NORM_EPS = 1e-12  # as F.normalize
 #: Bytes of one chunk of gathered centers (and of the logits beside them).
 CHUNK_BYTES = {'cpu': 2**20, 'cuda': 256 * 2**20}
+#: By device type: keep the clamped positions as a bit mask (True, the
+#: default: no device read) or find them with ``aminmax`` + ``nonzero``.
+BIT_MASK_CLAMP = {'cpu': False}
+#: Logits whose clamp mask is made or applied at a time (bounds the
+#: temporaries of the bit mask to a few bytes per element of a block).
+MASK_BLOCK = 2**22
+_BIT_WEIGHTS: dict = {}  # device -> (1, 2, 4, ..., 128) as uint8
+
+
+def _bit_weights(device: torch.device) -> torch.Tensor:
+    weights = _BIT_WEIGHTS.get(device)
+    if weights is None:  # made on the device: no host-to-device copy
+        weights = torch.bitwise_left_shift(
+            torch.ones(8, dtype=torch.uint8, device=device),
+            torch.arange(8, dtype=torch.uint8, device=device))
+        _BIT_WEIGHTS[device] = weights
+    return weights
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """(R, N) bool -> (R, ceil(N / 8)) uint8; bit ``j % 8`` of byte
+    ``j // 8`` of a row is ``mask[row, j]``."""
+    rows, width = mask.shape
+    pad = (-width) % 8
+    if pad:
+        mask = torch.cat([mask, mask.new_zeros(rows, pad)], dim=1)
+    weights = _bit_weights(mask.device)
+    return (mask.view(rows, -1, 8).to(torch.uint8) * weights).sum(
+        dim=2, dtype=torch.uint8)
+
+
+def unpack_bits(bits: torch.Tensor, width: int) -> torch.Tensor:
+    """The (R, ``width``) bool mask that :func:`pack_bits` packed."""
+    weights = _bit_weights(bits.device)
+    mask = (bits.unsqueeze(2) & weights).ne(0)
+    return mask.view(bits.shape[0], -1)[:, :width]
+
+
+def _row_blocks(rows: int, width: int) -> Iterator[slice]:
+    step = max(1, MASK_BLOCK // max(1, width))
+    for start in range(0, rows, step):
+        yield slice(start, start + step)
+
+
+def pack_clamped(cos: torch.Tensor, bits: torch.Tensor) -> None:
+    """Write into ``bits`` where the (R, N) ``cos`` lies outside [-1, 1]."""
+    for rows in _row_blocks(cos.shape[0], cos.shape[1]):
+        block = cos[rows]
+        bits[rows] = pack_bits((block < -1) | (block > 1))
+
+
+def zero_clamped(grad: torch.Tensor, bits: torch.Tensor) -> None:
+    """Zero the entries of the (R, N) ``grad`` that ``bits`` marks."""
+    width = grad.shape[1]
+    for rows in _row_blocks(grad.shape[0], width):
+        grad[rows].masked_fill_(unpack_bits(bits[rows], width), 0.0)
 
 
 class Workspace:
@@ -129,34 +193,51 @@ class FusedMarginSoftmax(torch.autograd.Function):
                   else emb.new_empty(total * width))
         logits = buffer[:total * num].view(total, num)
         w_norm = emb.new_empty(total)
+        # outside [-1, 1] by rounding only: clamp, and no gradient there
+        bits = None
+        if total and BIT_MASK_CLAMP.get(emb.device.type, True):
+            bits = torch.empty((total, (num + 7) // 8), dtype=torch.uint8,
+                               device=emb.device)
         for start, stop in _spans(total, size):
             rows = _rows(weight, index, start, stop, dtype)
             torch.linalg.vector_norm(rows, dim=1, out=w_norm[start:stop])
             cos = torch.mm(rows, emb_n.t(), out=logits[start:stop])
             cos.mul_(w_norm[start:stop].clamp_min(NORM_EPS).reciprocal()[:,
                                                                          None])
-        # outside [-1, 1] by rounding only: clamp, and no gradient there
+            if bits is not None:
+                pack_clamped(cos, bits[start:stop])
+                cos.clamp_(-1.0, 1.0)
         clamped = None
-        if total:
+        if total and bits is None:
             low, high = torch.aminmax(logits)
             if low < -1 or high > 1:
                 clamped = ((logits < -1) | (logits > 1)).nonzero(
                     as_tuple=True)
             logits.clamp_(-1.0, 1.0)
 
-        rows_t = (labels >= 0).nonzero(as_tuple=True)[0]
-        target = (labels[rows_t], rows_t)  # where each row's target lives
-        with torch.enable_grad():
-            cos_t = logits[target].requires_grad_(True)
-            logit_t = margin.target_logit(cos_t)
-            slope_t, = torch.autograd.grad(logit_t.sum(), cos_t)
+        # one (row, column) per column: its target's row, row 0 where the
+        # target is on another rank (read, but never changed)
+        has_target = labels >= 0
+        target = logit_t = slope_t = None
+        if total:
+            target = (labels.clamp_min(0),
+                      torch.arange(num, device=labels.device))
+            with torch.enable_grad():
+                cos_t = logits[target].requires_grad_(True)
+                logit_t = margin.target_logit(cos_t)
+                slope_t, = torch.autograd.grad(logit_t.sum(), cos_t)
+            logit_t = logit_t.detach()
         filtered = None
         if margin.interclass_filtering_threshold > 0:
             filtered = logits > margin.interclass_filtering_threshold
-            filtered[target] = False  # the target column is never filtered
+            if target is not None:  # the target column is never filtered
+                filtered.index_put_(target, filtered[target] & ~has_target)
             logits.masked_fill_(filtered, 0.0)
         scale = margin.s
-        logits[target] = logit_t.detach()
+        if target is not None:
+            logits.index_put_(target,
+                              torch.where(has_target, logit_t,
+                                          logits[target]))
         logits.mul_(scale)
 
         # softmax over the columns of every rank: max, exp, sum
@@ -165,14 +246,15 @@ class FusedMarginSoftmax(torch.autograd.Function):
         all_reduce_(row_max, dist.ReduceOp.MAX)
         row_sum = logits.sub_(row_max).exp_().sum(dim=0)
         all_reduce_(row_sum)
-        target_logit = emb.new_zeros(num)
-        target_logit[rows_t] = scale * logit_t.detach()
+        target_logit = emb.new_zeros(num) if target is None else (
+            scale * logit_t).masked_fill_(~has_target, 0.0)
         all_reduce_(target_logit)
         loss = (row_sum.log() + row_max - target_logit).mean()
 
         ctx.buffer, ctx.clamped, ctx.filtered = buffer, clamped, filtered
-        ctx.need_w = need_w
-        ctx.target, ctx.slope_t, ctx.size = target, slope_t, size
+        ctx.bits, ctx.need_w = bits, need_w
+        ctx.target, ctx.has_target = target, has_target
+        ctx.slope_t, ctx.size = slope_t, size
         ctx.row_sum, ctx.scale, ctx.index, ctx.record = (row_sum, scale,
                                                          index, record)
         ctx.weight_dtype = weight.dtype
@@ -191,12 +273,18 @@ class FusedMarginSoftmax(torch.autograd.Function):
         # d loss / d logit = (p - onehot) * grad_loss / N, p = exp / row_sum;
         # through the margin: times s, and at the target times its slope
         factor = grad_loss / num
-        prob_t = grad[target] / ctx.row_sum[target[1]]
+        if target is not None:
+            prob_t = grad[target] / ctx.row_sum
         grad.mul_((factor * scale) / ctx.row_sum)
-        grad[target] = (prob_t - 1.0) * factor * scale * ctx.slope_t
-        for mask in (ctx.filtered, ctx.clamped):
-            if mask is not None:
-                grad[mask] = 0.0
+        if target is not None:
+            grad_t = (prob_t - 1.0) * factor * scale * ctx.slope_t
+            grad.index_put_(target, torch.where(ctx.has_target, grad_t,
+                                                grad[target]))
+        if ctx.filtered is not None:
+            grad.masked_fill_(ctx.filtered, 0.0)
+        if ctx.clamped is not None:  # positions (CPU), no device read
+            grad[ctx.clamped] = 0.0
+        bits = ctx.bits
         inv_norm = w_norm.clamp_min(NORM_EPS).reciprocal_()
         grad.mul_(inv_norm[:, None])  # d loss / d (w . e_n)
 
@@ -211,6 +299,8 @@ class FusedMarginSoftmax(torch.autograd.Function):
         for start, stop in (reversed(spans) if num <= dim else spans):
             rows = _rows(weight, index, start, stop, emb_n.dtype)
             block = grad[start:stop]
+            if bits is not None:  # clamped cosines: no gradient
+                zero_clamped(block, bits[start:stop])
             if need_w:
                 overlap = (max(start * num, start * dim) <
                            min(stop * num, stop * dim))
@@ -226,7 +316,7 @@ class FusedMarginSoftmax(torch.autograd.Function):
                 out.addcmul_(rows, coef[:, None])
                 if overlap:
                     grad_w[start:stop] = out
-        ctx.buffer = ctx.filtered = ctx.record = None
+        ctx.buffer = ctx.filtered = ctx.record = ctx.bits = None
         grad_emb = None
         if need_e:
             radial = (grad_e * emb_n).sum(dim=1, keepdim=True)

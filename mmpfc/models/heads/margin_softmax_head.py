@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmpfc.registry import MODELS
+from .label_check import LabelRangeCheck
 from .partial_fc_head import PartialFCHead, build_margin_loss
 from .sampled_gradients import SampledGradients
 
@@ -49,11 +50,14 @@ class MarginSoftmaxHead(PartialFCHead):
             torch.empty(num_classes, in_channels).normal_(
                 0.0, init_std, generator=init_gen))
         self._sampled = SampledGradients()
+        self.check_batch_size = False  # each rank's own batch
+        self._label_check = LabelRangeCheck(num_classes)
 
     def loss_by_labels(self, embeddings: torch.Tensor,
                        labels: torch.Tensor) -> torch.Tensor:
         """Margin softmax of the local batch over all classes."""
         labels = self._check_inputs(embeddings, labels)
+        self._check_label_range(labels)
         with torch.autocast(embeddings.device.type, enabled=False):
             dtype = torch.promote_types(
                 torch.promote_types(embeddings.dtype, self.weight.dtype),

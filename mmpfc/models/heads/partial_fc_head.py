@@ -14,9 +14,11 @@ from ..utils import (all_gather_with_grad, distributed_cross_entropy,
                      get_rank_and_world_size, mark_sharded,
                      refuse_replicating_ddp, shard_range)
 from ..utils.distributed import all_gather_no_grad
+from ..utils.host_copies import drop_host_copies, take_host_copy
 from .center_sampler import CenterSampler
 from .fused_margin_softmax import (Workspace, fused_margin_softmax,
                                    supports_fused)
+from .label_check import LabelRangeCheck
 from .sampled_gradients import SampledGradients, SampledRows
 
 
@@ -81,7 +83,20 @@ class PartialFCHead(BaseModule):
             by the kernel; CUDA's caching allocator already recycles it, and
             freeing it there leaves the memory to the backbone's next
             forward.
+        check_batch_size: All-gather the batch sizes every step and raise if
+            they differ (an all-gather of unequal batches fails or hangs).
+            None: on the CPU only, where it costs a small gloo message; on
+            GPUs the runner's start-up check of the train dataloader
+            (``check_train_data``: drop_last or an infinite sampler) is the
+            guarantee, and a per-step check would stall every step on a
+            device read.
         init_cfg: MMEngine init config (unused by the shard itself).
+
+    Host-device synchronization: on CUDA a step of the fused head reads
+    nothing from the device when the sample budget exceeds the global batch
+    (``int(sample_rate * num_local) > N``, always the case at scale). The
+    label range check is then read one step late
+    (:class:`.label_check.LabelRangeCheck`).
     """
 
     def __init__(self,
@@ -93,6 +108,7 @@ class PartialFCHead(BaseModule):
                  init_std: float = 0.01,
                  seed: Optional[int] = None,
                  reuse_buffer: Optional[bool] = None,
+                 check_batch_size: Optional[bool] = None,
                  init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg=init_cfg)
         if not 0.0 <= sample_rate <= 1.0:
@@ -119,14 +135,31 @@ class PartialFCHead(BaseModule):
         self.sampler = CenterSampler(self.num_local, sample_rate,
                                      seed=(base_seed + self.rank) % (2**63))
         self.reuse_buffer = reuse_buffer
+        self.check_batch_size = check_batch_size
+        self._label_check = LabelRangeCheck(num_classes)
         self._workspace = Workspace()
         # (rows, holder of .grad) of the steps since the last optimizer update
         self._sampled = SampledGradients()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        # a sharded save already copied the shard to the host: reuse it
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        copy = None if keep_vars else take_host_copy(self.weight, 'weight')
+        if copy is not None:
+            destination[prefix + 'weight'] = copy
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        drop_host_copies([self.weight])  # offered copies would be stale
+        super()._load_from_state_dict(*args, **kwargs)
 
     def __setstate__(self, state: dict) -> None:
         # a copy (deepcopy, pickle) owns its own copy of the shard
         super().__setstate__(state)
         mark_sharded(self.weight, owner=self)
+        # heads pickled before these attributes existed
+        self.__dict__.setdefault('check_batch_size', None)
+        if '_label_check' not in self.__dict__:
+            self._label_check = LabelRangeCheck(self.num_classes)
 
     @property
     def samples_centers(self) -> bool:
@@ -175,11 +208,16 @@ class PartialFCHead(BaseModule):
         if self.world_size > 1:
             refuse_replicating_ddp()  # before stock DDP trains rank 0's rows
         labels = self._check_inputs(embeddings, labels)
+        if self._training_step():
+            drop_host_copies([self.weight])  # about to change: not reusable
         embeddings = all_gather_with_grad(embeddings)
-        labels = all_gather_no_grad(labels.to(embeddings.device))
+        labels = all_gather_no_grad(
+            labels.to(embeddings.device, non_blocking=True))
+        self._check_label_range(labels)  # the global batch: on every rank
 
         local = labels - self.class_start
-        local[(local < 0) | (local >= self.num_local)] = -1
+        local = torch.where((local >= 0) & (local < self.num_local), local,
+                            torch.full_like(local, -1))
         index = None
         if self.samples_centers:
             index, local = self.sampler.sample(local)
@@ -269,15 +307,22 @@ class PartialFCHead(BaseModule):
             raise ValueError(
                 f'{labels.numel()} labels for {embeddings.shape[0]} '
                 'embeddings')
-        if labels.numel() and (labels.min() < 0
-                               or labels.max() >= self.num_classes):
-            bad = labels[(labels < 0) | (labels >= self.num_classes)]
-            raise ValueError(
-                f'labels must be in [0, {self.num_classes}), got '
-                f'{bad[:5].tolist()} (num_classes={self.num_classes})')
-        if self.world_size > 1:
+        check = self.check_batch_size
+        if check is None:
+            check = embeddings.device.type == 'cpu'
+        if self.world_size > 1 and check:
             self._check_batch_sizes(embeddings)
         return labels
+
+    def _check_label_range(self, labels: torch.Tensor) -> None:
+        """Labels must be in [0, num_classes): at once on the CPU, one step
+        late on CUDA (see :class:`.label_check.LabelRangeCheck`)."""
+        self._label_check(labels)
+
+    def check_pending_labels(self) -> None:
+        """Read a label range check still pending on CUDA (e.g. after the
+        last step); raises ValueError for an out-of-range label."""
+        self._label_check.flush()
 
     def _check_batch_sizes(self, embeddings: torch.Tensor) -> None:
         """All ranks must contribute the same batch size to the all-gather."""

@@ -78,16 +78,23 @@ class CombinedMarginLoss(nn.Module):
         Returns:
             (N, S) logits ``s * adjusted_cos``.
         """
-        rows = (labels >= 0).nonzero(as_tuple=True)[0]
-        cols = labels[rows]
-        target = cos[rows, cols]
+        if not cos.shape[1]:  # no columns (e.g. an empty sample)
+            return cos * self.s
+        # one (row, column) per row, column 0 where the target is elsewhere
+        # (kept as is): fixed sizes, so nothing is read from the device
+        has_target = labels >= 0
+        index = (torch.arange(labels.numel(), device=labels.device),
+                 labels.clamp_min(0))
         if self.interclass_filtering_threshold > 0:
             with torch.no_grad():
                 keep = (cos <= self.interclass_filtering_threshold).to(
                     cos.dtype)
-                keep[rows, cols] = 1.0
+                keep.index_put_(index, torch.where(
+                    has_target, torch.ones_like(keep[index]), keep[index]))
             cos = cos * keep
-        logits = cos.index_put((rows, cols), self.target_logit(target))
+        current = cos[index]
+        target = torch.where(has_target, self.target_logit(current), current)
+        logits = cos.index_put(index, target)
         return logits * self.s
 
     def extra_repr(self) -> str:

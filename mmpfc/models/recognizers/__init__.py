@@ -1,3 +1,4 @@
+from .data_preprocessor import FaceDataPreprocessor
 from .face_recognizer import FaceRecognizer
 
-__all__ = ['FaceRecognizer']
+__all__ = ['FaceDataPreprocessor', 'FaceRecognizer']

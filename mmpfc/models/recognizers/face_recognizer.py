@@ -10,9 +10,10 @@ from mmengine.model import BaseModel
 
 from mmpfc.registry import MODELS
 
-# insightface's input convention: RGB, (x / 255 - 0.5) / 0.5, i.e. [-1, 1].
+# insightface's input convention: RGB, (x / 255 - 0.5) / 0.5, i.e. [-1, 1];
+# ClsDataPreprocessor's maths with one asynchronous copy per batch.
 DEFAULT_PREPROCESSOR = dict(
-    type='mmpretrain.ClsDataPreprocessor',
+    type='mmpfc.FaceDataPreprocessor',
     mean=[127.5, 127.5, 127.5],
     std=[127.5, 127.5, 127.5],
     to_rgb=False)

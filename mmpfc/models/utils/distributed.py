@@ -108,23 +108,27 @@ class _DistributedCrossEntropy(torch.autograd.Function):
         all_reduce_(row_sum)
         probs.div_(row_sum)
 
+        # one (row, column) per row, column 0 where the target lives on
+        # another rank (masked): no device read for the target positions
         has_target = labels >= 0
-        target_rows = has_target.nonzero(as_tuple=True)[0]
-        target_cols = labels[target_rows]
-        target_prob = probs.new_zeros(rows)
-        target_prob[target_rows] = probs[target_rows, target_cols]
+        target = (torch.arange(rows, device=labels.device),
+                  labels.clamp_min(0))
+        target_prob = probs[target].masked_fill_(~has_target, 0.0) \
+            if probs.shape[1] else probs.new_zeros(rows)
         all_reduce_(target_prob)
         loss = -target_prob.clamp_min(1e-30).log().mean()
 
-        ctx.save_for_backward(probs, target_rows, target_cols)
+        ctx.save_for_backward(probs, has_target, *target)
         ctx.input_dtype = logits.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        probs, target_rows, target_cols = ctx.saved_tensors
+        probs, has_target, *target = ctx.saved_tensors
         grad = probs  # reuse the buffer: this function runs backward once
-        grad[target_rows, target_cols] -= 1.0
+        if grad.shape[1]:
+            grad.index_put_(tuple(target),
+                            grad[tuple(target)] - has_target.to(grad.dtype))
         grad.mul_(grad_loss / probs.shape[0])
         return grad.to(ctx.input_dtype), None
 

@@ -1,0 +1,20 @@
+"""``tools/check_gpu.sh --cpu`` runs: the GPU check cannot rot unnoticed."""
+import os
+import os.path as osp
+import subprocess
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+
+
+def test_check_gpu_script_runs_on_the_cpu():
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    proc = subprocess.run(['bash', osp.join(ROOT, 'tools', 'check_gpu.sh'),
+                           '--cpu'], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=90)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert ' passed' in out and ' failed' not in out  # (a) the cuda tests
+    assert 'Training: Speed ' in out and 'samples/sec' in out  # (b)
+    assert 'Memory per rank after step 2' in out
+    assert 'Memory per rank after step 4' in out
+    assert '[0] ' in out and ' MB | peak ' in out
