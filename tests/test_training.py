@@ -91,3 +91,20 @@ def test_dist_train_sh_runs_two_cpu_processes(tmp_path):
     assert 'Hooks will be executed in the following order' in logged
     assert glob.glob(osp.join(str(tmp_path), 'iter_4.pth.shards-*',
                               'rank1-of2.pth'))
+
+
+def test_a_failing_rank_closes_the_torchrun_report(tmp_path):
+    """``@record``: torchrun's closing report carries the failing rank's
+    error (without it: ``error_file: <N/A>`` and no traceback there)."""
+    env = dict(os.environ, PORT=str(free_port()), PYTHON=sys.executable,
+               OMP_NUM_THREADS='1')
+    cmd = ['bash', osp.join(ROOT, 'tools', 'dist_train.sh'), DEMO, '1',
+           '--work-dir', str(tmp_path), '--cfg-options',
+           'model.head.sample_rate=2.0']
+    proc = subprocess.run(cmd, cwd=str(tmp_path), env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    report = out[out.rindex('Root Cause'):]
+    assert 'error_file: <N/A>' not in report
+    assert 'ValueError: sample_rate must be in [0, 1], got 2.0' in report
