@@ -242,3 +242,40 @@ def test_replicated_head_matches_dense_model():
     assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-9)
     assert torch.allclose(feats.grad, ref_grad, atol=1e-12)
     assert torch.allclose(head.weight.grad, ref_wgrad, atol=1e-12)
+
+
+def test_copies_of_a_replicated_head_stay_replicated():
+    """A data-parallel head's weight is never marked sharded, not even in
+    a deepcopy (e.g. EMA) or a pickled copy; a sharded head's copy owns its
+    own shard."""
+    import copy
+    import pickle
+
+    import mmpfc  # noqa: F401
+    from mmpfc.models.heads import (MarginSoftmaxHead, PartialFCHead,
+                                    ShardedHead)
+    from mmpfc.models.utils import is_sharded, sharded_names, sharded_owner
+    replicated = MarginSoftmaxHead(NUM_CLASSES, DIM)
+    sharded = PartialFCHead(NUM_CLASSES, DIM, sample_rate=0.5)
+    for twin in (copy.deepcopy(replicated),
+                 pickle.loads(pickle.dumps(replicated))):
+        assert not is_sharded(twin.weight) and sharded_names(twin) == []
+        assert not isinstance(twin, ShardedHead)
+        assert torch.equal(twin.weight, replicated.weight)
+    for twin in (copy.deepcopy(sharded), pickle.loads(pickle.dumps(sharded))):
+        assert sharded_names(twin) == ['weight']
+        assert sharded_owner(twin.weight) is twin
+        assert isinstance(twin, ShardedHead)
+    assert sharded_owner(sharded.weight) is sharded
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(num_classes=0, in_channels=DIM), 'num_classes must be an int >= 1'),
+    (dict(num_classes=4, in_channels=0), 'in_channels must be > 0'),
+])
+def test_both_heads_check_their_arguments(kwargs, match):
+    import mmpfc  # noqa: F401
+    from mmpfc.registry import MODELS
+    for head in ('PartialFCHead', 'MarginSoftmaxHead'):
+        with pytest.raises(ValueError, match=match):
+            MODELS.build(dict(type=head, **kwargs))

@@ -1,3 +1,3 @@
-from .partial_fc_ddp import PartialFCDistributedDataParallel, sharded_names
+from .partial_fc_ddp import PartialFCDistributedDataParallel
 
-__all__ = ['PartialFCDistributedDataParallel', 'sharded_names']
+__all__ = ['PartialFCDistributedDataParallel']

@@ -2,21 +2,14 @@
 from __future__ import annotations
 
 import inspect
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch.nn as nn
 from mmengine.model import MMDistributedDataParallel
 from torch.nn.parallel import DistributedDataParallel
 
-from mmpfc.models.utils import is_sharded
+from mmpfc.models.utils import sharded_names
 from mmpfc.registry import MODEL_WRAPPERS
-
-
-def sharded_names(module: nn.Module) -> List[str]:
-    """Names of the parameters and buffers marked with ``mark_sharded``."""
-    return [name for name, tensor in (*module.named_parameters(),
-                                      *module.named_buffers())
-            if is_sharded(tensor)]
 
 
 @MODEL_WRAPPERS.register_module()

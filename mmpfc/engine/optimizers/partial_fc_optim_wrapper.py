@@ -25,6 +25,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from mmpfc.models.utils import (get_rank_and_world_size, is_sharded,
                                 sharded_owner)
+from mmpfc.models.heads.sharded_head import ShardedHead
 from mmpfc.models.utils.host_copies import take_host_copy
 from mmpfc.registry import OPTIM_WRAPPERS
 from mmpfc.utils.compat import grad_scaler_found_inf, grad_scaler_scale
@@ -43,7 +44,7 @@ class ShardAwareMixin:
         owners = []
         for param in self._all_params():
             owner = sharded_owner(param)
-            if owner is not None and getattr(owner, 'samples_centers', False):
+            if isinstance(owner, ShardedHead) and owner.samples_centers:
                 owners.append((param, owner))
         return owners
 

@@ -19,8 +19,8 @@ from mmpfc.checkpoint import unwrap_model
 from mmpfc.engine.hooks.training_health_hook import (TrainingDivergedError,
                                                      any_rank,
                                                      nonfinite_parameters)
-from mmpfc.engine.model_wrappers import (PartialFCDistributedDataParallel,
-                                         sharded_names)
+from mmpfc.engine.model_wrappers import PartialFCDistributedDataParallel
+from mmpfc.models.utils import sharded_names
 from mmpfc.registry import MODEL_WRAPPERS, RUNNERS
 from mmpfc.utils.compat import init_process_group_for_device
 from mmpfc.utils.logging import quiet_console

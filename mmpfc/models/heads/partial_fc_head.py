@@ -1,13 +1,11 @@
 """The sharded, sampled classification layer (Partial FC) as an mmpretrain head."""
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
-from mmengine.model import BaseModule
 
 from mmpfc.registry import MODELS
 from ..utils import (all_gather_with_grad, distributed_cross_entropy,
@@ -15,27 +13,18 @@ from ..utils import (all_gather_with_grad, distributed_cross_entropy,
                      refuse_replicating_ddp, shard_range)
 from ..utils.distributed import all_gather_no_grad
 from ..utils.host_copies import drop_host_copies, take_host_copy
+from .base_margin_head import BaseMarginHead, build_margin_loss
 from .center_sampler import CenterSampler
 from .fused_margin_softmax import (Workspace, fused_margin_softmax,
                                    supports_fused)
 from .label_check import LabelRangeCheck
 from .sampled_gradients import SampledGradients, SampledRows
 
-
-def build_margin_loss(loss: Union[dict, nn.Module]) -> nn.Module:
-    """Build ``loss`` in the mmpfc scope, whatever the caller's scope is.
-
-    From an mmpretrain config (default scope ``mmpretrain``) a bare
-    ``type='CombinedMarginLoss'`` would otherwise be looked up in mmpretrain's
-    registry and not be found.
-    """
-    if isinstance(loss, nn.Module):
-        return loss
-    return MODELS.build({'_scope_': 'mmpfc', **loss})
+__all__ = ['PartialFCHead', 'build_margin_loss']
 
 
 @MODELS.register_module()
-class PartialFCHead(BaseModule):
+class PartialFCHead(BaseMarginHead):
     """Margin softmax over class centers sharded across ranks (Partial FC).
 
     Every rank owns the contiguous classes ``[class_start, class_start +
@@ -110,33 +99,25 @@ class PartialFCHead(BaseModule):
                  reuse_buffer: Optional[bool] = None,
                  check_batch_size: Optional[bool] = None,
                  init_cfg: Optional[dict] = None) -> None:
-        super().__init__(init_cfg=init_cfg)
         if not 0.0 <= sample_rate <= 1.0:
             raise ValueError(
                 f'sample_rate must be in [0, 1], got {sample_rate}')
-        if in_channels <= 0:
-            raise ValueError(f'in_channels must be > 0, got {in_channels}')
+        super().__init__(num_classes, in_channels, loss, init_cfg=init_cfg)
         self.rank, self.world_size = get_rank_and_world_size()
-        self.num_classes = num_classes
-        self.in_channels = in_channels
         self.sample_rate = sample_rate
         self.class_start, self.num_local = shard_range(
             num_classes, self.rank, self.world_size)
-        self.margin_loss = build_margin_loss(loss)
 
         # Rank-dependent init so shards are not copies of each other.
         base_seed = torch.initial_seed() if seed is None else seed
-        init_gen = torch.Generator().manual_seed(
-            (base_seed + 7919 * (self.class_start + 1)) % (2**63))
-        self.weight = nn.Parameter(
-            torch.empty(self.num_local, in_channels).normal_(
-                0.0, init_std, generator=init_gen))
+        self.weight = self.init_centers(
+            self.num_local, in_channels, init_std,
+            base_seed + 7919 * (self.class_start + 1))
         mark_sharded(self.weight, owner=self)
         self.sampler = CenterSampler(self.num_local, sample_rate,
                                      seed=(base_seed + self.rank) % (2**63))
         self.reuse_buffer = reuse_buffer
         self.check_batch_size = check_batch_size
-        self._label_check = LabelRangeCheck(num_classes)
         self._workspace = Workspace()
         # (rows, holder of .grad) of the steps since the last optimizer update
         self._sampled = SampledGradients()
@@ -166,41 +147,6 @@ class PartialFCHead(BaseModule):
         """True when steps use sampled rows (sparse update path)."""
         return self.sample_rate < 1.0
 
-    # ----------------------------------------------------------------- API
-    def pre_logits(self, feats: Union[torch.Tensor, Sequence[torch.Tensor]]
-                   ) -> torch.Tensor:
-        """The embedding: ``feats`` itself or the last item of a tuple."""
-        if isinstance(feats, (tuple, list)):
-            feats = feats[-1]
-        return feats
-
-    def forward(self, feats) -> torch.Tensor:
-        """The embedding (logits need labels and are computed in ``loss``)."""
-        return self.pre_logits(feats)
-
-    def loss(self, feats, data_samples: Sequence, **kwargs) -> dict:
-        """Global mean margin-softmax loss; identical on every rank."""
-        labels = self._labels_from(data_samples)
-        return dict(loss=self.loss_by_labels(self.pre_logits(feats), labels))
-
-    def predict(self, feats, data_samples: Optional[Sequence] = None
-                ) -> list:
-        """Data samples carrying the embedding.
-
-        ``pred_feat`` is the L2-normalized embedding (what a face model
-        compares); ``raw_feat`` is the un-normalized one, which verification
-        needs for the flip-sum and XNorm of the insightface protocol.
-        """
-        from mmpretrain.structures import DataSample
-        raw = self.pre_logits(feats).detach().float()
-        emb = F.normalize(raw, dim=1)
-        if data_samples is None:
-            data_samples = [DataSample() for _ in range(emb.shape[0])]
-        for sample, vector, raw_vector in zip(data_samples, emb, raw):
-            sample.set_field(vector, 'pred_feat', field_type='data')
-            sample.set_field(raw_vector, 'raw_feat', field_type='data')
-        return list(data_samples)
-
     # ------------------------------------------------------------ the step
     def loss_by_labels(self, embeddings: torch.Tensor,
                        labels: torch.Tensor) -> torch.Tensor:
@@ -223,9 +169,7 @@ class PartialFCHead(BaseModule):
             index, local = self.sampler.sample(local)
 
         with torch.autocast(embeddings.device.type, enabled=False):
-            dtype = torch.promote_types(
-                torch.promote_types(embeddings.dtype, self.weight.dtype),
-                torch.float32)  # fp32 logits even under autocast
+            dtype = self.logit_dtype(embeddings, self.weight)
             embeddings = embeddings.to(dtype)
             if supports_fused(self.margin_loss):
                 return fused_margin_softmax(embeddings, self.weight, index,
@@ -287,42 +231,15 @@ class PartialFCHead(BaseModule):
         self._sampled.clear()
 
     # ------------------------------------------------------------- checks
-    def _labels_from(self, data_samples: Sequence) -> torch.Tensor:
-        try:
-            labels = [sample.gt_label for sample in data_samples]
-        except AttributeError as err:
-            raise ValueError(
-                'PartialFCHead.loss needs data samples with gt_label') from err
-        return torch.cat([torch.as_tensor(lab).reshape(-1)
-                          for lab in labels])
-
     def _check_inputs(self, embeddings: torch.Tensor,
                       labels: torch.Tensor) -> torch.Tensor:
-        if embeddings.ndim != 2 or embeddings.shape[1] != self.in_channels:
-            raise ValueError(
-                f'PartialFCHead expects embeddings of shape (B, '
-                f'{self.in_channels}), got {tuple(embeddings.shape)}')
-        labels = labels.reshape(-1).long()
-        if labels.numel() != embeddings.shape[0]:
-            raise ValueError(
-                f'{labels.numel()} labels for {embeddings.shape[0]} '
-                'embeddings')
+        labels = self._check_shapes(embeddings, labels)
         check = self.check_batch_size
         if check is None:
             check = embeddings.device.type == 'cpu'
         if self.world_size > 1 and check:
             self._check_batch_sizes(embeddings)
         return labels
-
-    def _check_label_range(self, labels: torch.Tensor) -> None:
-        """Labels must be in [0, num_classes): at once on the CPU, one step
-        late on CUDA (see :class:`.label_check.LabelRangeCheck`)."""
-        self._label_check(labels)
-
-    def check_pending_labels(self) -> None:
-        """Read a label range check still pending on CUDA (e.g. after the
-        last step); raises ValueError for an out-of-range label."""
-        self._label_check.flush()
 
     def _check_batch_sizes(self, embeddings: torch.Tensor) -> None:
         """All ranks must contribute the same batch size to the all-gather."""
@@ -336,7 +253,6 @@ class PartialFCHead(BaseModule):
                 f'{sizes} (use drop_last=True or an InfiniteSampler)')
 
     def extra_repr(self) -> str:
-        return (f'num_classes={self.num_classes}, in_channels='
-                f'{self.in_channels}, sample_rate={self.sample_rate}, '
+        return (f'{super().extra_repr()}, sample_rate={self.sample_rate}, '
                 f'rank={self.rank}, class_start={self.class_start}, '
                 f'num_local={self.num_local}')

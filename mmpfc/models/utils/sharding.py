@@ -7,7 +7,7 @@ from the replicated backbone; they recognise it with :func:`is_sharded`.
 from __future__ import annotations
 
 import weakref
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -73,6 +73,20 @@ def is_sharded(param: torch.Tensor) -> bool:
     return bool(getattr(param, _SHARDED_ATTR, False))
 
 
+def named_sharded_tensors(module: torch.nn.Module
+                          ) -> List[Tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` of every parameter and buffer of ``module``
+    marked with :func:`mark_sharded`: the one way to list them."""
+    return [(name, tensor) for name, tensor in (*module.named_parameters(),
+                                                *module.named_buffers())
+            if is_sharded(tensor)]
+
+
+def sharded_names(module: torch.nn.Module) -> List[str]:
+    """Names of the sharded parameters and buffers of ``module``."""
+    return [name for name, _ in named_sharded_tensors(module)]
+
+
 
 # DDP wrappers already found to ignore every sharded tensor of their module
 _SAFE_DDPS: 'weakref.WeakSet' = weakref.WeakSet()
@@ -97,9 +111,8 @@ def refuse_replicating_ddp() -> None:
     if ddp is None or ddp in _SAFE_DDPS:
         return
     ignored = set(getattr(ddp, 'parameters_to_ignore', ()))
-    replicated = [name for name, t in (*ddp.module.named_parameters(),
-                                       *ddp.module.named_buffers())
-                  if is_sharded(t) and name not in ignored]
+    replicated = [name for name in sharded_names(ddp.module)
+                  if name not in ignored]
     if replicated:
         fix = SHARD_SAFE_CONFIG.replace('\n', '\n    ')
         raise RuntimeError(

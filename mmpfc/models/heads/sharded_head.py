@@ -1,0 +1,50 @@
+"""The contract between a head with rank-local rows and the rest of mmpfc.
+
+The optim wrappers (sparse updates of sampled rows, shard-aware clipping),
+the DDP wrapper, the runner and the checkpoint code never look at a head's
+class: they find its sharded parameters with
+:func:`mmpfc.models.utils.named_sharded_tensors` and their owner with
+:func:`mmpfc.models.utils.sharded_owner`, and rely on this protocol.
+:class:`~.partial_fc_head.PartialFCHead` implements it; a new sharded head
+implements it too and marks its rows with
+:func:`mmpfc.models.utils.mark_sharded` (``owner=self``).
+"""
+from __future__ import annotations
+
+from typing import Optional, Protocol, Tuple, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class ShardedHead(Protocol):
+    """A head that owns rows ``[class_start, class_start + num_local)`` of
+    ``num_classes`` centers of size ``in_channels`` on this rank.
+
+    ``sampler`` (with ``state_dict`` / ``load_state_dict``) is saved and
+    restored with the rows. When ``samples_centers`` is True, a step uses
+    some rows only and leaves their gradient to
+    :meth:`pop_sampled_gradient` instead of ``weight.grad``.
+    """
+
+    num_classes: int
+    in_channels: int
+    class_start: int
+    num_local: int
+    sample_rate: float
+    sampler: object
+
+    @property
+    def samples_centers(self) -> bool:
+        """True when a step updates the sampled rows only."""
+
+    def pop_sampled_gradient(self
+                             ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """``(rows, grad)`` since the last update (summed per row), or
+        None; clears the record."""
+
+    def has_sampled_gradient(self) -> bool:
+        """True while sampled-row gradients wait for the optimizer."""
+
+    def clear_sampled_gradient(self) -> None:
+        """Forget the sampled-row gradients (``zero_grad``)."""
