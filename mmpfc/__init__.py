@@ -1,14 +1,14 @@
 """mmpfc: Partial FC for large-scale face-recognition training on MMEngine.
 
 Importing the package registers every component in the ``mmpfc`` scope and
-silences the known, harmless third-party warnings listed in
-:data:`mmpfc.utils.logging.KNOWN_WARNINGS` (narrow filters, each with its
-reason; mmpretrain's import raises one of them).
+installs its process-wide settings with one call,
+:func:`mmpfc.utils.process_hooks.install_process_hooks` (warning filters,
+checkpoint globals for ``weights_only`` loading, the sampled-gradient guard
+on torch optimizers); nothing else changes global state at import.
 """
-from .utils.logging import filter_known_warnings
+from .utils.process_hooks import install_process_hooks
 
-filter_known_warnings()
-from .utils import compat  # noqa: E402,F401  (library workarounds first)
+install_process_hooks()
 from . import models  # noqa: E402,F401
 from . import datasets  # noqa: E402,F401
 from . import engine  # noqa: E402,F401

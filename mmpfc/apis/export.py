@@ -7,6 +7,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from mmpfc.utils.compat import ONNX_EXPORT_KWARGS
+
 
 class EmbeddingNet(nn.Module):
     """``model.extract_feat(x)[-1]``: normalized image in, embedding out.
@@ -40,11 +42,10 @@ def export_onnx(model: nn.Module,
     axes = {'input': {0: 'batch'}, 'embedding': {0: 'batch'}} \
         if dynamic_batch else None
     with torch.no_grad():
-        # TorchScript exporter: the dynamo one needs onnxscript.
         torch.onnx.export(net, (dummy, ), path, input_names=['input'],
                           output_names=['embedding'], dynamic_axes=axes,
                           opset_version=opset, do_constant_folding=True,
-                          dynamo=False)
+                          **ONNX_EXPORT_KWARGS)
     onnx.checker.check_model(onnx.load(path))
 
 

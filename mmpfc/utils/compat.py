@@ -155,7 +155,108 @@ def _export_slurm_env(port: int | None) -> None:
     os.environ.setdefault('MASTER_PORT', str(port or 29500))
 
 
-allow_mmengine_checkpoint_globals()
+# torch >= 2.10 names the tensor collectives *_single and deprecates the
+# *_tensor names; delete the fallbacks once torch < 2.10 is unsupported.
+all_gather_into = getattr(dist, 'all_gather_single', None) or \
+    dist.all_gather_into_tensor
+reduce_scatter_into = getattr(dist, 'reduce_scatter_single', None) or \
+    dist.reduce_scatter_tensor
+
+
+def ddp_ignore(module: torch.nn.Module, names) -> None:
+    """Make DDP leave the tensors ``names`` of ``module`` alone (no
+    broadcast at wrap time, no gradient all-reduce).
+
+    torch (checked up to 2.14) offers this only through the private
+    ``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model``;
+    replace it when a public API exists.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        module, sorted(names))
+
+
+def ddp_arguments(module: torch.nn.Module, device_ids, kwargs: dict):
+    """``(device_ids, kwargs)`` that this torch's DDP accepts for ``module``.
+
+    * mmengine 0.10.7 ``Runner.wrap_model`` passes
+      ``device_ids=[LOCAL_RANK]``, which DDP rejects for a CPU module: None.
+    * torch >= 2.14 deprecates ``broadcast_buffers`` for
+      ``forward_sync_buffers``; the replacement still syncs the replicated
+      buffers once at wrap time. Delete once torch < 2.14 is unsupported.
+    """
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+    tensor = next(iter(module.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(module.buffers()), None)
+    if tensor is None or tensor.device.type == 'cpu':
+        device_ids = None
+    kwargs = dict(kwargs)
+    if 'broadcast_buffers' in kwargs and 'forward_sync_buffers' in \
+            inspect.signature(DistributedDataParallel.__init__).parameters:
+        kwargs.setdefault('forward_sync_buffers',
+                          kwargs.pop('broadcast_buffers'))
+    return device_ids, kwargs
+
+
+def init_amp_optim_wrapper_anywhere(wrapper, **kwargs) -> None:
+    """``OptimWrapper.__init__`` for an ``AmpOptimWrapper`` subclass.
+
+    mmengine 0.10.7 ``AmpOptimWrapper.__init__`` asserts a CUDA, NPU, MLU
+    or MUSA device (no CPU autocast) and builds a CUDA loss scaler; the
+    subclass builds its own scaler for the parameters' device instead.
+    """
+    from mmengine.optim import OptimWrapper
+    OptimWrapper.__init__(wrapper, **kwargs)
+
+
+def scoped_registry_name(registry, cls: type) -> str:
+    """``scope.Name`` under which ``cls`` is registered in ``registry`` or
+    one of its parents.
+
+    mmengine 0.10.7 ``Runner.wrap_model`` builds the wrapper from the root
+    ``MODEL_WRAPPERS`` registry: a bare name of a child scope is not found
+    there, a scoped one is.
+    """
+    while registry is not None:
+        for name, obj in registry.module_dict.items():
+            if obj is cls:
+                return f'{registry.scope}.{name}'
+        registry = registry.parent
+    raise KeyError(f'{cls.__name__} is not registered')
+
+
+def warn_if_loop_sleeps(loop, logger) -> None:
+    """mmengine 0.10.7 ``IterBasedTrainLoop`` sleeps 2 s at every pass
+    over the data unless the sampler is infinite: say so at start-up."""
+    from mmengine.dataset import InfiniteSampler
+    from mmengine.runner import IterBasedTrainLoop
+    dataloader = getattr(loop, 'dataloader', None)
+    if isinstance(loop, IterBasedTrainLoop) and dataloader is not None and \
+            not isinstance(dataloader.sampler, InfiniteSampler):
+        logger.warning(
+            f'IterBasedTrainLoop with {type(dataloader.sampler).__name__}: '
+            'MMEngine 0.10 sleeps 2 s at every pass over the data; use '
+            "sampler=dict(type='InfiniteSampler')")
+
+
+def build_in_scope(registry, cfg):
+    """Build a transform (or any config) from ``registry`` whatever the
+    current default scope is.
+
+    mmengine 0.10.7's ``Compose`` looks dicts up in the current default
+    scope, so a dataset built outside a Runner (scripts, tests) would not
+    find mmpfc's transforms.
+    """
+    return registry.build(cfg) if isinstance(cfg, dict) else cfg
+
+
+#: ``torch.onnx.export`` arguments: torch >= 2.9 defaults to the dynamo
+#: exporter, which needs the onnxscript package; the TorchScript exporter
+#: needs nothing more. Drop once onnxscript is a requirement.
+ONNX_EXPORT_KWARGS = dict(dynamo=False)
 
 
 def grad_scaler_found_inf(scaler: torch.amp.GradScaler,

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 from mmpfc.registry import TRANSFORMS
+from mmpfc.utils.compat import build_in_scope
 
 
 def build_transforms(pipeline: Sequence[dict | Callable]) -> list[Callable]:
@@ -14,5 +15,4 @@ def build_transforms(pipeline: Sequence[dict | Callable]) -> list[Callable]:
     ``LoadImageFromBytes``; building here finds mmpfc names, plain mmcv
     names and scoped ones such as ``mmpretrain.PackInputs``.
     """
-    return [TRANSFORMS.build(t) if isinstance(t, dict) else t
-            for t in pipeline]
+    return [build_in_scope(TRANSFORMS, t) for t in pipeline]

@@ -1,15 +1,14 @@
 """DDP that leaves rank-local (sharded) parameters alone."""
 from __future__ import annotations
 
-import inspect
 from typing import Optional, Sequence
 
 import torch.nn as nn
 from mmengine.model import MMDistributedDataParallel
-from torch.nn.parallel import DistributedDataParallel
 
 from mmpfc.models.utils import sharded_names
 from mmpfc.registry import MODEL_WRAPPERS
+from mmpfc.utils.compat import ddp_arguments, ddp_ignore
 
 
 @MODEL_WRAPPERS.register_module()
@@ -46,31 +45,11 @@ class PartialFCDistributedDataParallel(MMDistributedDataParallel):
                  **kwargs) -> None:
         ignore = set(getattr(module, '_ddp_params_and_buffers_to_ignore',
                              ()))
-        ignore.update(sharded_names(module))
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-            module, sorted(ignore))
-        if _on_cpu(module):
-            device_ids = None
-        if 'broadcast_buffers' in kwargs and _HAS_FORWARD_SYNC_BUFFERS:
-            # torch >= 2.14 deprecates it; the replacement still syncs the
-            # replicated buffers once at wrap time, which is what we want
-            # (sharded ones are ignored above).
-            kwargs.setdefault('forward_sync_buffers',
-                              kwargs.pop('broadcast_buffers'))
+        ddp_ignore(module, ignore | set(sharded_names(module)))
+        device_ids, kwargs = ddp_arguments(module, device_ids, kwargs)
         super().__init__(module=module, device_ids=device_ids,
                          detect_anomalous_params=detect_anomalous_params,
                          **kwargs)
-
-
-_HAS_FORWARD_SYNC_BUFFERS = 'forward_sync_buffers' in inspect.signature(
-    DistributedDataParallel.__init__).parameters
-
-
-def _on_cpu(module: nn.Module) -> bool:
-    tensor = next(iter(module.parameters()), None)
-    if tensor is None:
-        tensor = next(iter(module.buffers()), None)
-    return tensor is None or tensor.device.type == 'cpu'
 
 
 __all__ = ['PartialFCDistributedDataParallel', 'sharded_names']

@@ -21,14 +21,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from mmpfc.models.utils import (get_rank_and_world_size, is_sharded,
                                 sharded_owner)
 from mmpfc.models.heads.sharded_head import ShardedHead
 from mmpfc.models.utils.host_copies import take_host_copy
 from mmpfc.registry import OPTIM_WRAPPERS
-from mmpfc.utils.compat import grad_scaler_found_inf, grad_scaler_scale
+from mmpfc.utils.compat import (grad_scaler_found_inf, grad_scaler_scale,
+                                init_amp_optim_wrapper_anywhere)
 from .sparse_step import sparse_step
 
 SparseUpdate = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -160,7 +160,7 @@ class PartialFCAmpOptimWrapper(ShardAwareMixin, AmpOptimWrapper):
     }
 
     def __init__(self, loss_scale='dynamic', dtype=None, **kwargs) -> None:
-        OptimWrapper.__init__(self, **kwargs)
+        init_amp_optim_wrapper_anywhere(self, **kwargs)
         self.device = params_device(self.optimizer)
         self.device_type = self.device.type
         if self.device_type not in self.DTYPES:
@@ -302,10 +302,12 @@ def params_device(optimizer: torch.optim.Optimizer) -> torch.device:
     return next(iter(devices.values()))
 
 
-def _refuse_unapplied_sampled_gradients(optimizer, args, kwargs) -> None:
+def refuse_unapplied_sampled_gradients(optimizer, args, kwargs) -> None:
     """Fail loudly when a plain optimizer step would skip sampled centers.
 
-    Registered for every torch optimizer: the PartialFC wrappers collect the
+    Registered for every torch optimizer by
+    :func:`mmpfc.utils.process_hooks.install_process_hooks` (``import
+    mmpfc``): the PartialFC wrappers collect the
     sampled gradients before calling ``optimizer.step``; if some are still
     waiting afterwards, the optimizer was driven by another wrapper and the
     centers would silently never learn.
@@ -321,5 +323,3 @@ def _refuse_unapplied_sampled_gradients(optimizer, args, kwargs) -> None:
                     "optim_wrapper=dict(type='mmpfc.PartialFCOptimWrapper', "
                     "...) or 'mmpfc.PartialFCAmpOptimWrapper'.")
 
-
-register_optimizer_step_post_hook(_refuse_unapplied_sampled_gradients)

@@ -11,7 +11,7 @@ from mmengine.dist import (broadcast, broadcast_object_list, get_dist_info,
                            is_distributed)
 from mmengine.hooks import CheckpointHook, EMAHook
 from mmengine.model import is_model_wrapper
-from mmengine.runner import IterBasedTrainLoop, Runner
+from mmengine.runner import Runner
 from mmengine.runner.base_loop import BaseLoop
 from torch.nn.parallel import DistributedDataParallel
 
@@ -22,7 +22,8 @@ from mmpfc.engine.hooks.training_health_hook import (TrainingDivergedError,
 from mmpfc.engine.model_wrappers import PartialFCDistributedDataParallel
 from mmpfc.models.utils import sharded_names
 from mmpfc.registry import MODEL_WRAPPERS, RUNNERS
-from mmpfc.utils.compat import init_process_group_for_device
+from mmpfc.utils.compat import (init_process_group_for_device,
+                                scoped_registry_name, warn_if_loop_sleeps)
 from mmpfc.utils.logging import quiet_console
 from .sharded_checkpoint import ShardedCheckpointMixin
 from .work_dir import (existing_checkpoints, refuse_used_work_dir,
@@ -118,7 +119,8 @@ class PartialFCRunner(ShardedCheckpointMixin, Runner):
                 f'all-reduce the rank-local parameters {sharded}; use '
                 "model_wrapper_cfg=dict(type="
                 "'PartialFCDistributedDataParallel') or a subclass")
-        return dict(model_wrapper_cfg, type=_scoped_name(wrapper_cls))
+        return dict(model_wrapper_cfg,
+                    type=scoped_registry_name(MODEL_WRAPPERS, wrapper_cls))
 
     def train(self) -> nn.Module:
         """MMEngine's ``train`` behind the work-dir guard; a resumed run
@@ -209,25 +211,8 @@ class PartialFCRunner(ShardedCheckpointMixin, Runner):
             model = unwrap_model(self.model)
             check_train_data(model, dataloader)
             check_hooks(model, self.hooks)
-            if isinstance(loop, IterBasedTrainLoop) and not isinstance(
-                    dataloader.sampler, InfiniteSampler):
-                sampler = type(dataloader.sampler).__name__
-                self.logger.warning(
-                    f'IterBasedTrainLoop with {sampler}: MMEngine 0.10 '
-                    'sleeps 2 s at every pass over the data; use '
-                    "sampler=dict(type='InfiniteSampler')")
+            warn_if_loop_sleeps(loop, self.logger)
         return loop
-
-
-def _scoped_name(cls: type) -> str:
-    """``scope.Name`` under which ``cls`` is registered (for MMEngine)."""
-    registry = MODEL_WRAPPERS
-    while registry is not None:
-        for name, obj in registry.module_dict.items():
-            if obj is cls:
-                return f'{registry.scope}.{name}'
-        registry = registry.parent
-    raise KeyError(f'{cls.__name__} is not registered as a model wrapper')
 
 
 def check_hooks(model: nn.Module, hooks: list) -> None:

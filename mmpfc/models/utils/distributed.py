@@ -10,6 +10,8 @@ from typing import Tuple
 import torch
 import torch.distributed as dist
 
+from mmpfc.utils.compat import all_gather_into, reduce_scatter_into
+
 
 def get_rank_and_world_size() -> Tuple[int, int]:
     """``(rank, world_size)``; ``(0, 1)`` when no process group exists."""
@@ -18,17 +20,10 @@ def get_rank_and_world_size() -> Tuple[int, int]:
     return 0, 1
 
 
-# torch >= 2.10 names them *_single and deprecates the *_tensor names
-_gather_into = getattr(dist, 'all_gather_single', None) or \
-    dist.all_gather_into_tensor
-_reduce_scatter = getattr(dist, 'reduce_scatter_single', None) or \
-    dist.reduce_scatter_tensor
-
-
 def _all_gather(tensor: torch.Tensor) -> torch.Tensor:
     world_size = dist.get_world_size()
     out = tensor.new_empty((world_size * tensor.shape[0], *tensor.shape[1:]))
-    _gather_into(out, tensor.contiguous())
+    all_gather_into(out, tensor.contiguous())
     return out
 
 
@@ -53,7 +48,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
         grad = grad.contiguous()
         if dist.get_backend() == 'nccl':
             out = grad.new_empty((ctx.batch, *grad.shape[1:]))
-            _reduce_scatter(out, grad)
+            reduce_scatter_into(out, grad)
         else:  # gloo has no reduce-scatter
             dist.all_reduce(grad)
             out = grad[rank * ctx.batch:(rank + 1) * ctx.batch].clone()
