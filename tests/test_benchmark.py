@@ -8,9 +8,12 @@ import pytest
 
 from mmpfc.benchmark import BenchmarkConfig, make_rows, parse_count
 from mmpfc.benchmark import parse_method
-from mmpfc.benchmark.report import (check_targets, markdown, merge_runs,
+from mmpfc.benchmark.report import (markdown, merge_runs, ratio_checks,
                                     summarize_launch)
 from mmpfc.benchmark.worker import run_rank
+
+# the limits are the caller's (tools/benchmark.py has the project's)
+LIMITS = {'time': 1 / 6, 'memory': 0.55, 'shard': 2.2, 'gemm': 1.5}
 
 TINY = dict(num_classes=300, world_size=1, batch_size=4, embedding_size=8,
             backbone=None, amp=False, device='cpu', steps=2, warmup=1,
@@ -78,7 +81,7 @@ def test_targets_and_table():
                dict(label='DP', num_classes=10**6, status='does not fit',
                     predicted_mb=9e4)]
     checks = {(c['num_classes'], c['target']): c
-              for c in check_targets(records)}
+              for c in ratio_checks(records, LIMITS, 10**6)}
     big = {k[1]: c for k, c in checks.items() if k[0] == 10**6}
     assert big['PFC0.1 step / MP step']['passed']
     assert big['PFC0.1 peak / MP peak']['value'] == pytest.approx(
@@ -126,3 +129,8 @@ def test_config_defaults():
     cfg = BenchmarkConfig(world_size=2, threads=None)
     assert cfg.resolved_threads() >= 1
     assert cfg.budget_bytes() > 0
+
+
+def test_ratio_checks_refuse_an_unknown_ratio():
+    with pytest.raises(ValueError, match=r"unknown ratio keys \['speed'\]"):
+        ratio_checks([], {'speed': 1.0})

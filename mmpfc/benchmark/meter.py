@@ -17,13 +17,13 @@ from typing import Dict, List, Optional
 
 import torch
 
-from mmpfc.engine.hooks.memory_table_hook import _proc_kb
+from mmpfc.utils.proc_memory import proc_kb
 
 _MB = 2**20
 
 
 def _status_kb(key: str) -> Optional[int]:
-    return _proc_kb('/proc/self/status', key)
+    return proc_kb('/proc/self/status', key)
 
 
 class MemoryMeter:

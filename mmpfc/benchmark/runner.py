@@ -1,9 +1,9 @@
 """The benchmark: methods x identity counts, each launched on W fresh ranks.
 
-Example (the 1M-identity head-only comparison of issue 5)::
+Example (the 1M-identity head-only comparison)::
 
     from mmpfc.benchmark import BenchmarkConfig, run_benchmark
-    records, checks = run_benchmark(BenchmarkConfig(
+    records = run_benchmark(BenchmarkConfig(
         methods=['mp', 'pfc0.1'], num_classes=[1_000_000], world_size=2))
 
 Rows whose predicted memory (:mod:`.memory_model`) exceeds the per-rank
@@ -16,15 +16,15 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from mmpfc.engine.hooks.memory_table_hook import _proc_kb
+from mmpfc.utils.proc_memory import proc_kb
 from .launcher import RowFailed, launch
 from .memory_model import (activation_bytes_per_sample, predict_memory,
                            shard_rows)
-from .report import check_targets, merge_runs, summarize_launch
+from .report import merge_runs, summarize_launch
 from .worker import IMAGE_SHAPE, backbone_config
 
 
@@ -92,7 +92,7 @@ class BenchmarkConfig:
             return self.memory_budget_gb * 2**30
         if self.device == 'cuda':
             return torch.cuda.get_device_properties(0).total_memory
-        available = _proc_kb('/proc/meminfo', 'MemAvailable')
+        available = proc_kb('/proc/meminfo', 'MemAvailable')
         return 0.9 * available * 1024 / self.world_size if available \
             else float('inf')
 
@@ -146,8 +146,8 @@ def make_rows(cfg: BenchmarkConfig) -> List[dict]:
 
 def run_benchmark(cfg: BenchmarkConfig,
                   log: Callable[[str], None] = print
-                  ) -> Tuple[List[dict], List[dict]]:
-    """Run every row ``cfg.repeat`` times; returns (records, target checks)."""
+                  ) -> List[dict]:
+    """Run every row ``cfg.repeat`` times; returns the records."""
     from .report import progress_line
     rows = make_rows(cfg)
     budget = cfg.budget_bytes()
@@ -176,7 +176,7 @@ def run_benchmark(cfg: BenchmarkConfig,
             runs[i].append(summarize_launch(ranks))
             records[i] = merge_runs(dict(row), runs[i])
             log(f'[{rnd + 1}/{cfg.repeat}] ' + progress_line(records[i]))
-    return records, check_targets(records)
+    return records
 
 
 def config_dict(cfg: BenchmarkConfig) -> dict:

@@ -10,21 +10,10 @@ from mmengine.dist import all_gather_object
 from mmengine.hooks import Hook
 
 from mmpfc.registry import HOOKS
+from mmpfc.utils.proc_memory import proc_kb
 from .speed_log_hook import logger_interval
 
 _MB = 2**20
-
-
-def _proc_kb(path: str, key: str) -> Optional[int]:
-    """A ``kB`` field of a /proc file (Linux), or None."""
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(key + ':'):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
 def rank_memory(rank: int) -> dict:
@@ -48,11 +37,11 @@ def rank_memory(rank: int) -> dict:
                     used=(total - free) / _MB, total=total / _MB,
                     peak=torch.cuda.max_memory_allocated(device) / _MB,
                     reserved=torch.cuda.memory_reserved(device) / _MB)
-    rss_kb = _proc_kb('/proc/self/status', 'VmRSS')
-    peak_kb = _proc_kb('/proc/self/status', 'VmHWM')
+    rss_kb = proc_kb('/proc/self/status', 'VmRSS')
+    peak_kb = proc_kb('/proc/self/status', 'VmHWM')
     if peak_kb is None:  # ru_maxrss is kB on Linux, bytes on macOS
         peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    total_kb = _proc_kb('/proc/meminfo', 'MemTotal') or 0
+    total_kb = proc_kb('/proc/meminfo', 'MemTotal') or 0
     return dict(rank=rank, host=host, kind='cpu', device='cpu (RSS)',
                 used=(rss_kb if rss_kb is not None else peak_kb) / 1024,
                 total=total_kb / 1024, peak=peak_kb / 1024, reserved=None)

@@ -14,8 +14,8 @@ from typing import Iterator, Tuple
 
 import torch
 
-#: Bytes of one chunk of rows read and written at a time, by device type.
-CHUNK_BYTES = {'cpu': 2**20, 'cuda': 256 * 2**20}
+# CHUNK_BYTES is re-exported: the budget the chunks below are cut to
+from mmpfc.models.utils.chunks import CHUNK_BYTES, rows_per_chunk  # noqa
 
 
 def find_param_group(optimizer: torch.optim.Optimizer,
@@ -31,9 +31,8 @@ def row_chunks(data: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor
                ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
     """(row indices, their gradient) in chunks of ``CHUNK_BYTES`` of
     ``data``, so that temporaries stay small whatever the number of rows."""
-    row_bytes = max(1, data[:1].numel() * data.element_size())
-    budget = CHUNK_BYTES.get(data.device.type, CHUNK_BYTES['cuda'])
-    size = max(1, budget // row_bytes)
+    size = rows_per_chunk(data[:1].numel() * data.element_size(),
+                          data.device)
     for start in range(0, rows.numel(), size):
         yield rows[start:start + size], grad[start:start + size]
 

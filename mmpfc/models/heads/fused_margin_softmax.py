@@ -37,12 +37,12 @@ from torch.autograd.function import once_differentiable
 
 from mmpfc.utils.compat import storage_use_count
 from ..losses import CombinedMarginLoss
+# CHUNK_BYTES is re-exported: the budget the chunks below are cut to
+from ..utils.chunks import CHUNK_BYTES, rows_per_chunk  # noqa: F401
 from ..utils.distributed import all_reduce_
 from .sampled_gradients import SampledRows
 
 NORM_EPS = 1e-12  # as F.normalize
-#: Bytes of one chunk of gathered centers (and of the logits beside them).
-CHUNK_BYTES = {'cpu': 2**20, 'cuda': 256 * 2**20}
 #: By device type: keep the clamped positions as a bit mask (True, the
 #: default: no device read) or find them with ``aminmax`` + ``nonzero``.
 BIT_MASK_CLAMP = {'cpu': False}
@@ -150,8 +150,7 @@ def supports_fused(margin: torch.nn.Module) -> bool:
 def chunk_rows(num_rows: int, width: int, device: torch.device,
                itemsize: int = 4) -> int:
     """Rows per chunk so that a chunk of ``width`` columns fits the budget."""
-    budget = CHUNK_BYTES.get(torch.device(device).type, CHUNK_BYTES['cuda'])
-    return max(1, min(num_rows, budget // max(1, width * itemsize)))
+    return max(1, min(num_rows, rows_per_chunk(width * itemsize, device)))
 
 
 def _spans(total: int, size: int) -> Iterator[Tuple[int, int]]:
