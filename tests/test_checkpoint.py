@@ -16,7 +16,8 @@ from mmengine.evaluator import BaseMetric
 from mmengine.hooks import Hook
 
 import mmpfc  # noqa: F401
-from mmpfc.checkpoint import (CheckpointError, atomic_save, load_file,
+from mmpfc.checkpoint import (CheckpointError, Manifest, ShardedCheckpointer,
+                              atomic_save, load_file,
                               remove_stale_shard_dirs)
 from mmpfc.registry import DATASETS, HOOKS, METRICS, MODELS, RUNNERS
 
@@ -378,7 +379,7 @@ def calibrate_bn(model, shape=(8, 3, 112, 112)):
 def unshared_disk_worker(rank, world_size, work_dir, local_dir):
     """Rank 1 writes its shard to a folder of its own, as on a second
     machine whose work dir is not shared."""
-    import mmpfc.engine.runners.sharded_checkpoint as sharded
+    import mmpfc.checkpoint.checkpointer as sharded
     if rank == 1:
         original = sharded.atomic_save
 
@@ -415,3 +416,112 @@ def test_ema_hook_with_sharded_head_is_refused(tmp_path):
                        match=r"EMAHook .* rank 0 only.*'head\.weight'"):
         runner.train()
     assert not glob.glob(osp.join(str(tmp_path), '*.pth'))  # nothing trained
+
+
+# ------------------------------------------------ the manifest, typed
+def test_manifest_reads_and_writes_the_stored_dict_unchanged(trained):
+    path = str(trained[0] / 'iter_4.pth')
+    stored = load_file(path)['meta']['mmpfc']
+    manifest = Manifest.from_dict(stored, path)
+    assert manifest.to_dict() == stored
+    assert manifest.params['head.weight'].class_ranges == ((0, 10), )
+    assert manifest.inline(manifest.params).to_dict()['layout'] == 'inline'
+
+
+def _stored_manifest(trained):
+    return load_file(str(trained[0] / 'iter_4.pth'))['meta']['mmpfc']
+
+
+@pytest.mark.parametrize('edit, message', [
+    (lambda m: m.pop('world_size'),
+     r"x\.pth: manifest field meta\['mmpfc'\]\['world_size'\] is "
+     r"missing \(expected an int > 0\)"),
+    (lambda m: m.pop('token'),
+     r"x\.pth: manifest field meta\['mmpfc'\]\['token'\] is missing"),
+    (lambda m: m.update(world_size='1'),
+     r"x\.pth: manifest field meta\['mmpfc'\]\['world_size'\] must be "
+     r"an int > 0, got '1' \(str\)"),
+    (lambda m: m.update(shard_bytes=[1, 2]),
+     r"\['shard_bytes'\] must be None or 1 sizes \(one per rank\), got "
+     r"\[1, 2\] \(list\)"),
+    (lambda m: m.update(params=[]),
+     r"\['params'\] must be a dict, got \[\] \(list\)"),
+    (lambda m: m['params']['head.weight'].pop('num_classes'),
+     r"x\.pth: manifest field meta\['mmpfc'\]\['params'\]"
+     r"\['head\.weight'\]\['num_classes'\] is missing"),
+    (lambda m: m['params']['head.weight'].update(embedding_size=True),
+     r"\['head\.weight'\]\['embedding_size'\] must be an int > 0, got "
+     r"True \(bool\)"),
+    (lambda m: m['params']['head.weight'].update(optimizer=[0, '']),
+     r"\['head\.weight'\]\['optimizer'\] must be None or \[key, "
+     r"index\], got \[0, ''\]"),
+    (lambda m: m['params']['head.weight'].update(class_ranges=[[0, 9]]),
+     r"\['class_ranges'\] must be contiguous ranges covering \[0, 10\), "
+     r"got \[\[0, 9\]\]"),
+    (lambda m: m['params']['head.weight'].update(
+        class_ranges=[[0, 5], [5, 10]]),
+     r"\['class_ranges'\] has 2 ranges, expected one per rank \(1\)"),
+    (lambda m: m.update(format='other'),
+     r"x\.pth: meta\['mmpfc'\] is not an mmpfc manifest \(format "
+     r"'other'"),
+    (lambda m: m.update(format_version=99),
+     r'x\.pth was written by mmpfc \S+ in checkpoint format 99; this '
+     r'mmpfc \(.*\) reads format <= 1'),
+])
+def test_manifest_errors_name_the_file_and_the_field(trained, edit,
+                                                     message):
+    stored = _stored_manifest(trained)
+    edit(stored)
+    with pytest.raises(CheckpointError, match=message):
+        Manifest.from_dict(stored, 'x.pth')
+
+
+def test_a_checkpoint_with_a_broken_manifest_is_refused_by_name(trained,
+                                                                tmp_path):
+    work_dir = _copy(trained[0], tmp_path / 'copy')
+    checkpoint = load_file(str(work_dir / 'iter_4.pth'))
+    del checkpoint['meta']['mmpfc']['params']['head.weight']['class_ranges']
+    torch.save(checkpoint, work_dir / 'iter_4.pth')
+    runner, before = _fresh_runner(tmp_path)
+    with pytest.raises(CheckpointError, match=(
+            r"checkpoint .*copy/iter_4\.pth: manifest field meta\['mmpfc'\]"
+            r"\['params'\]\['head\.weight'\]\['class_ranges'\] is "
+            r"missing")):
+        runner.load_checkpoint(str(work_dir / 'iter_4.pth'))
+    _assert_unchanged(runner, before)
+
+
+# ------------------------------------------------ what a load restored
+def test_load_result_of_a_same_world_size_load(trained, tmp_path):
+    """Saved and loaded on 1 rank: the split matches, the sampler and
+    process random states of the saving rank apply."""
+    work_dir, state = trained
+    runner, _ = _fresh_runner(tmp_path)
+    path = str(work_dir / 'iter_4.pth')
+    result = ShardedCheckpointer().load(
+        runner.model, runner.optim_wrapper, path, load_file(path, mmap=True))
+    assert (result.path, result.layout, result.saved_world_size) == (
+        path, 'shards', 1)
+    assert result.rows == {'head.weight': (0, NUM_CLASSES)}
+    assert result.split_matched
+    assert sorted(result.sampler_states) == ['head']
+    assert torch.equal(result.sampler_states['head']['generator'],
+                       state['sampler']['generator'])
+    assert sorted(result.rng_state) == ['cuda', 'numpy', 'python', 'torch']
+    assert torch.equal(runner.model.head.weight.detach(), state['weight'])
+
+
+def test_load_result_of_a_merged_file(trained, tmp_path):
+    """A merged file has no per-rank state: nothing but the rows apply."""
+    from mmpfc.checkpoint.merge import merge_checkpoint
+    work_dir, state = trained
+    merged = str(tmp_path / 'merged.pth')
+    merge_checkpoint(str(work_dir / 'iter_4.pth'), merged)
+    runner, _ = _fresh_runner(tmp_path)
+    result = ShardedCheckpointer().load(
+        runner.model, runner.optim_wrapper, merged, load_file(merged))
+    assert (result.layout, result.saved_world_size) == ('inline', 1)
+    assert result.rows == {'head.weight': (0, NUM_CLASSES)}
+    assert not result.split_matched
+    assert result.sampler_states is None and result.rng_state is None
+    assert torch.equal(runner.model.head.weight.detach(), state['weight'])

@@ -12,7 +12,8 @@ from dist_utils import run_distributed
 from test_checkpoint import (NUM_CLASSES, build_runner, head_state,
                              make_cfg, shard_dirs)
 
-from mmpfc.checkpoint import CheckpointError, CheckpointRows, load_file
+from mmpfc.checkpoint import (CheckpointError, CheckpointRows,
+                              ShardedCheckpointer, load_file, unwrap_model)
 from mmpfc.checkpoint.merge import merge_checkpoint
 
 STRAIGHT = dict(max_iters=20, interval=5, max_keep_ckpts=3, sample_rate=0.5)
@@ -206,3 +207,49 @@ def test_resume_with_another_optimizer_type_explains_itself(tmp_path):
     build_runner(make_cfg(str(tmp_path / 'adamw2'), max_iters=1,
                           load_from=ckpt, optimizer=dict(
                               type='AdamW', lr=1e-3))).train()
+
+
+def load_result_worker(rank, world_size, work_dir, path):
+    """What ``ShardedCheckpointer.load`` says applies to this rank."""
+    runner = build_runner(make_cfg(work_dir, world_size=world_size,
+                                   **STRAIGHT))
+    model = unwrap_model(runner.model)
+    result = ShardedCheckpointer().load(model, runner.optim_wrapper, path,
+                                        load_file(path, mmap=True))
+    return result, model.head.weight.detach().clone()
+
+
+def test_load_result_on_the_saving_world_size(straight, tmp_path):
+    """2 -> 2 ranks: every rank takes its own rows back, and the sampler
+    and random state its rank saved."""
+    work_dir, _ = straight
+    path = osp.join(work_dir, 'iter_10.pth')
+    weight, _ = saved_head(path)
+    loaded = run_distributed(load_result_worker, 2, str(tmp_path), path)
+    for rank, (result, rows) in enumerate(loaded):
+        start, stop = (0, 5) if rank == 0 else (5, 10)
+        assert (result.layout, result.saved_world_size) == ('shards', 2)
+        assert result.rows == {'head.weight': (start, stop)}
+        assert result.split_matched
+        assert sorted(result.sampler_states) == ['head']
+        assert result.rng_state is not None
+        assert torch.equal(rows, weight[start:stop])
+    source = CheckpointRows(path, load_file(path))
+    seeds = [result.sampler_states['head']['seed'] for result, _ in loaded]
+    assert seeds == [source.sampler_states(rank)['head']['seed']
+                     for rank in range(2)]
+    assert seeds[0] != seeds[1]  # each rank its own rank's stream
+
+
+def test_load_result_after_a_re_split(straight, tmp_path):
+    """2 -> 1 rank: all rows fitted, but no rank's sampler or random state
+    applies (the samplers are reseeded by resume)."""
+    work_dir, _ = straight
+    path = osp.join(work_dir, 'iter_10.pth')
+    weight, _ = saved_head(path)
+    result, rows = load_result_worker(0, 1, str(tmp_path), path)
+    assert (result.layout, result.saved_world_size) == ('shards', 2)
+    assert result.rows == {'head.weight': (0, NUM_CLASSES)}
+    assert not result.split_matched
+    assert result.sampler_states is None and result.rng_state is None
+    assert torch.equal(rows, weight)

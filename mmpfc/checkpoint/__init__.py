@@ -1,18 +1,25 @@
 """Checkpoints of models with sharded heads: format, reading, merging."""
-from .format import (FORMAT, FORMAT_VERSION, MANIFEST_KEY, build_manifest,
-                     check_shard_files, get_manifest, remove_stale_shard_dirs,
-                     shard_dir_name, shard_file_name)
+from .checkpointer import (LoadResult, MainFileWriter, ShardedCheckpointer,
+                           check_shards_visible)
+from .compare import (StateDictDiff, check_optimizer_matches,
+                      compare_state_dicts)
 from .io import CheckpointError, atomic_save, load_file
-from .loader import CheckpointRows, StateDictDiff, compare_state_dicts
+from .manifest import (FORMAT, FORMAT_VERSION, MANIFEST_KEY, Manifest,
+                       ParamEntry, get_manifest, set_manifest)
+from .rows import CheckpointRows
+from .shard_files import (check_shard_files, remove_stale_shard_dirs,
+                          shard_dir_name, shard_file_name)
 from .sharded_state import (ShardedParam, collect_shard, find_sharded_params,
                             locate_param, manifest_params, strip_sharded,
                             unwrap_model)
 
 __all__ = [
-    'FORMAT', 'FORMAT_VERSION', 'MANIFEST_KEY', 'build_manifest',
-    'check_shard_files', 'get_manifest', 'remove_stale_shard_dirs',
-    'shard_dir_name', 'shard_file_name', 'CheckpointError', 'atomic_save',
-    'load_file', 'CheckpointRows', 'StateDictDiff', 'compare_state_dicts',
+    'LoadResult', 'MainFileWriter', 'ShardedCheckpointer',
+    'check_shards_visible', 'StateDictDiff', 'check_optimizer_matches',
+    'compare_state_dicts', 'CheckpointError', 'atomic_save', 'load_file',
+    'FORMAT', 'FORMAT_VERSION', 'MANIFEST_KEY', 'Manifest', 'ParamEntry',
+    'get_manifest', 'set_manifest', 'CheckpointRows', 'check_shard_files',
+    'remove_stale_shard_dirs', 'shard_dir_name', 'shard_file_name',
     'ShardedParam', 'collect_shard', 'find_sharded_params', 'locate_param',
     'manifest_params', 'strip_sharded', 'unwrap_model'
 ]

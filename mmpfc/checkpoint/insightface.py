@@ -19,8 +19,8 @@ from typing import Dict, List, NamedTuple, Optional, Sequence
 import torch
 
 from mmpfc.models.utils import shard_range
-from .format import build_manifest
 from .io import CheckpointError, atomic_save, load_file
+from .manifest import Manifest, ParamEntry, dtype_name, set_manifest
 
 BACKBONE_NAMES = ('model.pt', 'backbone.pth')
 _SHARD_FILE = re.compile(
@@ -136,6 +136,7 @@ def convert_insightface(files: InsightfaceFiles,
                    world_size=len(files.shards))
     meta = dict(converted_from=[f for f in (files.backbone, *files.shards)
                                 if f])
+    converted = dict(meta=meta, state_dict=state_dict)
     if files.shards:
         parts = [_centers(p, load_file(p, f'insightface shard {r}'))
                  for r, p in enumerate(files.shards)]
@@ -154,12 +155,9 @@ def convert_insightface(files: InsightfaceFiles,
                     'from another run)')
         state_dict[head_key] = torch.cat(parts)
         dim = int(parts[0].shape[1])
-        meta['mmpfc'] = build_manifest(
-            {head_key: dict(num_classes=total, embedding_size=dim,
-                            dtype=str(parts[0].dtype).replace('torch.', ''),
-                            class_ranges=[[0, total]], optimizer=None,
-                            row_state=[])},
-            world_size=1, layout='inline')
+        set_manifest(converted, Manifest.inline({head_key: ParamEntry(
+            num_classes=total, embedding_size=dim,
+            class_ranges=((0, total), ), dtype=dtype_name(parts[0]))}))
         summary['head'] = (total, dim)
-    atomic_save(dict(meta=meta, state_dict=state_dict), dst)
+    atomic_save(converted, dst)
     return summary

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import os.path as osp
 
-from .format import build_manifest
 from .io import CheckpointError, atomic_save, load_file
-from .fit import put_row_state
-from .loader import CheckpointRows
+from .manifest import Manifest, set_manifest
+from .rows import CheckpointRows
+from .sharded_state import put_row_state
 
 
 def merge_checkpoint(src: str, dst: str, drop_optimizer: bool = False,
@@ -40,21 +40,15 @@ def merge_checkpoint(src: str, dst: str, drop_optimizer: bool = False,
         raise CheckpointError(
             f'{src} has no mmpfc manifest (meta["mmpfc"]): it is not a '
             'sharded checkpoint, there is nothing to merge')
-    params, merged = {}, {}
     optimizer_state = None if drop_optimizer else checkpoint.get('optimizer')
-    for name, entry in source.manifest['params'].items():
-        classes = entry['num_classes']
-        weight, rows, scalars = source.take(name, 0, classes)
+    params = source.manifest.params
+    for name, entry in params.items():
+        weight, rows, scalars = source.take(name, 0, entry.num_classes)
         checkpoint['state_dict'][name] = weight
-        location = entry.get('optimizer')
-        put_row_state(optimizer_state,
-                      None if location is None else tuple(location), rows,
-                      scalars)
-        params[name] = dict(entry, class_ranges=[[0, classes]])
-        merged[name] = (classes, entry['embedding_size'])
+        put_row_state(optimizer_state, entry.optimizer, rows, scalars)
     if drop_optimizer:
         checkpoint.pop('optimizer', None)
-    checkpoint['meta']['mmpfc'] = build_manifest(params, world_size=1,
-                                                 layout='inline')
+    set_manifest(checkpoint, Manifest.inline(params))
     atomic_save(checkpoint, dst)
-    return merged
+    return {name: (entry.num_classes, entry.embedding_size)
+            for name, entry in params.items()}

@@ -10,7 +10,7 @@ entries (``step``) are the same on every rank.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -20,11 +20,8 @@ from mmengine.model import is_model_wrapper
 from mmpfc.models.utils import is_sharded, shard_range, sharded_owner
 from mmpfc.models.utils.host_copies import (drop_host_copies,
                                             offer_host_copies)
-from .format import FORMAT
+from .manifest import FORMAT, OptimizerLocation, ParamEntry, dtype_name
 from .rng import process_rng_state
-
-# (key of the optimizer in an OptimWrapperDict, or '', index of the param)
-OptimizerLocation = Tuple[str, int]
 
 
 @dataclass
@@ -114,6 +111,19 @@ def optimizer_entry(optimizer_state: dict, key: str) -> dict:
     return optimizer_state if key == '' else optimizer_state[key]
 
 
+def put_row_state(optimizer_state: Optional[dict],
+                  location: Optional[OptimizerLocation], rows: dict,
+                  scalars: dict) -> None:
+    """Replace the optimizer state at ``location`` of a checkpoint's
+    ``optimizer`` entry (nothing to do without either)."""
+    if optimizer_state is None or location is None:
+        return
+    state = optimizer_entry(optimizer_state, location[0])['state']
+    state.pop(location[1], None)
+    if rows or scalars:
+        state[location[1]] = {**scalars, **rows}
+
+
 def split_state(state: dict, num_local: int) -> Tuple[dict, dict]:
     """Optimizer state of a shard -> (tensors with one row per class, rest)."""
     rows, scalars = {}, {}
@@ -131,14 +141,16 @@ def _cpu(value):
 
 
 def collect_shard(model: nn.Module, optim_wrapper, rank: int,
-                  world_size: int, token: str) -> Tuple[dict, dict]:
+                  world_size: int,
+                  token: str) -> Tuple[dict, Dict[str, ParamEntry]]:
     """This rank's shard file content and its description for the manifest.
 
     Returns:
         ``(payload, info)``: ``payload`` holds per sharded parameter its rows,
         class range, row-wise and other optimizer state, and the sampler
-        state of its owner; ``info`` maps parameter names to the manifest
-        fields this rank knows (``optimizer`` location, ``row_state`` names).
+        state of its owner; ``info`` maps parameter names to the
+        :class:`ParamEntry` this rank knows (all but ``class_ranges``,
+        which :func:`manifest_params` fills in).
 
     Every tensor is copied to the host once: on rank 0, which writes the
     MMEngine main file next, the copies of device tensors are offered to
@@ -173,16 +185,18 @@ def collect_shard(model: nn.Module, optim_wrapper, rank: int,
         sampler = getattr(sp.owner, 'sampler', None)
         if sampler is not None and hasattr(sampler, 'state_dict'):
             payload['samplers'][sp.owner_name] = sampler.state_dict()
-        info[sp.name] = dict(
+        info[sp.name] = ParamEntry(
             num_classes=sp.num_classes, embedding_size=sp.embedding_size,
-            dtype=str(sp.param.dtype).replace('torch.', ''),
-            optimizer=None if located is None else list(located[0]),
-            row_state=sorted(rows))
+            class_ranges=(), dtype=dtype_name(sp.param),
+            optimizer=None if located is None else located[0],
+            row_state=tuple(sorted(rows)))
     return payload, info
 
 
-def manifest_params(infos: List[dict], world_size: int) -> Dict[str, dict]:
-    """Merge every rank's ``info`` into the manifest's ``params`` entry."""
+def manifest_params(infos: List[Dict[str, ParamEntry]],
+                    world_size: int) -> Dict[str, ParamEntry]:
+    """Merge every rank's ``info`` into the manifest's ``params``: the
+    entries must agree; the class range of every rank is added."""
     params = {}
     for name, first in infos[0].items():
         for rank, info in enumerate(infos):
@@ -190,21 +204,17 @@ def manifest_params(infos: List[dict], world_size: int) -> Dict[str, dict]:
                 raise RuntimeError(
                     f'ranks disagree about sharded parameter {name!r}: rank 0 '
                     f'has {first}, rank {rank} has {info.get(name)}')
-        params[name] = dict(
-            first, class_ranges=[
-                [r.start, r.stop] for r in
-                (shard_range(first['num_classes'], k, world_size)
-                 for k in range(world_size))])
+        params[name] = replace(first, class_ranges=tuple(
+            (r.start, r.stop) for r in
+            (shard_range(first.num_classes, k, world_size)
+             for k in range(world_size))))
     return params
 
 
-def strip_sharded(checkpoint: dict, params: Dict[str, dict]) -> None:
+def strip_sharded(checkpoint: dict, params: Dict[str, ParamEntry]) -> None:
     """Remove rank 0's shard entries from an MMEngine checkpoint dict
     (and forget the host copies :func:`collect_shard` offered for it)."""
     drop_host_copies()
     for name, entry in params.items():
         checkpoint['state_dict'].pop(name, None)
-        optimizer_state = checkpoint.get('optimizer')
-        if optimizer_state is not None and entry['optimizer'] is not None:
-            key, index = entry['optimizer']
-            optimizer_entry(optimizer_state, key)['state'].pop(index, None)
+        put_row_state(checkpoint.get('optimizer'), entry.optimizer, {}, {})

@@ -1,36 +1,66 @@
-"""Checkpoints that keep every rank's shard of a sharded head.
+"""Checkpoints that keep every rank's shard of a sharded head: the Runner
+side.
 
 Stock MMEngine saves on rank 0 only (``Runner.save_checkpoint`` is
 ``@master_only``), so the centers of ranks 1..N-1, their momentum and their
-sampler RNG state would be lost. This mixin makes saving collective and
-loading shard-aware; the file layout is described in
-:mod:`mmpfc.checkpoint.format`.
+sampler RNG state would be lost. :class:`ShardedCheckpointMixin` adapts a
+``Runner`` to :class:`~mmpfc.checkpoint.ShardedCheckpointer`, which does the
+saving and loading; it edits MMEngine's checkpoint dict through two
+internal hooks, as MMEngine's own hooks (``EMAHook``) do. The file layout is
+described in :mod:`mmpfc.checkpoint.shard_files`.
 """
 from __future__ import annotations
 
-import os
-import os.path as osp
 import re
-import time
+from functools import partial
 from typing import Callable, Optional, Union
 
-from mmengine.dist import (all_gather_object, barrier, broadcast_object_list,
-                           get_dist_info)
-from mmengine.runner.checkpoint import load_state_dict
+from mmengine.hooks import Hook
 
-from mmpfc.checkpoint import (MANIFEST_KEY, CheckpointError, CheckpointRows,
-                              atomic_save, build_manifest, collect_shard,
-                              compare_state_dicts, find_sharded_params,
-                              load_file, manifest_params,
-                              remove_stale_shard_dirs, shard_dir_name,
-                              shard_file_name, strip_sharded, unwrap_model)
-from mmpfc.checkpoint.fit import fit_rows
-from mmpfc.checkpoint.format import new_token
+from mmpfc.checkpoint import (CheckpointError, LoadResult, Manifest,
+                              ShardedCheckpointer, check_optimizer_matches,
+                              find_sharded_params, load_file, set_manifest,
+                              strip_sharded, unwrap_model)
 from mmpfc.checkpoint.rng import set_process_rng_state
 
-# Mixes the resumed iteration into a sampler's seed when its saved RNG state
-# cannot be used (another world size): streams do not repeat old ones.
-_RESEED_PRIME = 1_000_003
+
+class ShardedSaveHook(Hook):
+    """Makes MMEngine's main file the replicated part of a sharded save.
+
+    Lowest priority, registered when the runner is built: after the
+    ``before_save_checkpoint`` of every hook of the config has edited the
+    checkpoint dict, the sharded entries (written to the shard files
+    already) are removed and the manifest is added. Does nothing unless
+    :class:`ShardedCheckpointMixin` is writing a main file.
+    """
+    priority = 'LOWEST'
+
+    def __init__(self) -> None:
+        self.manifest: Optional[Manifest] = None  # set while saving
+
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        if self.manifest is not None:
+            strip_sharded(checkpoint, self.manifest.params)
+            set_manifest(checkpoint, self.manifest)
+
+
+class ResumedRngHook(Hook):
+    """Puts back a resumed rank's process random state before the first
+    iteration (after the train loop skipped the batches already trained).
+
+    Highest priority: before any other hook of that iteration draws a
+    random number, as in the run that saved the state.
+    """
+    priority = 'HIGHEST'
+
+    def __init__(self) -> None:
+        self.state: Optional[dict] = None  # set by resume
+
+    def before_train_iter(self, runner, batch_idx: int,
+                          data_batch=None) -> None:
+        if self.state is not None:
+            set_process_rng_state(self.state)
+            self.state = None
 
 
 class ShardedCheckpointMixin:
@@ -64,11 +94,16 @@ class ShardedCheckpointMixin:
     Only local (or shared, mounted) folders are supported for sharded models.
     """
 
-    _mmpfc_manifest: Optional[dict] = None
-    _mmpfc_sampler_states: Optional[dict] = None
-    _mmpfc_rng_state: Optional[dict] = None  # of the loaded checkpoint
-    _mmpfc_pending_rng: Optional[dict] = None  # applied at the next iter
+    _mmpfc_loaded: Optional[LoadResult] = None  # of the last load_checkpoint
     _mmpfc_resuming_optimizer = False  # resume() checks the optimizer type
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._mmpfc_checkpointer = ShardedCheckpointer(self.logger)
+        self._mmpfc_save_hook = ShardedSaveHook()
+        self._mmpfc_rng_hook = ResumedRngHook()
+        self.register_hook(self._mmpfc_save_hook)
+        self.register_hook(self._mmpfc_rng_hook)
 
     # ------------------------------------------------------------------ save
     def save_checkpoint(self,
@@ -91,103 +126,23 @@ class ShardedCheckpointMixin:
                 'checkpoints of sharded models are written to a local or '
                 'mounted folder; file_client_args / backend_args are not '
                 'supported')
-        start = time.perf_counter()
-        rank, world_size = get_dist_info()
-        token = [new_token() if rank == 0 else None]
-        broadcast_object_list(token)
-        shard_dir = shard_dir_name(filename, token[0])
-        os.makedirs(osp.join(out_dir, shard_dir), exist_ok=True)
-        payload, info = collect_shard(
-            model, self.optim_wrapper if save_optimizer else None, rank,
-            world_size, token[0])
-        samplers = sorted(payload['samplers'])
-        nbytes = atomic_save(payload, osp.join(
-            out_dir, shard_dir, shard_file_name(rank, world_size)))
-        del payload
-        gathered = all_gather_object((nbytes, info))
-        self._check_shards_visible(out_dir, shard_dir, gathered, rank,
-                                   world_size)
-        if rank == 0:
-            manifest = build_manifest(
-                manifest_params([i for _, i in gathered], world_size),
-                world_size, layout='shards', shard_dir=shard_dir,
-                token=token[0], shard_bytes=[n for n, _ in gathered],
-                samplers=samplers)
-            self._write_main_file(out_dir, filename, manifest,
-                                  save_optimizer, save_param_scheduler, meta,
-                                  by_epoch)
-            removed = remove_stale_shard_dirs(out_dir)
-            if removed:
-                self.logger.info(f'Removed stale checkpoint parts {removed}')
-            total = sum(n for n, _ in gathered) + osp.getsize(
-                osp.join(out_dir, filename))
-            self.logger.info(
-                f'Saved {osp.join(out_dir, filename)} with {world_size} '
-                f'shard(s) in {shard_dir}: {total / 2**20:.1f} MiB in '
-                f'{time.perf_counter() - start:.2f} s')
-        barrier()
+        write_main = partial(self._write_main_file, out_dir,
+                             save_optimizer=save_optimizer,
+                             save_param_scheduler=save_param_scheduler,
+                             meta=meta, by_epoch=by_epoch)
+        self._mmpfc_checkpointer.save(
+            model, self.optim_wrapper if save_optimizer else None, out_dir,
+            filename, write_main)
 
-    @staticmethod
-    def _check_shards_visible(out_dir: str, shard_dir: str, gathered: list,
-                              rank: int, world_size: int) -> None:
-        """Every rank raises if rank 0 cannot see every shard complete.
-
-        On several machines each rank writes to its own filesystem unless
-        the work dir is shared; a main file would then point at shards that
-        rank 0, and a later resume, cannot read. Fail at save time instead
-        (the previous checkpoint stays the latest).
-        """
-        missing = None
-        if rank == 0:
-            missing = []
-            for r, (nbytes, _) in enumerate(gathered):
-                path = osp.join(out_dir, shard_dir,
-                                shard_file_name(r, world_size))
-                if not osp.isfile(path) or osp.getsize(path) != nbytes:
-                    missing.append(shard_file_name(r, world_size))
-        box = [missing]
-        broadcast_object_list(box)
-        if box[0]:
-            raise CheckpointError(
-                f'rank 0 cannot see {box[0]} in {osp.join(out_dir, shard_dir)}'
-                ' although their ranks wrote them: the work dir must be one '
-                'folder shared by every machine (e.g. NFS); nothing was '
-                'saved as the latest checkpoint')
-
-    def _write_main_file(self, out_dir: str, filename: str, manifest: dict,
-                         save_optimizer: bool, save_param_scheduler: bool,
-                         meta: Optional[dict], by_epoch: bool) -> None:
-        """Rank 0: MMEngine's checkpoint minus the shards, then rename."""
-        tmp_name = f'.{filename}.{manifest["token"]}.tmp'
-        self._mmpfc_manifest = manifest
+    def _write_main_file(self, out_dir: str, name: str, manifest: Manifest,
+                         **save_kwargs) -> None:
+        """Rank 0: MMEngine's checkpoint ``out_dir/name``, which
+        :class:`ShardedSaveHook` turns into the replicated part."""
+        self._mmpfc_save_hook.manifest = manifest
         try:
-            super().save_checkpoint(
-                out_dir, tmp_name, save_optimizer=save_optimizer,
-                save_param_scheduler=save_param_scheduler, meta=meta,
-                by_epoch=by_epoch)
+            super().save_checkpoint(out_dir, name, **save_kwargs)
         finally:
-            self._mmpfc_manifest = None
-        tmp_path = osp.join(out_dir, tmp_name)
-        with open(tmp_path, 'rb') as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, osp.join(out_dir, filename))
-
-    def call_hook(self, fn_name: str, **kwargs) -> None:
-        """After all ``before_save_checkpoint`` hooks, drop the shard
-        entries from the main file and add the manifest. Before the first
-        iteration after a resume, put back the saved random state (after
-        the train loop has skipped the batches already trained)."""
-        if fn_name == 'before_train_iter' and \
-                self._mmpfc_pending_rng is not None:
-            set_process_rng_state(self._mmpfc_pending_rng)
-            self._mmpfc_pending_rng = None
-        super().call_hook(fn_name, **kwargs)
-        if fn_name == 'before_save_checkpoint' and \
-                self._mmpfc_manifest is not None:
-            checkpoint = kwargs['checkpoint']
-            strip_sharded(checkpoint, self._mmpfc_manifest['params'])
-            checkpoint.setdefault('meta', {})[MANIFEST_KEY] = \
-                self._mmpfc_manifest
+            self._mmpfc_save_hook.manifest = None
 
     # ------------------------------------------------------------------ load
     def load_checkpoint(self,
@@ -214,24 +169,9 @@ class ShardedCheckpointMixin:
         self.call_hook('after_load_checkpoint', checkpoint=checkpoint)
         checkpoint['state_dict'] = _revise_keys(checkpoint['state_dict'],
                                                 revise_keys)
-
-        model = unwrap_model(self.model)
-        source = CheckpointRows(filename, checkpoint)
-        rank, world_size = get_dist_info()
-        self._mmpfc_sampler_states = fit_rows(
-            model, self.optim_wrapper, source, checkpoint, rank, world_size)
-        # same class ranges: this rank continues the saving rank's run
-        self._mmpfc_rng_state = None if self._mmpfc_sampler_states is None \
-            else source.rng_state(rank)
-        diff = compare_state_dicts(model.state_dict(),
-                                   checkpoint['state_dict'])
-        exact = strict or source.manifest is not None
-        if diff.shapes or (diff and exact):
-            raise CheckpointError(
-                f'checkpoint {filename} does not fit the model (another '
-                f'backbone or configuration?): {diff.describe()}')
-        load_state_dict(model, checkpoint['state_dict'], strict=strict,
-                        logger=self.logger)
+        self._mmpfc_loaded = self._mmpfc_checkpointer.load(
+            unwrap_model(self.model), self.optim_wrapper, filename,
+            checkpoint, strict=strict)
         self._has_loaded = True
         self.logger.info(f'Load checkpoint from {filename}')
         return checkpoint
@@ -245,65 +185,17 @@ class ShardedCheckpointMixin:
         """MMEngine's resume, then the samplers' RNG state; the process's
         random state is restored at the first iteration (same class ranges
         only: on another world size the ranks' streams do not map)."""
-        self._mmpfc_sampler_states = None
-        self._mmpfc_rng_state = None
+        self._mmpfc_loaded = None
         self._mmpfc_resuming_optimizer = resume_optimizer
         try:
             super().resume(filename, resume_optimizer,
                            resume_param_scheduler, map_location)
         finally:
             self._mmpfc_resuming_optimizer = False
-        self._mmpfc_pending_rng = self._mmpfc_rng_state
-        self._mmpfc_rng_state = None
-        states = self._mmpfc_sampler_states or {}
-        self._mmpfc_sampler_states = None
-        reseeded = []
-        for sp in find_sharded_params(unwrap_model(self.model)):
-            sampler = getattr(sp.owner, 'sampler', None)
-            if sampler is None or not hasattr(sampler, 'load_state_dict'):
-                continue
-            if sp.owner_name in states:
-                sampler.load_state_dict(states[sp.owner_name])
-            else:
-                seed = (sampler.seed + _RESEED_PRIME * self.iter) % 2**63
-                sampler.load_state_dict(
-                    dict(seed=seed, device=None, generator=None))
-                reseeded.append(sp.owner_name)
-        if reseeded:
-            self.logger.info(
-                f'Sampler RNG of {reseeded} reseeded: the checkpoint was '
-                'saved with another world size or merged')
-
-
-# Group keys that do not tell optimizer kinds apart: added by schedulers, or
-# by torch releases (a checkpoint of an older torch lacks them).
-_NOT_KIND_KEYS = {'params', 'initial_lr', 'foreach', 'fused', 'capturable',
-                  'differentiable', 'maximize', 'decoupled_weight_decay'}
-
-
-def check_optimizer_matches(filename: str, saved: Optional[dict],
-                            optim_wrapper) -> None:
-    """Refuse to resume optimizer state saved by another kind of optimizer.
-
-    torch's ``load_state_dict`` of, say, AdamW over SGD state ends in
-    ``KeyError: 'step'``; SGD over Adam state silently drops the moments.
-    The hyper-parameter names of the parameter groups tell the kinds apart.
-    """
-    optimizer = getattr(optim_wrapper, 'optimizer', None)
-    if not isinstance(saved, dict) or 'param_groups' not in saved or \
-            optimizer is None or not saved['param_groups']:
-        return
-    saved_keys = sorted(set(saved['param_groups'][0]) - _NOT_KIND_KEYS)
-    current = sorted(set(optimizer.param_groups[0]) - _NOT_KIND_KEYS)
-    if saved_keys == current:
-        return
-    raise CheckpointError(
-        f'{filename} holds the state of an optimizer with parameter-group '
-        f'settings {saved_keys}, but this run\'s '
-        f'{type(optimizer).__name__} has {current}: another optimizer type '
-        'cannot continue that state. Resume with the optimizer the run was '
-        'trained with, or start a new run from its weights only '
-        '(load_from=PATH with resume=False).')
+        loaded, self._mmpfc_loaded = self._mmpfc_loaded, None
+        self._mmpfc_rng_hook.state = loaded.rng_state
+        self._mmpfc_checkpointer.restore_samplers(unwrap_model(self.model),
+                                                  loaded, self.iter)
 
 
 def _revise_keys(state_dict: dict, revise_keys: list) -> dict:
