@@ -4,7 +4,7 @@ import os.path as osp
 import pytest
 import torch
 from helpers import load_tool
-from test_checkpoint import build_runner, make_cfg
+from tiny_training import build_runner, make_cfg
 
 from mmpfc.checkpoint import CheckpointError, CheckpointRows, load_file
 from mmpfc.checkpoint.insightface import find_insightface_files

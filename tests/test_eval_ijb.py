@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import load_tool
 from mmengine.config import Config
-from test_apis import (NECK_MODEL, fresh_neck, neck_by_hand,
+from embedding_models import (NECK_MODEL, fresh_neck, neck_by_hand,
                        save_neck_checkpoint, unit_rows)
 
 from mmpfc.evaluation.functional.ijb import (ARCFACE_LANDMARKS, align_face,

@@ -5,7 +5,7 @@ import pytest
 import torch
 from mmengine.config import Config
 from helpers import load_tool
-from test_checkpoint import calibrate_bn
+from tiny_training import calibrate_bn
 
 from mmpfc.apis import export_onnx, onnx_max_abs_diff
 from mmpfc.apis.export import EmbeddingNet

@@ -1,6 +1,6 @@
 """FaceImageFolder: mmpretrain's CustomDataset with the num_classes check."""
 import pytest
-from test_mx_face_dataset import make_faces
+from face_files import make_faces
 
 from mmpfc.datasets import FaceImageFolder
 from mmpfc.registry import DATASETS

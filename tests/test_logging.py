@@ -1,7 +1,6 @@
 """The reference's speed line, the per-rank memory table, a quiet console,
 known warnings and tools/plot_log.py."""
 import io
-import os.path as osp
 import re
 import warnings
 from types import SimpleNamespace

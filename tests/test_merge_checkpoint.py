@@ -3,7 +3,7 @@ world size and resumable."""
 import pytest
 import torch
 from helpers import load_tool
-from test_checkpoint import build_runner, head_state, make_cfg
+from tiny_training import build_runner, head_state, make_cfg
 
 from mmpfc.checkpoint import CheckpointError, CheckpointRows, load_file
 from mmpfc.models.utils import shard_range

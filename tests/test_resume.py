@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 from dist_utils import run_distributed
-from test_checkpoint import (NUM_CLASSES, build_runner, head_state,
+from tiny_training import (NUM_CLASSES, build_runner, head_state,
                              make_cfg, shard_dirs)
 
 from mmpfc.checkpoint import (CheckpointError, CheckpointRows,

@@ -74,7 +74,7 @@ def readme_snippet() -> str:
 
 
 def train_readme_config(rank, world_size, work_dir):
-    import test_checkpoint  # noqa: F401  (registers CkptTinyFaces)
+    import tiny_training  # noqa: F401  (registers CkptTinyFaces)
     from mmengine.config import Config
     from mmpretrain.registry import RUNNERS
     snippet = readme_snippet().replace('dict(...)', 'dict()')

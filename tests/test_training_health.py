@@ -13,7 +13,7 @@ import torch
 from dist_utils import run_distributed
 from mmengine.hooks import Hook
 from mmengine.logging import MessageHub, MMLogger
-from test_checkpoint import build_runner, make_cfg
+from tiny_training import build_runner, make_cfg
 
 import mmpfc  # noqa: F401
 from mmpfc.engine.hooks import TrainingDivergedError, TrainingHealthHook

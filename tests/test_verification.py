@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from mmengine.registry import init_default_scope
-from test_mx_face_dataset import converter, make_faces
+from face_files import converter, make_faces
 
 from mmpfc.datasets import FaceVerificationDataset, load_pairs_bin
 from mmpfc.evaluation import (FaceVerificationMetric, evaluate_pairs,

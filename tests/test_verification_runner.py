@@ -11,7 +11,7 @@ from mmengine.config import Config
 from mmengine.model import BaseModel
 from mmengine.runner import Runner
 from helpers import ROOT
-from test_mx_face_dataset import converter, make_faces
+from face_files import converter, make_faces
 
 from mmpfc.registry import DATASETS
 

@@ -5,7 +5,7 @@ import os.path as osp
 import shutil
 
 import pytest
-from test_checkpoint import build_runner, make_cfg
+from tiny_training import build_runner, make_cfg
 
 import mmpfc  # noqa: F401
 from mmpfc.engine.runners.work_dir import (WorkDirInUseError,
