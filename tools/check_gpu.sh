@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check, in under 8 minutes on one GPU (docs/benchmark.md, "GPU check"):
-#   (a) the tests marked `cuda` (tests/test_gpu.py): the fused head, the
+#   (a) the tests marked `cuda` (tests/test_models/test_gpu.py): the fused head, the
 #       sparse SGD/Adam updates and fp16 loss scaling on the GPU against the
 #       same computation on the CPU, NCCL on one rank, a head step without
 #       host-device synchronization, the CUDA memory peak per interval;
@@ -15,7 +15,7 @@
 # device set to cpu (MMPFC_TEST_DEVICE=cpu; the tests that need CUDA skip)
 # and trains IResNet-18 with 1,000 identities for 4 iterations of batch 2,
 # so that the script is exercised by the test suite
-# (tests/test_tools_check_gpu.py). PYTHON picks the interpreter (default:
+# (tests/test_tools/test_check_gpu.py). PYTHON picks the interpreter (default:
 # the repo's .venv, else python).
 set -euo pipefail
 
@@ -71,7 +71,7 @@ else
 fi
 
 echo "== (a) tests marked cuda, device $MMPFC_TEST_DEVICE"
-"$PYTHON" -m pytest -m cuda tests/test_gpu.py -rs -p no:cacheprovider
+"$PYTHON" -m pytest -m cuda tests/test_models/test_gpu.py -rs -p no:cacheprovider
 
 echo "== (b) $CONFIG --amp, ${TRAIN_OPTIONS[0]}"
 # MemoryTableHook prints after the first logger interval and at the end; no

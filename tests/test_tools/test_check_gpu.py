@@ -3,7 +3,7 @@ import os
 import os.path as osp
 import subprocess
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+from helpers import ROOT
 
 
 def test_check_gpu_script_runs_on_the_cpu():

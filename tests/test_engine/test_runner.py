@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 from dist_utils import run_distributed
+from helpers import ROOT
 from mmengine.config import Config
 from mmengine.hooks import Hook
 
@@ -22,7 +23,6 @@ from mmpfc.engine.hooks import SpeedLogHook
 from mmpfc.models.heads import PartialFCHead
 from mmpfc.registry import HOOKS, MODELS, RUNNERS
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 NUM_CLASSES, DIM, BATCH, SAMPLES = 8, 16, 2, 16
 INTERVAL, MAX_ITERS, SECONDS = 2, 4, 2.5
 LOSS = dict(type='CombinedMarginLoss', s=16.0, m1=1.0, m2=0.0, m3=0.2)

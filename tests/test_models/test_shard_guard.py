@@ -6,6 +6,7 @@ import os.path as osp
 import re
 
 import pytest
+from helpers import ROOT
 import torch
 import torch.nn as nn
 from dist_utils import run_distributed
@@ -13,7 +14,6 @@ from dist_utils import run_distributed
 import mmpfc  # noqa: F401
 from mmpfc.models.heads import PartialFCHead
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 
 class HeadOnly(nn.Module):

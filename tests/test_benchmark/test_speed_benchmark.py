@@ -5,6 +5,7 @@ import os.path as osp
 import sys
 
 import pytest
+from helpers import ROOT
 
 from mmpfc.benchmark import BenchmarkConfig, make_rows, parse_count
 from mmpfc.benchmark import parse_method
@@ -102,7 +103,7 @@ def test_targets_and_table():
 
 def test_command_line_full_model_and_does_not_fit(tmp_path):
     """Two gloo ranks, MobileFaceNet: PFC runs, DP is refused by budget."""
-    sys.path.insert(0, osp.join(osp.dirname(__file__), '..', 'tools'))
+    sys.path.insert(0, osp.join(ROOT, 'tools'))
     import benchmark as tool
     argv = ['--methods', 'pfc0.5,dp', '--num-classes', '20k', '--nproc', '2',
             '--batch-size', '2', '--embedding-size', '16', '--backbone',
