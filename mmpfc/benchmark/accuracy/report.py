@@ -1,0 +1,82 @@
+"""Tables, the PFC-vs-MP check and the JSON of the accuracy benchmark."""
+from __future__ import annotations
+
+import json
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+#: how far (accuracy points) PFC0.1 may fall below model parallel
+TOLERANCE_POINTS = 0.5
+
+
+def _mean_std(values: Sequence[float]) -> tuple:
+    """Mean and sample std (0 for one value)."""
+    values = np.asarray(values, dtype=np.float64)
+    std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    return float(values.mean()), std
+
+
+def summarize(records: Sequence[dict]) -> List[dict]:
+    """One row per method label (first-seen order): mean and std over
+    seeds of accuracy (fraction), training loss, loss over all centers,
+    and seconds per run."""
+    rows = []
+    for label in dict.fromkeys(r['label'] for r in records):
+        mine = [r for r in records if r['label'] == label]
+        row = dict(label=label, seeds=[r['seed'] for r in mine])
+        for key in ('accuracy', 'train_loss', 'full_loss', 'run_s'):
+            row[key], row[key + '_std'] = _mean_std([r[key] for r in mine])
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: Sequence[dict]) -> str:
+    """The Markdown table of :func:`summarize`'s rows."""
+    lines = ['| method | verification accuracy % | final training loss | '
+             'loss over all centers | s/run |',
+             '|---|---|---|---|---|']
+    for row in rows:
+        lines.append(
+            f"| {row['label']} | {100 * row['accuracy']:.2f} +- "
+            f"{100 * row['accuracy_std']:.2f} | {row['train_loss']:.3f} +- "
+            f"{row['train_loss_std']:.3f} | {row['full_loss']:.3f} +- "
+            f"{row['full_loss_std']:.3f} | {row['run_s']:.0f} |")
+    return '\n'.join(lines)
+
+
+def paired_difference(records: Sequence[dict], label: str,
+                      reference: str) -> Optional[dict]:
+    """Mean over seeds of ``accuracy(label) - accuracy(reference)`` in
+    points, on the seeds both ran (None if there is none)."""
+    acc = {}
+    for r in records:
+        acc.setdefault(r['label'], {})[r['seed']] = r['accuracy']
+    seeds = sorted(set(acc.get(label, {})) & set(acc.get(reference, {})))
+    if not seeds:
+        return None
+    diffs = [100 * (acc[label][s] - acc[reference][s]) for s in seeds]
+    mean, std = _mean_std(diffs)
+    return dict(label=label, reference=reference, seeds=seeds,
+                difference_points=mean, difference_std=std,
+                per_seed=diffs, passed=abs(mean) <= TOLERANCE_POINTS)
+
+
+def check_line(check: Optional[dict]) -> str:
+    """``PFC0.1 within 0.5 points of model parallel: PASS (difference
+    -0.12)``, or why there is no check."""
+    if check is None:
+        return ('PFC0.1 within 0.5 points of model parallel: not checked '
+                '(needs both PFC0.1 and MP in --methods)')
+    return (f"{check['label']} within {TOLERANCE_POINTS} points of model "
+            f"parallel: {'PASS' if check['passed'] else 'FAIL'} (difference "
+            f"{check['difference_points']:+.2f})")
+
+
+def write_json(path: str, config: dict, records: Sequence[dict],
+               rows: Sequence[dict], check: Optional[dict],
+               wall_s: float) -> None:
+    """Every figure: the config, per-seed records, summary rows, check."""
+    with open(path, 'w') as f:
+        json.dump(dict(config=config, wall_s=wall_s, runs=list(records),
+                       summary=list(rows), check=check), f, indent=1)

@@ -1,0 +1,213 @@
+"""Methods x seeds of the accuracy benchmark, one launch of W ranks a seed.
+
+Example (what ``tools/benchmark_accuracy.py`` runs by default)::
+
+    from mmpfc.benchmark.accuracy import AccuracyConfig, run_accuracy
+    runs = run_accuracy(AccuracyConfig(methods='dp,mp,pfc0.1,pfc0.3'))
+
+Each seed is one launch (:func:`mmpfc.benchmark.launcher.launch`) whose
+ranks train all methods in turn from the same start; the seed sets the
+identity universe, the held-out pairs, the initialization, the batches and
+the sampling, so the methods of one seed are compared on equal terms.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, List, Optional, Sequence, Union
+from unittest import mock
+
+from .. import launcher
+from .methods import MethodLike, MethodSpec, parse_methods
+
+#: margins of ``CombinedMarginLoss`` by name: (m1, m2, m3)
+MARGINS = dict(arcface=(1.0, 0.5, 0.0), cosface=(1.0, 0.0, 0.35))
+_launcher_child = launcher._child
+
+
+@dataclass
+class AccuracyConfig:
+    """What to run; see ``tools/benchmark_accuracy.py --help``.
+
+    ``batch_size`` is per rank. ``margin`` is ``arcface`` (m2) or
+    ``cosface`` (m3) with the value ``margin_value`` (None: 0.5 / 0.35) and
+    the scale ``scale``; ``data`` overrides arguments of
+    :class:`~.data.SyntheticIdentityDataset`.
+    """
+    methods: Union[str, Sequence[MethodLike]] = 'dp,mp,pfc0.1,pfc0.3'
+    seeds: Sequence[int] = (0, 1, 2)
+    num_classes: int = 3000
+    eval_identities: int = 1000
+    num_pairs: int = 6000
+    steps: int = 1000
+    warmup_steps: int = 50
+    batch_size: int = 32
+    embedding_size: int = 128
+    lr: float = 0.02
+    weight_decay: float = 5e-4
+    margin: str = 'cosface'
+    margin_value: Optional[float] = 0.2
+    scale: float = 16.0
+    probe_batches: int = 4
+    world_size: int = 2
+    threads: Optional[int] = None
+    timeout: float = 1800.0
+    data: dict = field(default_factory=dict)
+
+    def method_specs(self) -> List[MethodSpec]:
+        return parse_methods(self.methods)
+
+    def loss_config(self) -> dict:
+        """The ``CombinedMarginLoss`` config of ``margin``."""
+        if self.margin not in MARGINS:
+            raise ValueError(f'margin {self.margin!r}: expected one of '
+                             f'{sorted(MARGINS)}')
+        m1, m2, m3 = MARGINS[self.margin]
+        if self.margin_value is not None:
+            m2, m3 = (self.margin_value, 0.0) if self.margin == 'arcface' \
+                else (0.0, self.margin_value)
+        return dict(type='CombinedMarginLoss', s=self.scale, m1=m1, m2=m2,
+                    m3=m3)
+
+    def resolved_threads(self) -> int:
+        """Torch threads per rank: the option, else cores / ranks."""
+        if self.threads:
+            return self.threads
+        cores = len(os.sched_getaffinity(0)) if hasattr(
+            os, 'sched_getaffinity') else os.cpu_count() or 1
+        return max(1, cores // self.world_size)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad field."""
+        for name in ('num_classes', 'eval_identities', 'num_pairs', 'steps',
+                     'batch_size', 'embedding_size', 'world_size'):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f'{name} must be a positive integer, got '
+                                 f'{value!r}')
+        if self.num_classes < self.world_size:
+            raise ValueError(f'num_classes={self.num_classes} must be >= '
+                             f'world_size={self.world_size}')
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(f'warmup_steps={self.warmup_steps} must lie in '
+                             f'[0, steps={self.steps})')
+        if self.num_pairs < 20 or self.num_pairs % 2:
+            raise ValueError(f'num_pairs must be an even number >= 20 (10 '
+                             f'folds, half same), got {self.num_pairs!r}')
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f'seeds must be distinct and at least one, got '
+                             f'{list(self.seeds)}')
+        self.loss_config()
+        self._validate_data()
+
+    def _validate_data(self) -> None:
+        """``data`` must hold dataset arguments (not the sizes set here)
+        for 32x32 images, what LeNet-5 takes."""
+        import inspect
+
+        from .data import SyntheticIdentityDataset
+        known = set(inspect.signature(
+            SyntheticIdentityDataset.__init__).parameters) - {
+                'self', 'num_classes', 'num_samples', 'identity_offset',
+                'seed'}
+        unknown = sorted(set(self.data) - known)
+        if unknown:
+            raise ValueError(f'data options {unknown}: expected some of '
+                             f'{sorted(known)}')
+        if self.data.get('image_size', 32) != 32:
+            raise ValueError(f"data image_size={self.data['image_size']}: "
+                             'the benchmark model (LeNet-5) takes 32x32')
+        SyntheticIdentityDataset(num_classes=self.num_classes, **self.data)
+
+
+def make_row(cfg: AccuracyConfig, seed: int,
+             methods: Sequence[MethodSpec]) -> dict:
+    """The plain dict one launch's ranks get (see :mod:`.worker`)."""
+    return dict(device='cpu', seed=int(seed),
+                methods=[asdict(m) for m in methods], data=dict(cfg.data),
+                num_classes=cfg.num_classes,
+                eval_identities=cfg.eval_identities,
+                num_pairs=cfg.num_pairs, steps=cfg.steps,
+                warmup_steps=cfg.warmup_steps, batch_size=cfg.batch_size,
+                embedding_size=cfg.embedding_size, lr=cfg.lr,
+                weight_decay=cfg.weight_decay, loss=cfg.loss_config(),
+                probe_batches=cfg.probe_batches,
+                threads=cfg.resolved_threads())
+
+
+def check_methods(cfg: AccuracyConfig,
+                  methods: Sequence[MethodSpec]) -> None:
+    """Build every method's head and optim wrapper once, here, so a bad
+    kwarg fails before any launch, naming the method."""
+    import torch
+    from mmengine.optim import build_optim_wrapper
+
+    import mmpfc  # noqa: F401
+    from mmpfc.registry import MODELS
+    from .worker import model_config, optim_wrapper_config
+    row = make_row(cfg, cfg.seeds[0], methods)
+    for method in row['methods']:
+        try:
+            head = MODELS.build(model_config(row, method)['head'])
+            build_optim_wrapper(torch.nn.ModuleDict(dict(head=head)),
+                                optim_wrapper_config(row, method))
+        except Exception as err:
+            raise ValueError(
+                f"method {method['label']!r} (head {method['head']}, optim "
+                f"wrapper kwargs {method['optim_wrapper']}) cannot be "
+                f'built: {type(err).__name__}: {err}') from err
+
+
+def _child(rank: int, world_size: int, port: int, row: dict,
+           results) -> None:
+    """The launcher's child process, running this benchmark's worker.
+
+    :func:`mmpfc.benchmark.launcher.launch` (port, spawn, process group,
+    failure and timeout handling) always runs the speed benchmark's
+    ``worker.run_rank`` and takes no other target, so this child points
+    that name at :func:`.worker.run_rank` in its own fresh process, then
+    runs the launcher's child unchanged. A ``target`` argument of
+    ``launch`` would make this unnecessary.
+    """
+    from .. import worker as speed_worker
+    from .worker import run_rank
+    speed_worker.run_rank = run_rank  # what the launcher's child calls
+    _launcher_child(rank, world_size, port, row, results)
+
+
+def launch_seed(row: dict, world_size: int, timeout: float) -> List[dict]:
+    """One seed on ``world_size`` fresh ranks (the project's launcher, with
+    this benchmark's worker as the child, see :func:`_child`); results in
+    rank order."""
+    with mock.patch.object(launcher, '_child', _child):
+        return launcher.launch(row, world_size, timeout)
+
+
+def run_accuracy(cfg: AccuracyConfig,
+                 log: Callable[[str], None] = print) -> List[dict]:
+    """Run every seed; one record per (seed, method), in run order."""
+    cfg.validate()
+    methods = cfg.method_specs()
+    check_methods(cfg, methods)
+    records = []
+    for seed in cfg.seeds:
+        start = time.perf_counter()
+        ranks = launch_seed(make_row(cfg, seed, methods), cfg.world_size,
+                            cfg.timeout)
+        wall = time.perf_counter() - start
+        for i, result in enumerate(ranks[0]['methods']):
+            record = dict(result, seed=int(seed),
+                          name=methods[i].name,
+                          head=methods[i].head,
+                          optim_wrapper=methods[i].optim_wrapper,
+                          launch_s=wall,
+                          train_s_ranks=[r['methods'][i]['train_s']
+                                         for r in ranks])
+            record['run_s'] = record['train_s'] + record['eval_s']
+            records.append(record)
+            log(f"seed {seed} {record['label']}: accuracy "
+                f"{100 * record['accuracy']:.2f} %, loss "
+                f"{record['train_loss']:.3f} (all centers "
+                f"{record['full_loss']:.3f}), {record['run_s']:.0f} s")
+    return records
