@@ -16,14 +16,12 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, List, Optional, Sequence, Union
-from unittest import mock
 
 from .. import launcher
 from .methods import MethodLike, MethodSpec, parse_methods
 
 #: margins of ``CombinedMarginLoss`` by name: (m1, m2, m3)
 MARGINS = dict(arcface=(1.0, 0.5, 0.0), cosface=(1.0, 0.0, 0.35))
-_launcher_child = launcher._child
 
 
 @dataclass
@@ -159,29 +157,11 @@ def check_methods(cfg: AccuracyConfig,
                 f'built: {type(err).__name__}: {err}') from err
 
 
-def _child(rank: int, world_size: int, port: int, row: dict,
-           results) -> None:
-    """The launcher's child process, running this benchmark's worker.
-
-    :func:`mmpfc.benchmark.launcher.launch` (port, spawn, process group,
-    failure and timeout handling) always runs the speed benchmark's
-    ``worker.run_rank`` and takes no other target, so this child points
-    that name at :func:`.worker.run_rank` in its own fresh process, then
-    runs the launcher's child unchanged. A ``target`` argument of
-    ``launch`` would make this unnecessary.
-    """
-    from .. import worker as speed_worker
-    from .worker import run_rank
-    speed_worker.run_rank = run_rank  # what the launcher's child calls
-    _launcher_child(rank, world_size, port, row, results)
-
-
 def launch_seed(row: dict, world_size: int, timeout: float) -> List[dict]:
-    """One seed on ``world_size`` fresh ranks (the project's launcher, with
-    this benchmark's worker as the child, see :func:`_child`); results in
-    rank order."""
-    with mock.patch.object(launcher, '_child', _child):
-        return launcher.launch(row, world_size, timeout)
+    """One seed on ``world_size`` fresh ranks running :func:`.worker.run_rank`
+    (the project's launcher); results in rank order."""
+    from .worker import run_rank
+    return launcher.launch(row, world_size, timeout, target=run_rank)
 
 
 def run_accuracy(cfg: AccuracyConfig,
