@@ -29,6 +29,7 @@ from mmpfc.benchmark.report import (markdown, plot,  # noqa: E402
                                     ratio_checks, verdict, write_json)
 from mmpfc.benchmark.runner import (BenchmarkConfig, config_dict,  # noqa: E402
                                     parse_count, parse_method, run_benchmark)
+from mmpfc.utils.spawn import load_average  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -115,14 +116,14 @@ def main(argv=None) -> int:
     info.update(command=' '.join(['python tools/benchmark.py',
                                   *(argv if argv is not None
                                     else sys.argv[1:])]),
-                load_average_start=_load())
+                load_average_start=load_average())
     print(f"{cfg.world_size} ranks on {cfg.device}, {info['threads']} "
           f"thread(s) each, budget {info['budget_mb']:.0f} MB per rank, "
           f"load average {info['load_average_start']}", flush=True)
     start = time.time()
     records = run_benchmark(cfg, log=lambda line: print(line, flush=True))
     checks = ratio_checks(records, TARGET_LIMITS, TARGET_MIN_CLASSES)
-    info.update(seconds=time.time() - start, load_average_end=_load())
+    info.update(seconds=time.time() - start, load_average_end=load_average())
     table = markdown(records, checks)
     with open(osp.join(args.out_dir, 'benchmark.md'), 'w') as f:
         f.write(table + '\n')
@@ -140,13 +141,6 @@ def main(argv=None) -> int:
     if args.check_targets and any(c['passed'] is False for c in checks):
         return 1
     return 0
-
-
-def _load() -> str:
-    try:
-        return ' '.join(f'{x:.2f}' for x in os.getloadavg())
-    except OSError:
-        return 'n/a'
 
 
 if __name__ == '__main__':

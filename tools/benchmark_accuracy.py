@@ -42,6 +42,7 @@ from mmpfc.benchmark.accuracy import (AccuracyConfig,  # noqa: E402
                                       check_line, markdown,
                                       paired_difference, run_accuracy,
                                       summarize, write_json)
+from mmpfc.utils.spawn import load_average  # noqa: E402
 
 #: ``--quick``: tiny sizes for a smoke run (the test uses them)
 QUICK = dict(seeds=(0, ), num_classes=100, eval_identities=40, num_pairs=200,
@@ -166,7 +167,7 @@ def main(argv=None) -> int:
                 command=' '.join(['python tools/benchmark_accuracy.py',
                                   *(argv if argv is not None
                                     else sys.argv[1:])]),
-                load_average_start=_load())
+                load_average_start=load_average())
     print(f'{cfg.world_size} gloo ranks, {info["threads"]} thread(s) each; '
           f'{len(cfg.seeds)} seed(s) x {len(cfg.method_specs())} methods; '
           f'load average {info["load_average_start"]}', flush=True)
@@ -177,7 +178,7 @@ def main(argv=None) -> int:
         print(f'error: {err}', file=sys.stderr)
         return 2
     wall = time.time() - start
-    info['load_average_end'] = _load()
+    info['load_average_end'] = load_average()
     rows = summarize(records)
     check = paired_difference(records, 'PFC0.1', 'MP')
     table = markdown(rows)
@@ -192,13 +193,6 @@ def main(argv=None) -> int:
     if args.check and not (check and check['passed']):
         return 1
     return 0
-
-
-def _load() -> str:
-    try:
-        return ' '.join(f'{x:.2f}' for x in os.getloadavg())
-    except OSError:
-        return 'n/a'
 
 
 if __name__ == '__main__':

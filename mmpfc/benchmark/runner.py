@@ -13,7 +13,6 @@ machine hit every method alike) and each figure is the median of the runs.
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Callable, List, Optional, Sequence
@@ -21,6 +20,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from mmpfc.utils.proc_memory import proc_kb
+from mmpfc.utils.spawn import threads_per_rank
 from .launcher import RowFailed, launch
 from .memory_model import (activation_bytes_per_sample, predict_memory,
                            shard_rows)
@@ -80,11 +80,8 @@ class BenchmarkConfig:
     extra: dict = field(default_factory=dict)
 
     def resolved_threads(self) -> int:
-        if self.threads:
-            return self.threads
-        cores = len(os.sched_getaffinity(0)) if hasattr(
-            os, 'sched_getaffinity') else os.cpu_count() or 1
-        return max(1, cores // self.world_size)
+        """Torch threads per rank: the option, else cores / ranks."""
+        return threads_per_rank(self.world_size, self.threads)
 
     def budget_bytes(self) -> float:
         """Memory a rank may use: the option, else the device / host share."""

@@ -114,3 +114,21 @@ def _dead_or_late(procs: list, collected: dict, deadline: float,
     if time.monotonic() > deadline:
         return f'no result after {timeout:.0f} s'
     return None
+
+
+def threads_per_rank(world_size: int, threads: Optional[int] = None) -> int:
+    """Torch threads for each of ``world_size`` local ranks: ``threads``,
+    else this process's cores shared out (at least 1)."""
+    if threads:
+        return threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(
+        os, 'sched_getaffinity') else os.cpu_count() or 1
+    return max(1, cores // world_size)
+
+
+def load_average() -> str:
+    """The host's 1/5/15-minute load average (benchmarks record it)."""
+    try:
+        return ' '.join(f'{x:.2f}' for x in os.getloadavg())
+    except OSError:
+        return 'n/a'

@@ -12,11 +12,11 @@ the sampling, so the methods of one seed are compared on equal terms.
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, List, Optional, Sequence, Union
 
+from mmpfc.utils.spawn import threads_per_rank
 from .. import launcher
 from .methods import MethodLike, MethodSpec, parse_methods
 
@@ -70,11 +70,7 @@ class AccuracyConfig:
 
     def resolved_threads(self) -> int:
         """Torch threads per rank: the option, else cores / ranks."""
-        if self.threads:
-            return self.threads
-        cores = len(os.sched_getaffinity(0)) if hasattr(
-            os, 'sched_getaffinity') else os.cpu_count() or 1
-        return max(1, cores // self.world_size)
+        return threads_per_rank(self.world_size, self.threads)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field."""
