@@ -18,6 +18,8 @@ from typing import Any, Optional
 
 import torch
 
+from mmpfc.utils.compat import torch_load
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used as asked; the message says why."""
@@ -85,7 +87,7 @@ def load_file(path: str,
             'written: the file is truncated or was replaced')
     _check_torch_format(what, path, size)
     try:
-        return torch.load(path, map_location=map_location, mmap=mmap)
+        return torch_load(path, map_location=map_location, mmap=mmap)
     except pickle.UnpicklingError as err:
         if 'weights only' in str(err).lower():
             raise CheckpointError(
@@ -93,9 +95,6 @@ def load_file(path: str,
                 f'refuses with weights_only=True: {err}') from err
         raise _unreadable(what, path, size, err) from err
     except _LOAD_ERRORS as err:
-        if mmap and isinstance(err, RuntimeError) and 'zipfile' in str(err):
-            # a legacy (pre torch 1.6) file cannot be memory-mapped: read it
-            return load_file(path, what, map_location, False, expected_size)
         raise _unreadable(what, path, size, err) from err
 
 

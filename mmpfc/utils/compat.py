@@ -253,6 +253,21 @@ def build_in_scope(registry, cfg):
     return registry.build(cfg) if isinstance(cfg, dict) else cfg
 
 
+def torch_load(path: str, map_location=None, mmap: bool = False):
+    """``torch.load``, memory-mapped where the file format allows it.
+
+    torch (checked up to 2.14) cannot memory-map the legacy (pre torch 1.6,
+    non-zip) format and raises a ``RuntimeError`` about the zipfile format:
+    such a file is read without ``mmap`` instead.
+    """
+    try:
+        return torch.load(path, map_location=map_location, mmap=mmap)
+    except RuntimeError as err:
+        if not mmap or 'zipfile' not in str(err):
+            raise
+    return torch.load(path, map_location=map_location)
+
+
 #: ``torch.onnx.export`` arguments: torch >= 2.9 defaults to the dynamo
 #: exporter, which needs the onnxscript package; the TorchScript exporter
 #: needs nothing more. Drop once onnxscript is a requirement.
