@@ -7,7 +7,7 @@ rotate the good ones out (``max_keep_ckpts``) and become ``last_checkpoint``.
 from __future__ import annotations
 
 import math
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -45,6 +45,13 @@ def nonfinite_parameters(module: nn.Module, limit: int = 5) -> List[str]:
             if len(bad) == limit:
                 break
     return bad
+
+
+def nonfinite_weights(model: nn.Module) -> Tuple[List[str], bool]:
+    """This rank's non-finite parameters (up to 5 names), and whether any
+    rank has one (a collective: call it on every rank)."""
+    bad = nonfinite_parameters(model)
+    return bad, any_rank(bool(bad), _device_of(model.parameters()))
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
@@ -139,8 +146,7 @@ class TrainingHealthHook(Hook):
                       step: int, losses: dict, grad_norm: Optional[float]
                       ) -> None:
         self.bad_iters += 1
-        bad_params = nonfinite_parameters(model)
-        weights_bad = any_rank(bool(bad_params), device)
+        bad_params, weights_bad = nonfinite_weights(model)
         loss = losses.get('loss', next(iter(losses.values()), math.nan))
         per_rank = gather_floats(loss, device)
         what = (f'iteration {step}: the loss is not finite (loss per rank '

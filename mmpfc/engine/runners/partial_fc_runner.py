@@ -17,8 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from mmpfc.checkpoint import unwrap_model
 from mmpfc.engine.hooks.training_health_hook import (TrainingDivergedError,
-                                                     any_rank,
-                                                     nonfinite_parameters)
+                                                     nonfinite_weights)
 from mmpfc.engine.model_wrappers import PartialFCDistributedDataParallel
 from mmpfc.models.utils import sharded_names
 from mmpfc.registry import MODEL_WRAPPERS, RUNNERS
@@ -179,10 +178,8 @@ class PartialFCRunner(ShardedCheckpointMixin, Runner):
     def save_checkpoint(self, out_dir: str, filename: str, *args,
                         **kwargs) -> None:
         """Refuse (on every rank) to save weights that are not finite."""
-        model = unwrap_model(self.model)
-        bad = nonfinite_parameters(model)
-        device = next(model.parameters()).device
-        if any_rank(bool(bad), device):
+        bad, anywhere = nonfinite_weights(unwrap_model(self.model))
+        if anywhere:
             where = f': {bad} on this rank' if bad else ' on another rank'
             raise TrainingDivergedError(
                 f'refusing to save {osp.join(out_dir, filename)} at '
