@@ -3,6 +3,7 @@ sibling test module)."""
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os.path as osp
 from types import ModuleType
 
@@ -18,3 +19,25 @@ def load_tool(*path: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+class LogRecords(logging.Handler):
+    """The messages of MMEngine's current logger while in the ``with``
+    block (its console handler holds the stream of its creation, which
+    pytest's capture fixtures do not see)."""
+
+    def __init__(self, level: int = logging.INFO) -> None:
+        super().__init__(level)
+        self.messages: list = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self) -> list:
+        from mmengine.logging import MMLogger
+        MMLogger.get_current_instance().addHandler(self)
+        return self.messages
+
+    def __exit__(self, *exc) -> None:
+        from mmengine.logging import MMLogger
+        MMLogger.get_current_instance().removeHandler(self)

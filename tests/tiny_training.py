@@ -70,13 +70,16 @@ def head_state(runner) -> dict:
                          if torch.is_tensor(v)},
         backbone={k: v.clone()
                   for k, v in model.backbone.state_dict().items()},
-        sampler=head.sampler.state_dict(), iter=runner.iter)
+        sampler=head.sampler.state_dict(), iter=runner.iter,
+        rounding=None if head.rounding is None else
+        head.rounding.state_dict())
 
 
 def make_cfg(work_dir, world_size=1, max_iters=4, sample_rate=0.5,
              load_from=None, resume=False, interval=2, max_keep_ckpts=-1,
              num_classes=NUM_CLASSES, backbone=None, dim=DIM,
-             optimizer=None, neck=None):
+             optimizer=None, neck=None, center_dtype='float32',
+             center_state_dtype='float32'):
     """Config of the tiny training run (dict for ``Runner.from_cfg``)."""
     from mmengine.config import Config
     return Config(dict(
@@ -89,6 +92,7 @@ def make_cfg(work_dir, world_size=1, max_iters=4, sample_rate=0.5,
             neck=neck or dict(type='mmpretrain.GlobalAveragePooling'),
             head=dict(type='PartialFCHead', num_classes=num_classes,
                       in_channels=dim, sample_rate=sample_rate, seed=5,
+                      center_dtype=center_dtype,
                       loss=dict(type='CombinedMarginLoss', s=16.0, m1=1.0,
                                 m2=0.0, m3=0.2))),
         train_dataloader=dict(
@@ -100,7 +104,8 @@ def make_cfg(work_dir, world_size=1, max_iters=4, sample_rate=0.5,
                            optimizer=optimizer or dict(
                                type='SGD', lr=0.2, momentum=0.9,
                                weight_decay=5e-4),
-                           clip_grad=dict(max_norm=5)),
+                           clip_grad=dict(max_norm=5),
+                           center_state_dtype=center_state_dtype),
         param_scheduler=[
             dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0,
                  end=3),
@@ -120,6 +125,19 @@ def make_cfg(work_dir, world_size=1, max_iters=4, sample_rate=0.5,
 
 def build_runner(cfg):
     return RUNNERS.build(cfg)
+
+
+def train_worker(rank, world_size, work_dir, kwargs, also_load=None):
+    """Train the tiny run of ``make_cfg(**kwargs)``; the head's state as
+    training started (after any load) and at the end."""
+    runner = build_runner(make_cfg(work_dir, world_size=world_size,
+                                   **kwargs))
+    runner.train()
+    result = dict(start=runner.captured, final=head_state(runner))
+    if also_load is not None:  # e.g. a merged checkpoint
+        runner.load_checkpoint(also_load)
+        result['loaded'] = head_state(runner)
+    return result
 
 
 def shard_dirs(folder):

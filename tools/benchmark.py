@@ -9,11 +9,29 @@ The reference's table on 8 GPUs (IResNet-50, AMP, 128 images per GPU):
     python tools/benchmark.py --device cuda --nproc 8 --backbone r50 --amp \\
         --methods dp,mp,pfc0.1 --num-classes 125k,250k,500k,1M,1.4M,2M,4M
 
+Compact storage of the sharded centers (MP and PFC rows; DP stays fp32):
+``--center-dtype`` / ``--state-dtype`` set one storage for the run, the
+centers' dtype (fp32, bf16, fp16) and their optimizer state's (fp32, bf16,
+int8); ``--storage`` runs several side by side, each sharded method once per
+CENTER/STATE pair (one name: both), rows labelled ``PFC0.1 bf16/int8``
+(fp32 rows keep their plain labels):
+
+    python tools/benchmark.py --methods mp,pfc0.1 --num-classes 1M \\
+        --storage fp32,bf16/bf16,bf16/int8
+
+The identities-per-GPU table (the reference's memory per GPU beside the
+model's predictions, and the most identities that fit 8 x 32 GB and
+8 x 80 GB; nothing runs):
+
+    python tools/benchmark.py --memory-table
+
 Every row runs in W fresh processes; rows predicted not to fit the memory
-budget are reported as ``-``. Writes ``benchmark.md``, ``benchmark.json``,
+budget are reported as ``-`` (the detailed table gives the most identities
+that would fit). Writes ``benchmark.md``, ``benchmark.json``,
 ``speed.png`` and ``memory.png`` to ``--out-dir`` and prints the Markdown
-and, for head-only MP and PFC0.1 rows, the ratios against the acceptance
-limits below (``--check-targets`` makes a failed one the exit status).
+and, for head-only MP and PFC0.1 rows (and PFC0.1 bf16/bf16, bf16/int8
+when present), the ratios against the acceptance limits below
+(``--check-targets`` makes a failed one the exit status).
 """
 from __future__ import annotations
 
@@ -27,9 +45,18 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from mmpfc.benchmark.report import (markdown, plot,  # noqa: E402
                                     ratio_checks, verdict, write_json)
-from mmpfc.benchmark.runner import (BenchmarkConfig, config_dict,  # noqa: E402
-                                    parse_count, parse_method, run_benchmark)
+from mmpfc.benchmark.runner import (FP32_STORAGE,  # noqa: E402
+                                    BenchmarkConfig, config_dict, dtype_name,
+                                    parse_count, parse_method, parse_storage,
+                                    run_benchmark)
 from mmpfc.utils.spawn import load_average  # noqa: E402
+
+
+def _dtype_arg(text: str) -> str:
+    try:
+        return dtype_name(text)
+    except ValueError as err:  # argparse shows this message, not its own
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,6 +95,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='per rank; a row predicted above it is "does '
                         'not fit" (default: GPU memory, or 90%% of the '
                         "host's available memory / ranks)")
+    parser.add_argument('--center-dtype', type=_dtype_arg, default=None,
+                        help='storage of the sharded centers (MP, PFC): '
+                        'float32 / fp32 (default), bfloat16 / bf16, '
+                        'float16 / fp16')
+    parser.add_argument('--state-dtype', type=_dtype_arg, default=None,
+                        help='storage of their optimizer state: float32 / '
+                        'fp32 (default), bfloat16 / bf16, int8 (block-wise '
+                        'quantized)')
+    parser.add_argument('--storage', default=None,
+                        help='several storages in one run instead: comma '
+                        "list of CENTER/STATE, e.g. 'fp32,bf16/bf16,"
+                        "bf16/int8'; every MP / PFC method runs once per "
+                        'pair')
+    parser.add_argument('--memory-table', action='store_true',
+                        help='print the identities-per-GPU table of the '
+                        "reference's set-up and exit (nothing runs)")
     parser.add_argument('--no-gemm', action='store_true',
                         help='skip timing the three GEMMs alone')
     parser.add_argument('--out-dir', default='work_dirs/benchmark')
@@ -75,7 +118,28 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='seconds per launch')
     parser.add_argument('--check-targets', action='store_true',
                         help='exit with status 1 if a target ratio fails')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.storage is not None and (args.center_dtype or args.state_dtype):
+        parser.error('--storage replaces --center-dtype / --state-dtype: '
+                     'give one or the other')
+    try:
+        args.storage = storages(args)
+    except ValueError as err:
+        parser.error(str(err))
+    return args
+
+
+def storages(args: argparse.Namespace) -> list:
+    """The (center_dtype, state_dtype) pairs of the run, fp32 by default."""
+    if args.storage is not None:
+        pairs = [parse_storage(s) for s in args.storage.split(',')
+                 if s.strip()]
+        if not pairs:
+            raise ValueError('--storage: no CENTER/STATE pair given')
+        return list(dict.fromkeys(pairs))
+    pair = (args.center_dtype or FP32_STORAGE[0],
+            args.state_dtype or FP32_STORAGE[1])
+    return [parse_storage('/'.join(pair))]
 
 
 #: The acceptance limits of the head-only comparison (Partial FC 0.1 against
@@ -83,7 +147,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 #: are set for >= 1M identities, where the reference (insightface
 #: arcface_torch, 8x V100) shows Partial FC 0.1 at ~2.3x model parallel's
 #: speed and ~0.56x its memory; smaller C gets the ratios without a verdict.
-TARGET_LIMITS = {'time': 1 / 6, 'memory': 0.55, 'shard': 2.2, 'gemm': 1.5}
+#: Compact storage (checked when its PFC0.1 rows ran): bf16 centers with
+#: bf16 state within 1.25x the fp32 shard's bytes, with int8 state within
+#: 1.0x (the model predicts ~1.15 and ~0.92 at 1M on 2 ranks), and no step
+#: more than 1.3x the fp32 PFC0.1 step of the same run.
+TARGET_LIMITS = {'time': 1 / 6, 'memory': 0.55, 'shard': 2.2, 'gemm': 1.5,
+                 'shard_bf16_bf16': 1.25, 'shard_bf16_int8': 1.0,
+                 'time_bf16_bf16': 1.3, 'time_bf16_int8': 1.3}
 TARGET_MIN_CLASSES = 1_000_000
 
 
@@ -98,7 +168,7 @@ def build_config(args: argparse.Namespace) -> BenchmarkConfig:
     for method in methods:
         parse_method(method)  # fail early on a typo
     return BenchmarkConfig(
-        methods=methods,
+        methods=methods, storage=args.storage,
         num_classes=[parse_count(c) for c in args.num_classes.split(',')],
         world_size=nproc, batch_size=args.batch_size,
         embedding_size=args.embedding_size, backbone=args.backbone,
@@ -110,6 +180,10 @@ def build_config(args: argparse.Namespace) -> BenchmarkConfig:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.memory_table:
+        from mmpfc.benchmark.capacity import identities_table
+        print(identities_table())
+        return 0
     cfg = build_config(args)
     os.makedirs(args.out_dir, exist_ok=True)
     info = config_dict(cfg)

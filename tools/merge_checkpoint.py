@@ -23,6 +23,9 @@ def parse_args(argv=None):
                         help='leave out the optimizer state (smaller file)')
     parser.add_argument('--overwrite', action='store_true',
                         help='replace DST if it exists')
+    parser.add_argument('--keep-dtype', action='store_true',
+                        help='keep 16-bit centers (center_dtype) as stored '
+                        '(default: written as float32, exactly)')
     return parser.parse_args(argv)
 
 
@@ -31,7 +34,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     try:
         merged = merge_checkpoint(args.src, args.dst, args.drop_optimizer,
-                                  args.overwrite)
+                                  args.overwrite, args.keep_dtype)
     except CheckpointError as err:
         print(f'error: {err}', file=sys.stderr)
         return 1

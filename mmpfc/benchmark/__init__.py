@@ -4,12 +4,12 @@
 results and how they were made.
 """
 from .memory_model import (MemoryEstimate, activation_bytes_per_sample,
-                           head_memory, predict_memory)
+                           head_memory, max_num_classes, predict_memory)
 from .runner import (BenchmarkConfig, make_rows, parse_count, parse_method,
                      run_benchmark)
 
 __all__ = [
     'MemoryEstimate', 'activation_bytes_per_sample', 'head_memory',
-    'predict_memory', 'BenchmarkConfig', 'make_rows', 'parse_count',
-    'parse_method', 'run_benchmark'
+    'max_num_classes', 'predict_memory', 'BenchmarkConfig', 'make_rows',
+    'parse_count', 'parse_method', 'run_benchmark'
 ]

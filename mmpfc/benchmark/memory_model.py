@@ -3,22 +3,40 @@
 Symbols: C identities, W ranks, D embedding size, B per-rank batch,
 N = W * B global batch, ``Cl = ceil(C / W)`` centers of the largest shard,
 ``S`` centers used per step (``max(int(p * Cl), positives)`` with sample
-rate ``p``; ``Cl`` for model parallel), fp32 (4-byte) centers, gradients,
-momentum and logits. Peak bytes per rank of the head:
+rate ``p``; ``Cl`` for model parallel). Gradients and logits are fp32
+(4 bytes) whatever the storage. The sharded centers take ``c`` bytes per
+element (``center_dtype``: 4 for float32, 2 for bfloat16 / float16) and
+one optimizer state of the shard takes ``state(Cl)`` bytes
+(``state_dtype``): ``4 Cl D`` (float32), ``2 Cl D`` (bfloat16) or
+``Cl D + 4 Cl ceil(D / 64)`` (int8: one byte per element plus an fp32
+absmax scale per block of 64 elements of a row). SGD with momentum keeps
+one state, Adam two (``exp_avg``, ``exp_avg_sq``) plus a float64 update
+count per row (``8 Cl``); ``momentum=False`` (plain SGD) keeps none. Peak
+bytes per rank of the head:
 
 * Partial FC (``p < 1``):
-  ``2 Cl D 4`` (centers + their SGD momentum, the whole shard)
+  ``c Cl D + states`` (the whole shard and its optimizer state)
   ``+ S max(N, D) 4`` (one buffer: the (S, N) logits, then in place the
   (S, D) gradient of the sampled centers, kept until the optimizer step)
   ``+ Cl 4 + 12 S`` (sampling scores and top-k).
-* Model parallel (``p = 1``): the buffer covers the whole shard and becomes
-  ``weight.grad``; ``torch.optim.SGD`` adds a temporary of the shard for
-  the weight decay: ``2 Cl D 4 + Cl max(N, D) 4 + Cl D 4``.
+* Model parallel (``p = 1``): the buffer covers the whole shard,
+  ``c Cl D + states + Cl max(N, D) 4``. With fp32 centers and state it
+  becomes ``weight.grad`` and ``torch.optim.SGD`` adds a temporary of the
+  shard for the weight decay (``+ Cl D 4``); with compact storage the
+  shard is updated row by row from the buffer, in chunks, and there is no
+  such temporary.
 * Data parallel (every rank holds all C centers, plain autograd, local
-  batch B): centers, momentum, the normalized copy, its gradient,
-  ``F.normalize``'s backward temporary and the gradient, ``6 C D 4``, plus
-  ``4 B C 4`` for the cosines, the margin logits, the softmax and its
-  gradient.
+  batch B, fp32 only): centers, momentum, the normalized copy, its
+  gradient, ``F.normalize``'s backward temporary and the gradient,
+  ``6 C D 4``, plus ``4 B C 4`` for the cosines, the margin logits, the
+  softmax and its gradient.
+
+Compact storage changes only the centers and their state: the fused step
+upcasts the rows it uses chunk by chunk, and those chunks, like the int8
+states' dequantized chunks, are left to ``RUNTIME_SLACK``. Adam is
+modelled where the centers are updated row by row (Partial FC, or model
+parallel with compact storage); the temporaries of a dense
+``torch.optim.Adam`` step are not.
 
 Plus, for every method, the embeddings of the global batch and their
 gradients (``4 N D 4``), the chunk temporaries and what the allocator keeps
@@ -37,7 +55,8 @@ to ``RUNTIME_SLACK``.
 
 The model counts tensors, not the CUDA context (~0.3-0.5 GB per GPU, shown
 by ``nvidia-smi`` but not by ``torch.cuda.max_memory_allocated``) nor the
-cache of the CUDA allocator.
+cache of the CUDA allocator. :func:`max_num_classes` inverts it: the most
+identities a configuration can hold within a per-rank budget.
 """
 from __future__ import annotations
 
@@ -83,18 +102,69 @@ def sampled_rows(num_classes: int, world_size: int, sample_rate: float,
     return max(int(sample_rate * local), math.ceil(positives))
 
 
+#: Bytes per element of the sharded centers, by ``center_dtype``.
+CENTER_BYTES = {'float32': 4, 'bfloat16': 2, 'float16': 2}
+#: Optimizer-state dtypes of the sharded centers (``center_state_dtype``).
+STATE_DTYPES = ('float32', 'bfloat16', 'int8')
+#: Elements of a row that share one fp32 scale in the int8 state.
+INT8_BLOCK = 64
+OPTIMIZERS = ('sgd', 'adam')
+
+
+def check_dtypes(center_dtype: str = 'float32',
+                 state_dtype: str = 'float32') -> None:
+    """Refuse a storage name the head or the optim wrapper does not take,
+    so a typo fails before anything is built or predicted."""
+    if center_dtype not in CENTER_BYTES:
+        raise ValueError(f'center_dtype must be one of {list(CENTER_BYTES)}, '
+                         f'got {center_dtype!r}')
+    if state_dtype not in STATE_DTYPES:
+        raise ValueError(f'state_dtype must be one of {list(STATE_DTYPES)}, '
+                         f'got {state_dtype!r}')
+
+
+def state_bytes(rows: int, dim: int, state_dtype: str = 'float32') -> int:
+    """Bytes of one optimizer state of ``rows`` centers of ``dim`` elements
+    (int8: one byte per element and an fp32 scale per row block)."""
+    check_dtypes(state_dtype=state_dtype)
+    if state_dtype == 'int8':
+        return rows * dim + rows * -(-dim // INT8_BLOCK) * FP32
+    return rows * dim * (FP32 if state_dtype == 'float32' else 2)
+
+
 def head_memory(method: str, num_classes: int, world_size: int,
                 embedding_size: int = 512, batch_size: int = 128,
                 sample_rate: float = 1.0, momentum: bool = True,
-                weight_decay: bool = True) -> Dict[str, int]:
+                weight_decay: bool = True, center_dtype: str = 'float32',
+                state_dtype: str = 'float32',
+                optimizer: str = 'sgd') -> Dict[str, int]:
     """The head's parts of the peak (bytes per rank), see the module doc.
 
     Args:
         method: ``'dp'`` (replicated centers) or ``'pfc'`` (sharded, with
             ``sample_rate`` 1.0 for model parallel).
+        momentum: Whether SGD keeps a momentum state (Adam always keeps
+            state, so ``optimizer='adam'`` requires it).
+        center_dtype: Storage of the sharded centers: ``'float32'``,
+            ``'bfloat16'`` or ``'float16'``.
+        state_dtype: Storage of their optimizer state: ``'float32'``,
+            ``'bfloat16'`` or ``'int8'`` (block-wise quantized).
+        optimizer: ``'sgd'`` or ``'adam'`` (Adam / AdamW).
     """
+    check_dtypes(center_dtype, state_dtype)
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f'optimizer must be one of {list(OPTIMIZERS)}, got '
+                         f'{optimizer!r}')
+    if optimizer == 'adam' and not momentum:
+        raise ValueError("optimizer='adam' always keeps state: momentum=False "
+                         'means plain SGD')
+    compact = (center_dtype, state_dtype) != ('float32', 'float32')
     dim, num = embedding_size, world_size * batch_size
     if method == 'dp':
+        if compact or optimizer != 'sgd':
+            raise ValueError("method 'dp' is modelled with fp32 storage and "
+                             'SGD only; compact storage and Adam are for '
+                             "the sharded head ('pfc')")
         centers = num_classes * dim * FP32
         return dict(centers=centers, momentum=centers * momentum,
                     center_grads=4 * centers,
@@ -102,16 +172,25 @@ def head_memory(method: str, num_classes: int, world_size: int,
                     embeddings=4 * batch_size * dim * FP32)
     if method != 'pfc':
         raise ValueError(f"method must be 'dp' or 'pfc', got {method!r}")
+    dense = sample_rate >= 1.0 and not compact
+    if dense and optimizer == 'adam':
+        raise ValueError('model parallel with fp32 storage steps the shard '
+                         "with torch.optim.Adam, whose temporaries are not "
+                         "modelled; use optimizer='sgd' or compact storage")
     local = shard_rows(num_classes, world_size)
     rows = sampled_rows(num_classes, world_size, sample_rate, batch_size)
-    centers = local * dim * FP32
-    parts = dict(centers=centers, momentum=centers * momentum,
-                 logits_and_grad=rows * max(num, dim) * FP32,
+    parts = dict(centers=local * dim * CENTER_BYTES[center_dtype])
+    state = state_bytes(local, dim, state_dtype)
+    if optimizer == 'sgd':
+        parts['momentum'] = state * momentum
+    else:
+        parts.update(exp_avg=state, exp_avg_sq=state, row_step=8 * local)
+    parts.update(logits_and_grad=rows * max(num, dim) * FP32,
                  embeddings=4 * num * dim * FP32)
     if sample_rate < 1.0:
         parts['sampling'] = local * FP32 + 12 * rows
-    elif weight_decay:
-        parts['weight_decay_temp'] = centers
+    elif dense and weight_decay:
+        parts['weight_decay_temp'] = local * dim * FP32
     return parts
 
 
@@ -121,25 +200,58 @@ def predict_memory(method: str, num_classes: int, world_size: int,
                    weight_decay: bool = True, backbone_params: int = 0,
                    largest_param: int = 0,
                    activation_bytes: float = 0.0,
-                   input_bytes: int = 0) -> MemoryEstimate:
+                   input_bytes: int = 0, center_dtype: str = 'float32',
+                   state_dtype: str = 'float32',
+                   optimizer: str = 'sgd') -> MemoryEstimate:
     """Predicted peak memory per rank of one training step.
 
     Args:
         method, num_classes, world_size, embedding_size, batch_size,
-        sample_rate, momentum, weight_decay: See :func:`head_memory`.
+        sample_rate, momentum, weight_decay, center_dtype, state_dtype,
+        optimizer: See :func:`head_memory`.
         backbone_params: Parameters of the backbone (0: head only).
         largest_param: Elements of its largest parameter.
         activation_bytes: Saved activations per sample.
         input_bytes: Bytes of one input sample.
     """
     parts = head_memory(method, num_classes, world_size, embedding_size,
-                        batch_size, sample_rate, momentum, weight_decay)
+                        batch_size, sample_rate, momentum, weight_decay,
+                        center_dtype, state_dtype, optimizer)
     if backbone_params:
         parts['backbone'] = 4 * backbone_params * FP32 + largest_param * FP32
         parts['activations'] = int(activation_bytes * batch_size)
         parts['inputs'] = input_bytes * batch_size
     parts['runtime'] = RUNTIME_SLACK
     return MemoryEstimate(peak=int(sum(parts.values())), parts=parts)
+
+
+def max_num_classes(budget_bytes: float, method: str, world_size: int,
+                    **kwargs) -> int:
+    """The most identities whose predicted peak per rank fits the budget.
+
+    What a given memory allows is the question behind a "does not fit"
+    row and behind the identities-per-GPU table. ``kwargs`` are those of
+    :func:`predict_memory`; 0 when not even one identity fits. The peak
+    grows with C, so a binary search finds the C that fits while C + 1
+    does not (to within the few bytes by which the expected count of
+    sampled rows can shrink when C grows by one).
+    """
+    if not math.isfinite(budget_bytes):
+        raise ValueError(f'budget must be finite, got {budget_bytes}')
+
+    def fits(classes: int) -> bool:
+        return predict_memory(method, classes, world_size,
+                              **kwargs).peak <= budget_bytes
+
+    if not fits(1):
+        return 0
+    low, high = 1, 2
+    while fits(high):
+        low, high = high, 2 * high
+    while high - low > 1:  # fits(low) and not fits(high)
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
 
 
 def activation_bytes_per_sample(backbone: torch.nn.Module,

@@ -7,15 +7,24 @@ from typing import Dict, List, Optional, Sequence
 
 from .worker import PHASES
 
-#: The ratios :func:`ratio_checks` can compare with a limit (head only,
-#: Partial FC at sample rate 0.1 against model parallel at the same C):
-#: key -> name. The limits are the caller's (``tools/benchmark.py``).
+#: The ratios :func:`ratio_checks` can compare with a limit (head only, at
+#: the same C): key -> name. Partial FC at sample rate 0.1 against model
+#: parallel, and its compact storages against the fp32 shard's bytes and
+#: the fp32 PFC0.1 step. The limits are the caller's
+#: (``tools/benchmark.py``).
 RATIOS = {
     'time': 'PFC0.1 step / MP step',
     'memory': 'PFC0.1 peak / MP peak',
     'shard': 'PFC0.1 peak / shard fp32 weight',
     'gemm': 'MP step / its 3 GEMMs alone',
+    'shard_bf16_bf16': 'PFC0.1 bf16/bf16 peak / shard fp32 weight',
+    'time_bf16_bf16': 'PFC0.1 bf16/bf16 step / PFC0.1 step',
+    'shard_bf16_int8': 'PFC0.1 bf16/int8 peak / shard fp32 weight',
+    'time_bf16_int8': 'PFC0.1 bf16/int8 step / PFC0.1 step',
 }
+#: Row label of each compact storage with ratios: storage -> label.
+COMPACT_ROWS = {'bf16_bf16': 'PFC0.1 bf16/bf16',
+                'bf16_int8': 'PFC0.1 bf16/int8'}
 
 
 def summarize_launch(ranks: Sequence[dict]) -> dict:
@@ -77,11 +86,16 @@ def merge_runs(record: dict, runs: List[dict]) -> dict:
     return record
 
 
+def _shard_mb(rec: dict) -> float:
+    return rec['num_local'] * rec['embedding_size'] * 4 / 2**20
+
+
 def ratio_checks(records: Sequence[dict], limits: Dict[str, float],
                  min_classes: int = 0) -> List[dict]:
-    """The :data:`RATIOS` of every C that has MP and PFC0.1 head-only rows,
-    each against ``limits[key]``; C below ``min_classes`` gets the ratios
-    without a verdict (``passed=None``)."""
+    """The :data:`RATIOS` of every C whose head-only rows they need (MP,
+    PFC0.1, the :data:`COMPACT_ROWS`), each against ``limits[key]``; a
+    ratio whose rows are missing is left out; C below ``min_classes`` gets
+    the ratios without a verdict (``passed=None``)."""
     unknown = sorted(set(limits) - set(RATIOS))
     if unknown:
         raise ValueError(f'unknown ratio keys {unknown}; expected some of '
@@ -91,17 +105,24 @@ def ratio_checks(records: Sequence[dict], limits: Dict[str, float],
         if rec.get('status') == 'ok' and not rec.get('backbone'):
             found[(rec['num_classes'], rec['label'])] = rec
     checks = []
-    for (classes, label), mp in sorted(found.items()):
-        if label != 'MP':
-            continue
+    for classes in sorted({c for c, _ in found}):
+        mp = found.get((classes, 'MP'))
         pfc = found.get((classes, 'PFC0.1'))
-        shard_mb = mp['num_local'] * mp['embedding_size'] * 4 / 2**20
-        values = {'gemm': mp['step_s'] / mp['gemm_s']
-                  if mp.get('gemm_s') else None}
-        if pfc is not None:
-            values.update(time=pfc['step_s'] / mp['step_s'],
-                          memory=pfc['peak_mb'] / mp['peak_mb'],
-                          shard=pfc['peak_mb'] / shard_mb)
+        values = {}
+        if mp is not None:
+            values['gemm'] = mp['step_s'] / mp['gemm_s'] \
+                if mp.get('gemm_s') else None
+            if pfc is not None:
+                values.update(time=pfc['step_s'] / mp['step_s'],
+                              memory=pfc['peak_mb'] / mp['peak_mb'],
+                              shard=pfc['peak_mb'] / _shard_mb(mp))
+        for storage, label in COMPACT_ROWS.items():
+            rec = found.get((classes, label))
+            if rec is None:
+                continue
+            values[f'shard_{storage}'] = rec['peak_mb'] / _shard_mb(rec)
+            if pfc is not None:
+                values[f'time_{storage}'] = rec['step_s'] / pfc['step_s']
         for key, limit in limits.items():
             if values.get(key) is not None:
                 passed = values[key] <= limit \
@@ -161,8 +182,8 @@ def markdown(records: Sequence[dict], checks: Sequence[dict]) -> str:
                 continue
             pred = rec.get('predicted_mb')
             if rec.get('status') != 'ok':
-                lines.append(f"| {c:,} | {m} | {rec['status']} | | | | | | "
-                             f"{pred:.0f} | | |")
+                lines.append(f'| {c:,} | {m} | {status_text(rec)} | | | | | '
+                             f'| {pred:.0f} | | |')
                 continue
             ph = {k: 1e3 * v for k, v in rec['phases_s'].items()}
             gemm = rec.get('gemm_s')
@@ -233,12 +254,21 @@ def write_json(path: str, config: dict, records: Sequence[dict],
                        targets=list(checks)), f, indent=1)
 
 
+def status_text(rec: dict) -> str:
+    """A row that did not run: its status and, when it does not fit, the
+    most identities the model says would."""
+    if rec.get('status') == 'does not fit' and rec.get('max_classes') \
+            is not None:
+        return f"does not fit (fits <= {rec['max_classes']:,})"
+    return rec['status']
+
+
 def progress_line(rec: dict) -> str:
     """One line per launch, printed as the benchmark goes."""
     head = f"{rec['label']:>8s} C={rec['num_classes']:>11,}"
     pred = f"predicted {rec['predicted_mb']:.0f} MB"
     if rec.get('status') != 'ok':
-        return f'{head}: {rec["status"]} ({pred})'
+        return f'{head}: {status_text(rec)} ({pred})'
     ph: Dict[str, float] = rec['phases_s']
     backbone = ph.get('backbone_forward', 0) + ph.get('backbone_backward', 0)
     split = (f"backbone {1e3 * backbone:.0f} + head "

@@ -6,8 +6,12 @@ Example (the 1M-identity head-only comparison)::
     records = run_benchmark(BenchmarkConfig(
         methods=['mp', 'pfc0.1'], num_classes=[1_000_000], world_size=2))
 
+The sharded methods (MP, PFC) run once per storage of ``cfg.storage``
+(center dtype / optimizer-state dtype pairs, e.g. ``('bfloat16', 'int8')``),
+labelled ``PFC0.1 bf16/int8`` when not fp32; DP always runs in fp32.
 Rows whose predicted memory (:mod:`.memory_model`) exceeds the per-rank
-budget are reported as "does not fit" and not started. With ``repeat > 1``
+budget are reported as "does not fit", with the most identities that would
+fit, and not started. With ``repeat > 1``
 the whole set of rows runs again (interleaved, so slow periods of a shared
 machine hit every method alike) and each figure is the median of the runs.
 """
@@ -15,15 +19,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
 from mmpfc.utils.proc_memory import proc_kb
 from mmpfc.utils.spawn import threads_per_rank
 from .launcher import RowFailed, launch
-from .memory_model import (activation_bytes_per_sample, predict_memory,
-                           shard_rows)
+from .memory_model import (activation_bytes_per_sample, check_dtypes,
+                           max_num_classes, predict_memory, shard_rows)
 from .report import merge_runs, summarize_launch
 from .worker import IMAGE_SHAPE, backbone_config
 
@@ -45,6 +49,53 @@ def parse_method(spec: str) -> dict:
                      "with a rate in [0, 1], e.g. 'pfc0.1'")
 
 
+#: Spellings of the storage dtypes -> the names the head and the optim
+#: wrapper take.
+DTYPE_NAMES = {'fp32': 'float32', 'float32': 'float32', 'bf16': 'bfloat16',
+               'bfloat16': 'bfloat16', 'fp16': 'float16', 'float16': 'float16',
+               'int8': 'int8'}
+SHORT_NAMES = {'float32': 'fp32', 'bfloat16': 'bf16', 'float16': 'fp16',
+               'int8': 'int8'}
+FP32_STORAGE = ('float32', 'float32')
+
+
+def dtype_name(text: str) -> str:
+    """``'bf16'`` or ``'bfloat16'`` -> ``'bfloat16'`` (also fp32, fp16,
+    int8)."""
+    name = DTYPE_NAMES.get(text.strip().lower())
+    if name is None:
+        raise ValueError(f'dtype {text!r}: expected one of '
+                         f'{sorted(set(DTYPE_NAMES))}')
+    return name
+
+
+def parse_storage(spec: str) -> Tuple[str, str]:
+    """``'CENTER/STATE'`` (e.g. ``'bf16/int8'``) or one name for both
+    (``'fp32'``, ``'bf16'``) -> ``(center_dtype, state_dtype)``."""
+    parts = spec.split('/')
+    if len(parts) not in (1, 2) or not all(p.strip() for p in parts):
+        raise ValueError(f'storage {spec!r}: expected CENTER/STATE, e.g. '
+                         "'bf16/int8', or one dtype for both, e.g. 'fp32'")
+    center, state = (dtype_name(parts[0]), dtype_name(parts[-1]))
+    check_dtypes(center, state)
+    return center, state
+
+
+def storage_label(center_dtype: str, state_dtype: str) -> str:
+    """``''`` for fp32 storage (labels stay as they were), else e.g.
+    ``'bf16/int8'``."""
+    if (center_dtype, state_dtype) == FP32_STORAGE:
+        return ''
+    return f'{SHORT_NAMES[center_dtype]}/{SHORT_NAMES[state_dtype]}'
+
+
+def row_label(method_label: str, center_dtype: str = 'float32',
+              state_dtype: str = 'float32') -> str:
+    """``'PFC0.1'`` for fp32, ``'PFC0.1 bf16/int8'`` otherwise."""
+    suffix = storage_label(center_dtype, state_dtype)
+    return f'{method_label} {suffix}' if suffix else method_label
+
+
 def parse_count(text: str) -> int:
     """``'1000000'``, ``'1,000,000'``, ``'1M'``, ``'125k'`` or ``'1e6'``."""
     raw = text.strip().replace(',', '').replace('_', '')
@@ -62,6 +113,7 @@ def parse_count(text: str) -> int:
 class BenchmarkConfig:
     """What to run; see ``tools/benchmark.py --help`` for each field."""
     methods: Sequence[str] = ('dp', 'mp', 'pfc0.1')
+    storage: Sequence[Tuple[str, str]] = (FP32_STORAGE, )
     num_classes: Sequence[int] = (1_000_000, )
     world_size: int = 2
     batch_size: int = 128
@@ -112,32 +164,53 @@ def backbone_stats(cfg: BenchmarkConfig) -> dict:
         input_bytes=4 * IMAGE_SHAPE[0] * IMAGE_SHAPE[1] * IMAGE_SHAPE[2])
 
 
-def make_rows(cfg: BenchmarkConfig) -> List[dict]:
-    """Every (identities, method) row, with its predicted memory."""
-    stats = backbone_stats(cfg)
+def memory_kwargs(row: dict, stats: dict) -> dict:
+    """:func:`.memory_model.predict_memory` kwargs of a row but for C."""
+    return dict(method=row['method'], world_size=row['world_size'],
+                embedding_size=row['embedding_size'],
+                batch_size=row['batch_size'],
+                sample_rate=row['sample_rate'],
+                center_dtype=row.get('center_dtype', 'float32'),
+                state_dtype=row.get('state_dtype', 'float32'), **stats)
+
+
+def make_rows(cfg: BenchmarkConfig,
+              stats: Optional[dict] = None) -> List[dict]:
+    """Every (identities, method, storage) row, with its predicted memory
+    (``stats``: :func:`backbone_stats`, computed when not given)."""
+    if stats is None:
+        stats = backbone_stats(cfg)
+    storages = [tuple(s) for s in cfg.storage] or [FP32_STORAGE]
+    for center, state in storages:
+        check_dtypes(center, state)
     rows = []
     for classes in cfg.num_classes:
         for spec in cfg.methods:
             method = parse_method(spec)
-            row = dict(method, num_classes=int(classes),
-                       world_size=cfg.world_size, batch_size=cfg.batch_size,
-                       embedding_size=cfg.embedding_size,
-                       backbone=None if cfg.backbone in (None, 'none')
-                       else cfg.backbone, amp=cfg.amp, device=cfg.device,
-                       steps=cfg.steps, warmup=cfg.warmup,
-                       threads=cfg.resolved_threads(), seed=cfg.seed,
-                       gemm=cfg.gemm and method['method'] == 'pfc')
-            estimate = predict_memory(
-                method['method'], row['num_classes'], cfg.world_size,
-                cfg.embedding_size, cfg.batch_size, method['sample_rate'],
-                **stats)
-            row.update(predicted_mb=estimate.peak / 2**20,
-                       predicted_parts_mb={k: v / 2**20 for k, v in
-                                           estimate.parts.items()},
-                       shard_mb=shard_rows(row['num_classes'],
-                                           cfg.world_size)
-                       * cfg.embedding_size * 4 / 2**20)
-            rows.append(row)
+            # DP replicates fp32 centers: one row whatever the storage
+            for center, state in (storages if method['method'] == 'pfc'
+                                  else [FP32_STORAGE]):
+                row = dict(method, num_classes=int(classes),
+                           label=row_label(method['label'], center, state),
+                           center_dtype=center, state_dtype=state,
+                           world_size=cfg.world_size,
+                           batch_size=cfg.batch_size,
+                           embedding_size=cfg.embedding_size,
+                           backbone=None if cfg.backbone in (None, 'none')
+                           else cfg.backbone, amp=cfg.amp, device=cfg.device,
+                           steps=cfg.steps, warmup=cfg.warmup,
+                           threads=cfg.resolved_threads(), seed=cfg.seed,
+                           gemm=cfg.gemm and method['method'] == 'pfc')
+                kwargs = memory_kwargs(row, stats)
+                estimate = predict_memory(num_classes=row['num_classes'],
+                                          **kwargs)
+                row.update(predicted_mb=estimate.peak / 2**20,
+                           predicted_parts_mb={k: v / 2**20 for k, v in
+                                               estimate.parts.items()},
+                           shard_mb=shard_rows(row['num_classes'],
+                                               cfg.world_size)
+                           * cfg.embedding_size * 4 / 2**20)
+                rows.append(row)
     return rows
 
 
@@ -146,7 +219,8 @@ def run_benchmark(cfg: BenchmarkConfig,
                   ) -> List[dict]:
     """Run every row ``cfg.repeat`` times; returns the records."""
     from .report import progress_line
-    rows = make_rows(cfg)
+    stats = backbone_stats(cfg)
+    rows = make_rows(cfg, stats)
     budget = cfg.budget_bytes()
     for row in rows:
         row['budget_mb'] = budget / 2**20
@@ -157,6 +231,10 @@ def run_benchmark(cfg: BenchmarkConfig,
             if row['predicted_mb'] * 2**20 > budget:
                 records[i]['status'] = 'does not fit'
                 if rnd == 0:
+                    kwargs = memory_kwargs(row, stats)
+                    records[i]['max_classes'] = max_num_classes(
+                        budget, kwargs.pop('method'),
+                        kwargs.pop('world_size'), **kwargs)
                     log(progress_line(records[i])
                         + f' > budget {budget / 2**20:.0f} MB')
                 continue

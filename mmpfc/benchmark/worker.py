@@ -4,7 +4,8 @@ A row is a plain dict (it crosses process boundaries)::
 
     dict(method='pfc', label='PFC0.1', sample_rate=0.1, num_classes=10**6,
          batch_size=128, embedding_size=512, backbone=None, amp=False,
-         steps=5, warmup=2, threads=1, seed=0, gemm=True)
+         steps=5, warmup=2, threads=1, seed=0, gemm=True,
+         center_dtype='float32', state_dtype='float32')
 
 ``method`` is ``'pfc'`` (``PartialFCHead``; sample rate 1.0 is model
 parallel) or ``'dp'`` (``MarginSoftmaxHead``, every rank holds all centers
@@ -13,6 +14,11 @@ with ``backbone=None``: random embeddings), head forward + backward, backbone
 backward (DDP all-reduce), optimizer step (``PartialFCOptimWrapper`` or, with
 ``amp``, ``PartialFCAmpOptimWrapper``; SGD lr 0.1, momentum 0.9, weight decay
 5e-4; the backbone is clipped at norm 5 as in the reference).
+
+``center_dtype`` (the head's ``center_dtype``) and ``state_dtype`` (the optim
+wrapper's ``center_state_dtype``) are passed on only when not
+``'float32'``, so an fp32 row builds exactly what it did before compact
+storage existed.
 """
 from __future__ import annotations
 
@@ -53,8 +59,12 @@ def build_head(row: dict) -> torch.nn.Module:
                   in_channels=row['embedding_size'], seed=row['seed'])
     if row['method'] == 'dp':
         return MODELS.build(dict(type='MarginSoftmaxHead', **common))
+    storage = {}
+    if row.get('center_dtype', 'float32') != 'float32':
+        storage['center_dtype'] = row['center_dtype']
     return MODELS.build(dict(type='PartialFCHead',
-                             sample_rate=row['sample_rate'], **common))
+                             sample_rate=row['sample_rate'], **common,
+                             **storage))
 
 
 def build_optim_wrapper(params, row: dict, clip: bool):
@@ -63,6 +73,8 @@ def build_optim_wrapper(params, row: dict, clip: bool):
     optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9,
                                 weight_decay=5e-4)
     kwargs = dict(clip_grad=dict(max_norm=5.0)) if clip else {}
+    if row.get('state_dtype', 'float32') != 'float32':
+        kwargs['center_state_dtype'] = row['state_dtype']
     if row['amp']:
         return PartialFCAmpOptimWrapper(optimizer=optimizer,
                                         loss_scale='dynamic', **kwargs)
@@ -79,7 +91,8 @@ def time_gemms(num: int, rows: int, dim: int, device: torch.device,
     the head cannot avoid.
     """
     emb = torch.randn(num, dim, device=device)
-    if weight is None or weight.shape != (rows, dim):
+    if weight is None or weight.shape != (rows, dim) \
+            or weight.dtype != emb.dtype:  # compact centers: time fp32
         weight = torch.randn(rows, dim, device=device)
     grad = torch.randn(num, rows, device=device)
     cases = dict(forward=lambda: torch.mm(emb, weight.t()),

@@ -65,6 +65,7 @@ class LoadResult:
     rows: Dict[str, Tuple[int, int]] = field(default_factory=dict)
     split_matched: bool = False
     sampler_states: Optional[Dict[str, dict]] = None
+    rounding_states: Optional[Dict[str, dict]] = None
     rng_state: Optional[dict] = None
 
 
@@ -169,6 +170,8 @@ class ShardedCheckpointer:
             saved_world_size=source.world_size, rows=rows,
             split_matched=matched,
             sampler_states=source.sampler_states(rank) if matched else None,
+            rounding_states=(source.rounding_states(rank) if matched
+                             else None),
             rng_state=source.rng_state(rank) if matched else None)
         diff = compare_state_dicts(model.state_dict(),
                                    checkpoint['state_dict'])
@@ -182,24 +185,28 @@ class ShardedCheckpointer:
 
     def restore_samplers(self, model: nn.Module, loaded: LoadResult,
                          iteration: int) -> List[str]:
-        """Give every sampler of ``model`` its saved state, or reseed it
-        (seed mixed with ``iteration``) when none applies to this rank.
+        """Give every sampler and stochastic-rounding stream of ``model``
+        its saved state, or reseed it (seed mixed with ``iteration``) when
+        none applies to this rank.
 
         Returns the names of the reseeded sampler owners.
         """
-        states = loaded.sampler_states or {}
         reseeded = []
         for sp in find_sharded_params(model):
-            sampler = getattr(sp.owner, 'sampler', None)
-            if sampler is None or not hasattr(sampler, 'load_state_dict'):
-                continue
-            if sp.owner_name in states:
-                sampler.load_state_dict(states[sp.owner_name])
-            else:
-                seed = (sampler.seed + _RESEED_PRIME * iteration) % 2**63
-                sampler.load_state_dict(
+            for attr, states in (('sampler', loaded.sampler_states),
+                                 ('rounding', loaded.rounding_states)):
+                stream = getattr(sp.owner, attr, None)
+                if stream is None or not hasattr(stream, 'load_state_dict'):
+                    continue
+                states = states or {}
+                if sp.owner_name in states:
+                    stream.load_state_dict(states[sp.owner_name])
+                    continue
+                seed = (stream.seed + _RESEED_PRIME * iteration) % 2**63
+                stream.load_state_dict(
                     dict(seed=seed, device=None, generator=None))
-                reseeded.append(sp.owner_name)
+                if attr == 'sampler':
+                    reseeded.append(sp.owner_name)
         if reseeded:
             self.logger.info(
                 f'Sampler RNG of {reseeded} reseeded: the checkpoint was '

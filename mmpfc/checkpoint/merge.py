@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os.path as osp
+from dataclasses import replace
+
+import torch
 
 from .io import CheckpointError, atomic_save, load_file
 from .manifest import Manifest, set_manifest
@@ -10,7 +13,8 @@ from .sharded_state import put_row_state
 
 
 def merge_checkpoint(src: str, dst: str, drop_optimizer: bool = False,
-                     overwrite: bool = False) -> dict:
+                     overwrite: bool = False,
+                     keep_dtype: bool = False) -> dict:
     """Write ``dst``: ``src`` with every sharded tensor whole, in class order.
 
     ``state_dict[name]`` holds all C rows of each sharded parameter (e.g.
@@ -25,6 +29,10 @@ def merge_checkpoint(src: str, dst: str, drop_optimizer: bool = False,
         drop_optimizer: Leave out the optimizer state (a smaller file for
             deployment or ``load_from``).
         overwrite: Replace an existing ``dst``.
+        keep_dtype: Keep 16-bit centers (``center_dtype``) in their dtype;
+            by default they are written in fp32 (exact), which any model
+            and tool reads. Compact optimizer state is kept as saved either
+            way (a run converts it on resume).
 
     Returns:
         ``{name: (num_classes, embedding_size)}`` of the merged tensors.
@@ -41,9 +49,13 @@ def merge_checkpoint(src: str, dst: str, drop_optimizer: bool = False,
             f'{src} has no mmpfc manifest (meta["mmpfc"]): it is not a '
             'sharded checkpoint, there is nothing to merge')
     optimizer_state = None if drop_optimizer else checkpoint.get('optimizer')
-    params = source.manifest.params
+    params = dict(source.manifest.params)
     for name, entry in params.items():
         weight, rows, scalars = source.take(name, 0, entry.num_classes)
+        if not keep_dtype and weight.dtype in (torch.bfloat16,
+                                               torch.float16):
+            weight = weight.float()
+            params[name] = replace(entry, dtype='float32')
         checkpoint['state_dict'][name] = weight
         put_row_state(optimizer_state, entry.optimizer, rows, scalars)
     if drop_optimizer:

@@ -94,6 +94,13 @@ class CheckpointRows:
             return {}
         return dict(self.shard(rank).get('samplers', {}))
 
+    def rounding_states(self, rank: int) -> dict:
+        """Stochastic-rounding streams saved by ``rank`` (module name ->
+        state); empty for fp32 heads and older checkpoints."""
+        if self.layout != 'shards':
+            return {}
+        return dict(self.shard(rank).get('rounding', {}))
+
     def rng_state(self, rank: int) -> Optional[dict]:
         """Process random state saved by ``rank`` (None if not saved)."""
         if self.layout != 'shards':

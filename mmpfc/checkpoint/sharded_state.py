@@ -148,7 +148,8 @@ def collect_shard(model: nn.Module, optim_wrapper, rank: int,
     Returns:
         ``(payload, info)``: ``payload`` holds per sharded parameter its rows,
         class range, row-wise and other optimizer state, and the sampler
-        state of its owner; ``info`` maps parameter names to the
+        state of its owner (and its stochastic-rounding stream, for 16-bit
+        rows); ``info`` maps parameter names to the
         :class:`ParamEntry` this rank knows (all but ``class_ranges``,
         which :func:`manifest_params` fills in).
 
@@ -159,7 +160,7 @@ def collect_shard(model: nn.Module, optim_wrapper, rank: int,
     again only for :func:`strip_sharded` to drop them.
     """
     payload = dict(format=FORMAT, rank=rank, world_size=world_size,
-                   token=token, params={}, samplers={},
+                   token=token, params={}, samplers={}, rounding={},
                    rng=process_rng_state())
     info = {}
     for sp in find_sharded_params(model):
@@ -185,6 +186,9 @@ def collect_shard(model: nn.Module, optim_wrapper, rank: int,
         sampler = getattr(sp.owner, 'sampler', None)
         if sampler is not None and hasattr(sampler, 'state_dict'):
             payload['samplers'][sp.owner_name] = sampler.state_dict()
+        rounding = getattr(sp.owner, 'rounding', None)
+        if rounding is not None:
+            payload['rounding'][sp.owner_name] = rounding.state_dict()
         info[sp.name] = ParamEntry(
             num_classes=sp.num_classes, embedding_size=sp.embedding_size,
             class_ranges=(), dtype=dtype_name(sp.param),

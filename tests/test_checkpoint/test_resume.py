@@ -9,25 +9,14 @@ import shutil
 import pytest
 import torch
 from dist_utils import run_distributed
-from tiny_training import (NUM_CLASSES, build_runner, head_state,
-                             make_cfg, shard_dirs)
+from tiny_training import (NUM_CLASSES, build_runner, make_cfg,
+                           shard_dirs, train_worker)
 
 from mmpfc.checkpoint import (CheckpointError, CheckpointRows,
                               ShardedCheckpointer, load_file, unwrap_model)
 from mmpfc.checkpoint.merge import merge_checkpoint
 
 STRAIGHT = dict(max_iters=20, interval=5, max_keep_ckpts=3, sample_rate=0.5)
-
-
-def train_worker(rank, world_size, work_dir, kwargs, also_load=None):
-    runner = build_runner(make_cfg(work_dir, world_size=world_size,
-                                   **kwargs))
-    runner.train()
-    result = dict(start=runner.captured, final=head_state(runner))
-    if also_load is not None:  # e.g. a merged checkpoint
-        runner.load_checkpoint(also_load)
-        result['loaded'] = head_state(runner)
-    return result
 
 
 def scalars(work_dir):

@@ -11,15 +11,23 @@ head that is wrong in three places, fixed here:
   step with the group's SGD or Adam(W) rule (see ``sparse_step``);
 * fp16 loss scaling: an overflow in one rank's shard must skip the step on
   every rank, otherwise the backbone replicas diverge.
+
+``center_state_dtype`` keeps the optimizer state of the sharded centers
+compact (:mod:`.center_state`): the wrapper then updates those centers with
+its row rules (every row in model parallel), and loads their state without
+torch's cast to the parameter's dtype.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import List, Optional, Tuple
+from functools import partial
+import logging
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from mmengine.logging import print_log
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
 
 from mmpfc.models.utils import (get_rank_and_world_size, is_sharded,
@@ -29,7 +37,8 @@ from mmpfc.models.utils.host_copies import take_host_copy
 from mmpfc.registry import OPTIM_WRAPPERS
 from mmpfc.utils.compat import (grad_scaler_found_inf, grad_scaler_scale,
                                 init_amp_optim_wrapper_anywhere)
-from .sparse_step import sparse_step
+from .center_state import ROW_STATES, SCALE_SUFFIX, parse_state_dtype, to_form
+from .sparse_step import SPARSE_RULES, sparse_rule, sparse_step
 
 SparseUpdate = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -37,29 +46,110 @@ SparseUpdate = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 class ShardAwareMixin:
     """Clipping and sparse updates for wrappers holding sharded parameters."""
 
+    center_state_dtype = 'float32'
+
+    def _init_center_state(self, center_state_dtype: str) -> None:
+        """Check and keep the form of the centers' optimizer state."""
+        self.center_state_dtype = parse_state_dtype(center_state_dtype)
+        if (self.center_state_dtype != 'float32'
+                and sparse_rule(self.optimizer) is None):
+            names = ', '.join(cls.__name__ for cls, _ in SPARSE_RULES)
+            raise ValueError(
+                f'center_state_dtype={center_state_dtype!r} needs an '
+                f'optimizer with a row rule ({names}), got '
+                f'{type(self.optimizer).__name__}: use one of those or '
+                "center_state_dtype='float32'")
+
     def _all_params(self) -> List[torch.Tensor]:
         return [p for g in self.optimizer.param_groups for p in g['params']]
 
-    def _sampling_owners(self) -> list:
+    def _sharded_owners(self) -> list:
         owners = []
         for param in self._all_params():
             owner = sharded_owner(param)
-            if isinstance(owner, ShardedHead) and owner.samples_centers:
+            if isinstance(owner, ShardedHead):
                 owners.append((param, owner))
         return owners
 
+    def _row_owners(self) -> list:
+        """Heads whose rows this wrapper updates from their records."""
+        return [(param, owner) for param, owner in self._sharded_owners()
+                if owner.row_updates]
+
     def _pop_sparse_updates(self) -> List[SparseUpdate]:
-        """``(param, rows, grad)`` for every sampled head, records cleared."""
+        """``(param, rows, grad)`` for every head updated by rows, records
+        cleared; with a compact state also the dense ``.grad`` of sharded
+        rows (taken off the parameter, so the optimizer skips it)."""
         updates = []
-        for param, owner in self._sampling_owners():
-            popped = owner.pop_sampled_gradient()
-            if popped is not None:
-                updates.append((param, *popped))
+        for param, owner in self._sharded_owners():
+            if owner.row_updates:
+                popped = owner.pop_sampled_gradient()
+                if popped is not None:
+                    updates.append((param, *popped))
+            elif (self.center_state_dtype != 'float32'
+                  and param.grad is not None):
+                rows = torch.arange(param.shape[0], device=param.device)
+                updates.append((param, rows, param.grad))
+                param.grad = None
         return updates
 
     def _apply_sparse_updates(self, updates: List[SparseUpdate]) -> None:
         for param, rows, grad in updates:
-            sparse_step(self.optimizer, param, rows, grad)
+            owner = sharded_owner(param)
+            generator = (owner.rounding_generator(param.device)
+                         if isinstance(owner, ShardedHead) else None)
+            sparse_step(self.optimizer, param, rows, grad,
+                        self.center_state_dtype, generator)
+
+    def _load_keeping_center_state(self, state_dict: dict,
+                                   load: Callable[[dict], None]) -> None:
+        """``load(state_dict)``, with the centers' row-wise state put back
+        as saved and then converted to ``center_state_dtype``.
+
+        torch's ``Optimizer.load_state_dict`` casts every state tensor to
+        its parameter's dtype: int8 codes, fp32 block scales of a 16-bit
+        shard and Adam's float64 ``row_step`` would change value.
+        """
+        state_dict = dict(state_dict, state=dict(state_dict.get('state', {})))
+        kept = self._take_center_state(state_dict)
+        load(state_dict)
+        converted = {}
+        params = self._all_params()
+        for index, entries in kept.items():
+            param = params[index]
+            state = self.optimizer.state[param]
+            for key, value in entries.items():
+                state[key] = value.to(param.device)
+            for key in ROW_STATES:
+                if key in state:
+                    change = to_form(state, key, self.center_state_dtype)
+                    converted.update({f'param {index} {k}': v
+                                      for k, v in change.items()})
+        if converted:
+            print_log(
+                'Optimizer state of the centers converted to '
+                f'center_state_dtype={self.center_state_dtype!r}: '
+                f'{converted}', logger='current', level=logging.INFO)
+
+    def _take_center_state(self, state_dict: dict
+                           ) -> Dict[int, Dict[str, torch.Tensor]]:
+        """Remove the row-wise state of sharded parameters from
+        ``state_dict['state']`` (index -> entries)."""
+        state = state_dict.get('state', {})
+        kept = {}
+        for index, param in enumerate(self._all_params()):
+            if not is_sharded(param) or index not in state:
+                continue
+            entry = dict(state[index])
+            rows = {k: v for k, v in entry.items() if torch.is_tensor(v)
+                    and v.ndim >= 1 and v.shape[0] == param.shape[0]
+                    and (k in ROW_STATES or k.endswith(SCALE_SUFFIX)
+                         or k == 'row_step')}
+            if rows:
+                kept[index] = rows
+                state[index] = {k: v for k, v in entry.items()
+                                if k not in rows}
+        return kept
 
     def _clip_params(self) -> Optional[torch.Tensor]:
         """Clip replicated parameters only (identical on every rank).
@@ -101,7 +191,7 @@ class ShardAwareMixin:
 
     def zero_grad(self, **kwargs) -> None:
         super().zero_grad(**kwargs)
-        for _, owner in self._sampling_owners():
+        for _, owner in self._row_owners():
             owner.clear_sampled_gradient()
 
 
@@ -114,8 +204,23 @@ class PartialFCOptimWrapper(ShardAwareMixin, OptimWrapper):
         optim_wrapper=dict(type='PartialFCOptimWrapper',
                            optimizer=dict(type='SGD', lr=0.1, momentum=0.9,
                                           weight_decay=5e-4),
-                           clip_grad=dict(max_norm=5))
+                           clip_grad=dict(max_norm=5),
+                           center_state_dtype='int8')
+
+    Args:
+        center_state_dtype: Form of the sharded centers' optimizer state:
+            ``'float32'`` (default), ``'bfloat16'`` or ``'int8'``
+            (block-wise, :mod:`.center_state`). Other parameters keep the
+            optimizer's own state.
     """
+
+    def __init__(self, *args, center_state_dtype: str = 'float32',
+                 **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_center_state(center_state_dtype)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._load_keeping_center_state(state_dict, super().load_state_dict)
 
     def step(self, **kwargs) -> None:
         updates = self._pop_sparse_updates()
@@ -159,8 +264,10 @@ class PartialFCAmpOptimWrapper(ShardAwareMixin, AmpOptimWrapper):
         'cpu': (torch.bfloat16, (torch.bfloat16, torch.float16)),
     }
 
-    def __init__(self, loss_scale='dynamic', dtype=None, **kwargs) -> None:
+    def __init__(self, loss_scale='dynamic', dtype=None,
+                 center_state_dtype: str = 'float32', **kwargs) -> None:
         init_amp_optim_wrapper_anywhere(self, **kwargs)
+        self._init_center_state(center_state_dtype)
         self.device = params_device(self.optimizer)
         self.device_type = self.device.type
         if self.device_type not in self.DTYPES:
@@ -278,8 +385,10 @@ class PartialFCAmpOptimWrapper(ShardAwareMixin, AmpOptimWrapper):
     def load_state_dict(self, state_dict: dict) -> None:
         if self.loss_scaler is None:
             state_dict.pop('loss_scaler', None)
-            return OptimWrapper.load_state_dict(self, state_dict)
-        return super().load_state_dict(state_dict)
+            load = partial(OptimWrapper.load_state_dict, self)
+        else:
+            load = super().load_state_dict
+        self._load_keeping_center_state(state_dict, load)
 
 
 def params_device(optimizer: torch.optim.Optimizer) -> torch.device:

@@ -18,16 +18,23 @@ from __future__ import annotations
 
 import torch
 
-from .sparse_sgd import find_param_group, row_chunks
+from typing import Optional
+
+from .center_state import RowState
+from .sparse_sgd import CenterRows, find_param_group, row_chunks
 
 
 @torch.no_grad()
 def sparse_adam_step(optimizer: torch.optim.Optimizer, param: torch.Tensor,
-                     rows: torch.Tensor, grad: torch.Tensor) -> None:
+                     rows: torch.Tensor, grad: torch.Tensor,
+                     state_form: str = 'float32',
+                     generator: Optional[torch.Generator] = None) -> None:
     """Update ``param[rows]`` with ``grad`` by the Adam(W) rule of its group.
 
     ``rows`` must not repeat; work and temporaries scale with ``len(rows)``
-    (processed in chunks, see :func:`.sparse_sgd.row_chunks`).
+    (processed in chunks, see :func:`.sparse_sgd.row_chunks`). The moments
+    are kept in ``state_form`` and 16-bit rows written back with the
+    stochastic rounding of ``generator`` (as :func:`.sparse_sgd_step`).
     """
     group = find_param_group(optimizer, param)
     if group.get('amsgrad', False):
@@ -40,20 +47,23 @@ def sparse_adam_step(optimizer: torch.optim.Optimizer, param: torch.Tensor,
     maximize = group.get('maximize', False)
     data = param.data
     state = optimizer.state[param]
-    if 'exp_avg' not in state:
-        state['exp_avg'] = torch.zeros_like(data)
-        state['exp_avg_sq'] = torch.zeros_like(data)
+    centers = CenterRows(param, generator)
+    exp_avg_all = RowState(state, 'exp_avg', state_form)
+    exp_avg_sq_all = RowState(state, 'exp_avg_sq', state_form)
+    for moment in (exp_avg_all, exp_avg_sq_all):
+        if not moment.exists():
+            moment.create(data.shape[0], data.shape[1], data.device,
+                          data.dtype)
     if 'row_step' not in state:
         state['row_step'] = torch.zeros(data.shape[0], dtype=torch.float64,
                                         device=data.device)
     # torch's Adam expects 'step' in a non-empty state (load_state_dict);
     # here it counts the sparse updates, the same on every rank
     state['step'] = state.get('step', torch.tensor(0.0)) + 1
-    exp_avg_all, exp_avg_sq_all = state['exp_avg'], state['exp_avg_sq']
     row_step = state['row_step']
 
     for index, chunk in row_chunks(data, rows, grad):
-        weight = data.index_select(0, index)
+        weight = centers.read(index)
         g = chunk.to(weight.dtype)
         if maximize:
             g = -g
@@ -64,14 +74,14 @@ def sparse_adam_step(optimizer: torch.optim.Optimizer, param: torch.Tensor,
                 weight.mul_(1 - lr * weight_decay)
             else:
                 g = g.add(weight, alpha=weight_decay)
-        exp_avg = exp_avg_all.index_select(0, index).lerp_(g, 1 - beta1)
-        exp_avg_sq = exp_avg_sq_all.index_select(0, index)
+        exp_avg = exp_avg_all.read(index).lerp_(g, 1 - beta1)
+        exp_avg_sq = exp_avg_sq_all.read(index)
         exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        exp_avg_all.index_copy_(0, index, exp_avg)
-        exp_avg_sq_all.index_copy_(0, index, exp_avg_sq)
+        exp_avg_all.write(index, exp_avg)
+        exp_avg_sq_all.write(index, exp_avg_sq)
         # per-row bias corrections, computed in float64 like torch's scalars
         step_size = (lr / (1 - beta1**steps)).to(weight.dtype)[:, None]
         correction2 = (1 - beta2**steps).sqrt().to(weight.dtype)[:, None]
         denom = (exp_avg_sq.sqrt() / correction2).add_(eps)
         weight.sub_(exp_avg / denom * step_size)
-        data.index_copy_(0, index, weight)
+        centers.write(index, weight)

@@ -7,15 +7,46 @@ backbone. The momentum of the whole parameter lives in
 ``optimizer.state[param]['momentum_buffer']`` (created as zeros), so it is
 saved and loaded with the optimizer state; only the given rows are read and
 written.
+
+Centers stored in 16 bits and compact momentum (``center_state_dtype``) are
+read in fp32, updated in fp32 and written back in their own form
+(:class:`CenterRows`, :class:`.center_state.RowState`); fp32 storage takes
+exactly the fp32 path.
 """
 from __future__ import annotations
 
-from typing import Iterator, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 
 # CHUNK_BYTES is re-exported: the budget the chunks below are cut to
 from mmpfc.models.utils.chunks import CHUNK_BYTES, rows_per_chunk  # noqa
+from mmpfc.models.utils.low_precision import is_compact, stochastic_round
+from .center_state import RowState
+
+
+class CenterRows:
+    """Rows of a parameter read in fp32 and written back in its dtype.
+
+    A 16-bit parameter is written with :func:`stochastic_round`, drawing
+    from ``generator`` (the owner's rounding stream); fp32 rows are written
+    as computed.
+    """
+
+    def __init__(self, param: torch.Tensor,
+                 generator: Optional[torch.Generator] = None) -> None:
+        self.data = param.data
+        self.generator = generator
+
+    def read(self, index: torch.Tensor) -> torch.Tensor:
+        rows = self.data.index_select(0, index)
+        return rows.float() if is_compact(rows.dtype) else rows
+
+    def write(self, index: torch.Tensor, values: torch.Tensor) -> None:
+        if is_compact(self.data.dtype):
+            values = stochastic_round(values, self.data.dtype,
+                                      self.generator)
+        self.data.index_copy_(0, index, values)
 
 
 def find_param_group(optimizer: torch.optim.Optimizer,
@@ -31,7 +62,8 @@ def row_chunks(data: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor
                ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
     """(row indices, their gradient) in chunks of ``CHUNK_BYTES`` of
     ``data``, so that temporaries stay small whatever the number of rows."""
-    size = rows_per_chunk(data[:1].numel() * data.element_size(),
+    # 16-bit rows are sized in fp32 bytes: the update works on fp32 copies
+    size = rows_per_chunk(data[:1].numel() * max(4, data.element_size()),
                           data.device)
     for start in range(0, rows.numel(), size):
         yield rows[start:start + size], grad[start:start + size]
@@ -39,7 +71,9 @@ def row_chunks(data: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor
 
 @torch.no_grad()
 def sparse_sgd_step(optimizer: torch.optim.Optimizer, param: torch.Tensor,
-                    rows: torch.Tensor, grad: torch.Tensor) -> None:
+                    rows: torch.Tensor, grad: torch.Tensor,
+                    state_form: str = 'float32',
+                    generator: Optional[torch.Generator] = None) -> None:
     """Update ``param[rows]`` with ``grad`` by the SGD rule of its group.
 
     ``rows`` must not repeat. Memory and work scale with ``len(rows)``, and
@@ -47,6 +81,10 @@ def sparse_sgd_step(optimizer: torch.optim.Optimizer, param: torch.Tensor,
     temporaries are a few chunks; rows not given, and their momentum, are
     untouched (original Partial FC semantics: weight decay and
     momentum of a center apply when it is sampled).
+
+    Args:
+        state_form: How the momentum is stored (``center_state_dtype``).
+        generator: Stream of the stochastic rounding of 16-bit rows.
     """
     if not isinstance(optimizer, torch.optim.SGD):
         raise TypeError(
@@ -58,23 +96,24 @@ def sparse_sgd_step(optimizer: torch.optim.Optimizer, param: torch.Tensor,
     weight_decay, dampening = group['weight_decay'], group['dampening']
     nesterov, maximize = group['nesterov'], group.get('maximize', False)
     data = param.data
+    centers = CenterRows(param, generator)
     buf_all = None
     if momentum != 0:
-        state = optimizer.state[param]
-        buf_all = state.get('momentum_buffer')
-        if buf_all is None:
-            buf_all = torch.zeros_like(data)
-            state['momentum_buffer'] = buf_all
+        buf_all = RowState(optimizer.state[param], 'momentum_buffer',
+                           state_form)
+        if not buf_all.exists():
+            buf_all.create(data.shape[0], data.shape[1], data.device,
+                           data.dtype)
     for index, chunk in row_chunks(data, rows, grad):
-        weight = data.index_select(0, index)
+        weight = centers.read(index)
         step = chunk.to(weight.dtype)
         if maximize:
             step = -step
         if weight_decay != 0:
             step = step.add(weight, alpha=weight_decay)
         if buf_all is not None:
-            buf = buf_all.index_select(0, index)
+            buf = buf_all.read(index)
             buf.mul_(momentum).add_(step, alpha=1 - dampening)
-            buf_all.index_copy_(0, index, buf)
+            buf_all.write(index, buf)
             step = step.add(buf, alpha=momentum) if nesterov else buf
-        data.index_copy_(0, index, weight.add_(step, alpha=-lr))
+        centers.write(index, weight.add_(step, alpha=-lr))

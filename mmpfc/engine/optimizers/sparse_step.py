@@ -1,15 +1,14 @@
 """The optimizer rule applied to sampled rows, chosen by optimizer type."""
 from __future__ import annotations
 
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
 from .sparse_adam import sparse_adam_step
 from .sparse_sgd import sparse_sgd_step
 
-SparseRule = Callable[[torch.optim.Optimizer, torch.Tensor, torch.Tensor,
-                       torch.Tensor], None]
+SparseRule = Callable[..., None]
 #: (optimizer class, rule for its sampled rows); subclasses match too.
 SPARSE_RULES: Tuple[Tuple[type, SparseRule], ...] = (
     (torch.optim.SGD, sparse_sgd_step),
@@ -18,12 +17,23 @@ SPARSE_RULES: Tuple[Tuple[type, SparseRule], ...] = (
 )
 
 
-def sparse_step(optimizer: torch.optim.Optimizer, param: torch.Tensor,
-                rows: torch.Tensor, grad: torch.Tensor) -> None:
-    """Apply ``optimizer``'s rule to rows ``rows`` of ``param``."""
+def sparse_rule(optimizer: torch.optim.Optimizer) -> Optional[SparseRule]:
+    """The row rule for ``optimizer``'s type, or None if there is none."""
     for cls, rule in SPARSE_RULES:
         if isinstance(optimizer, cls):
-            return rule(optimizer, param, rows, grad)
+            return rule
+    return None
+
+
+def sparse_step(optimizer: torch.optim.Optimizer, param: torch.Tensor,
+                rows: torch.Tensor, grad: torch.Tensor,
+                state_form: str = 'float32',
+                generator: Optional[torch.Generator] = None) -> None:
+    """Apply ``optimizer``'s rule to rows ``rows`` of ``param``, its state
+    kept in ``state_form``, 16-bit rows rounded with ``generator``."""
+    rule = sparse_rule(optimizer)
+    if rule is not None:
+        return rule(optimizer, param, rows, grad, state_form, generator)
     names = ', '.join(cls.__name__ for cls, _ in SPARSE_RULES)
     raise TypeError(
         'Partial FC (sample_rate < 1) updates only the sampled centers, with '

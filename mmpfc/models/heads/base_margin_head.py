@@ -11,6 +11,9 @@ from mmengine.model import BaseModule
 from mmpfc.registry import MODELS
 from .label_check import LabelRangeCheck
 
+#: fp32 elements drawn at a time when initializing 16-bit centers.
+INIT_BLOCK_ELEMENTS = 2**24
+
 
 def build_margin_loss(loss: Union[dict, nn.Module]) -> nn.Module:
     """Build ``loss`` in the mmpfc scope, whatever the caller's scope is.
@@ -55,13 +58,27 @@ class BaseMarginHead(BaseModule):
         self._label_check = LabelRangeCheck(num_classes)
 
     @staticmethod
-    def init_centers(rows: int, in_channels: int, std: float,
-                     seed: int) -> nn.Parameter:
+    def init_centers(rows: int, in_channels: int, std: float, seed: int,
+                     dtype: torch.dtype = torch.float32) -> nn.Parameter:
         """``rows`` centers drawn from N(0, std^2) by a generator of ``seed``
-        (the same values on every device and in every process)."""
+        (the same values on every device and in every process), stored in
+        ``dtype``.
+
+        A 16-bit shard is drawn in fp32 blocks of rows and rounded to
+        nearest block by block, so that no fp32 copy of the whole shard
+        exists (at 10M identities it would be twice the stored shard).
+        """
         generator = torch.Generator().manual_seed(seed % (2**63))
-        return nn.Parameter(torch.empty(rows, in_channels).normal_(
-            0.0, std, generator=generator))
+        if dtype == torch.float32:
+            return nn.Parameter(torch.empty(rows, in_channels).normal_(
+                0.0, std, generator=generator))
+        weight = torch.empty(rows, in_channels, dtype=dtype)
+        step = max(1, INIT_BLOCK_ELEMENTS // in_channels)
+        for start in range(0, rows, step):
+            block = torch.empty(min(step, rows - start), in_channels)
+            weight[start:start + step] = block.normal_(0.0, std,
+                                                       generator=generator)
+        return nn.Parameter(weight)
 
     # ----------------------------------------------------------------- API
     def pre_logits(self, feats: Union[torch.Tensor, Sequence[torch.Tensor]]

@@ -1,25 +1,11 @@
 """Which class centers of a shard take part in a Partial FC step."""
 from __future__ import annotations
 
-import hashlib
-import logging
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
-from mmengine.logging import print_log
 
-
-def derived_seed(seed: int, state: torch.Tensor) -> int:
-    """A seed in [0, 2**63) determined by ``seed`` and a generator state.
-
-    Used where a saved state cannot be applied (another device type): the
-    same checkpoint always gives the same stream, and not the stream that
-    started from ``seed``.
-    """
-    digest = hashlib.blake2b(digest_size=8)
-    digest.update((int(seed) % 2**64).to_bytes(8, 'little'))
-    digest.update(state.detach().cpu().contiguous().numpy().tobytes())
-    return int.from_bytes(digest.digest(), 'little') % 2**63
+from ..utils.rank_generator import RankGenerator
 
 
 class CenterSampler:
@@ -42,51 +28,16 @@ class CenterSampler:
     def __init__(self, num_local: int, sample_rate: float, seed: int) -> None:
         self.num_local = num_local
         self.num_sample = int(sample_rate * num_local)
-        self.seed = seed
-        self._generator: Optional[torch.Generator] = None
-        self._pending_state: Optional[Tuple[str, torch.Tensor]] = None
+        self._stream = RankGenerator(seed, name='CenterSampler')
+
+    @property
+    def seed(self) -> int:
+        return self._stream.seed
 
     def generator(self, device: torch.device) -> torch.Generator:
-        """The per-rank generator on ``device`` (created on first use).
-
-        A state restored by :meth:`load_state_dict`, or the state of the
-        generator on the previous device when the model moved, continues on
-        ``device``: as is on the same device type; on another type (CPU
-        Mersenne Twister vs CUDA Philox, whose states cannot be converted)
-        the generator is reseeded from the seed and that state, and a
-        warning says so (:func:`derived_seed`).
-        """
-        device = torch.device(device)
-        if device.type == 'cuda' and device.index is None:
-            device = torch.device('cuda', torch.cuda.current_device())
-        if self._generator is not None and self._generator.device == device:
-            return self._generator
-        pending = self._pending_state
-        if pending is None and self._generator is not None:
-            pending = (self._generator.device.type,
-                       self._generator.get_state())
-        self._pending_state = None
-        self._generator = torch.Generator(device=device)
-        self._generator.manual_seed(self.seed)
-        if pending is not None:
-            self._continue_from(pending, device)
-        return self._generator
-
-    def _continue_from(self, pending: Tuple[str, torch.Tensor],
-                       device: torch.device) -> None:
-        """Apply a saved ``(device type, state)`` to the new generator."""
-        saved_type, state = pending
-        if saved_type == device.type:
-            self._generator.set_state(state)
-            return
-        seed = derived_seed(self.seed, state)
-        self._generator.manual_seed(seed)
-        print_log(
-            f'CenterSampler: a generator state from {saved_type} cannot '
-            f'continue on {device.type} (the two random number generators '
-            f'differ); reseeded with {seed}, derived from seed {self.seed} '
-            'and that state, so the stream does not restart from the seed',
-            logger='current', level=logging.WARNING)
+        """The per-rank generator on ``device`` (created on first use; see
+        :class:`~mmpfc.models.utils.rank_generator.RankGenerator`)."""
+        return self._stream.get(device)
 
     def sample(self, local_labels: torch.Tensor
                ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -144,18 +95,9 @@ class CenterSampler:
 
     def state_dict(self) -> dict:
         """Seed and generator state (CPU byte tensor), for checkpoints."""
-        if self._generator is None:
-            pending = self._pending_state
-            return dict(seed=self.seed,
-                        device=None if pending is None else pending[0],
-                        generator=None if pending is None else pending[1])
-        return dict(seed=self.seed, device=self._generator.device.type,
-                    generator=self._generator.get_state())
+        return self._stream.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`; applied when the generator is next
-        created (on the device of the next labels, see :meth:`generator`)."""
-        self.seed = state['seed']
-        self._generator = None
-        self._pending_state = None if state['generator'] is None else (
-            state['device'], state['generator'].cpu())
+        created (on the device of the next labels)."""
+        self._stream.load_state_dict(state)

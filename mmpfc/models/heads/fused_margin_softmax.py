@@ -16,8 +16,13 @@ the same loss and gradients with:
   (``CHUNK_BYTES``) and never held whole; their gradient goes to a
   :class:`SampledRows` record instead of a full-shard ``weight.grad``.
 
-The margin's target logit is differentiated by autograd on the (at most N)
-target cosines, so any ``CombinedMarginLoss`` setting works unchanged.
+The margin (a :class:`~mmpfc.models.losses.BaseMargin`) sees the target
+cosine of every row of the global batch: the rank that holds a row's target
+contributes it to one all-reduce of N values. Its target logit (and, for a
+norm-based margin, the extra loss) is differentiated by autograd on those N
+values and the N raw norms; a non-target change is applied element by
+element to the buffer, and its slope is taken in backward from cosines
+recomputed chunk by chunk (one more matrix product, only for such margins).
 
 Nothing is read from the device on CUDA (no host-device synchronization):
 the targets are addressed with one (row, column) pair per column, columns
@@ -36,7 +41,7 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from mmpfc.utils.compat import storage_use_count
-from ..losses import CombinedMarginLoss
+from ..losses import BaseMargin, MarginBatch
 # CHUNK_BYTES is re-exported: the budget the chunks below are cut to
 from ..utils.chunks import CHUNK_BYTES, rows_per_chunk  # noqa: F401
 from ..utils.distributed import all_reduce_
@@ -87,11 +92,13 @@ def _row_blocks(rows: int, width: int) -> Iterator[slice]:
         yield slice(start, start + step)
 
 
-def pack_clamped(cos: torch.Tensor, bits: torch.Tensor) -> None:
-    """Write into ``bits`` where the (R, N) ``cos`` lies outside [-1, 1]."""
+def pack_clamped(cos: torch.Tensor, bits: torch.Tensor,
+                 bound: float = 1.0) -> None:
+    """Write into ``bits`` where the (R, N) ``cos`` lies outside
+    [-bound, bound]."""
     for rows in _row_blocks(cos.shape[0], cos.shape[1]):
         block = cos[rows]
-        bits[rows] = pack_bits((block < -1) | (block > 1))
+        bits[rows] = pack_bits((block < -bound) | (block > bound))
 
 
 def zero_clamped(grad: torch.Tensor, bits: torch.Tensor) -> None:
@@ -142,9 +149,10 @@ class Workspace:
 
 
 def supports_fused(margin: torch.nn.Module) -> bool:
-    """True for a ``CombinedMarginLoss`` that keeps the stock ``forward``."""
-    return (isinstance(margin, CombinedMarginLoss)
-            and type(margin).forward is CombinedMarginLoss.forward)
+    """True for a :class:`BaseMargin` that keeps the stock ``forward`` (a
+    margin that overrides it asks for the plain composition)."""
+    return (isinstance(margin, BaseMargin)
+            and type(margin).forward is BaseMargin.forward)
 
 
 def chunk_rows(num_rows: int, width: int, device: torch.device,
@@ -168,13 +176,68 @@ def _rows(weight: torch.Tensor, index: Optional[torch.Tensor], start: int,
     return rows.to(dtype)
 
 
+class _TargetTerms:
+    """The margin's per-row values of a step and their slopes.
+
+    ``logit``: unscaled target logit (N,); ``slope``: its derivative in the
+    target cosine; ``norm_slope``: its derivative in the raw norm (None if
+    it does not depend on it); ``extra`` / ``extra_slope``: the extra loss
+    per row and its derivative in the norm (None without one). Autograd
+    differentiates the N values (the margin is row by row).
+    """
+
+    def __init__(self, margin: BaseMargin, cos_t: torch.Tensor,
+                 norms: Optional[torch.Tensor]) -> None:
+        self.norm_slope = self.extra = self.extra_slope = None
+        with torch.enable_grad():
+            cos_t = cos_t.detach().requires_grad_(True)
+            if norms is not None:
+                norms = norms.detach().requires_grad_(True)
+            logit = margin.target_logit(cos_t, norms)
+            if norms is None:
+                self.slope, = torch.autograd.grad(logit.sum(), cos_t)
+            else:
+                self.slope, self.norm_slope = torch.autograd.grad(
+                    logit.sum(), (cos_t, norms), allow_unused=True)
+                extra = margin.extra_loss(norms)
+                if extra is not None:
+                    self.extra_slope, = torch.autograd.grad(
+                        extra.sum(), norms, allow_unused=True)
+                    self.extra = extra.detach()
+            if self.slope is None:  # a target logit that ignores cos
+                self.slope = torch.zeros_like(cos_t)
+        self.logit = logit.detach()
+        self.cos_t = cos_t.detach()
+
+    def norm_gradient(self, prob_t: torch.Tensor, scale: float,
+                      factor: torch.Tensor) -> Optional[torch.Tensor]:
+        """d loss / d norm per row (None when nothing depends on it), with
+        ``prob_t`` the target probability and ``factor`` = grad / N."""
+        grad = None
+        if self.norm_slope is not None:
+            grad = (prob_t - 1.0) * scale * self.norm_slope
+        if self.extra_slope is not None:
+            grad = self.extra_slope if grad is None else \
+                grad + self.extra_slope
+        return None if grad is None else grad * factor
+
+
+def _targets_in(target: Tuple[torch.Tensor, torch.Tensor],
+                has_target: torch.Tensor, start: int, stop: int):
+    """(row in block, column) of every target, and which of them lie in
+    rows ``[start, stop)`` of this rank."""
+    rows, cols = target
+    inside = has_target & (rows >= start) & (rows < stop)
+    return ((rows - start).clamp(0, stop - start - 1), cols), inside
+
+
 class FusedMarginSoftmax(torch.autograd.Function):
     """Mean margin-softmax loss of (N, D) embeddings over sharded centers."""
 
     @staticmethod
     def forward(ctx, emb: torch.Tensor, weight: torch.Tensor,
                 index: Optional[torch.Tensor], labels: torch.Tensor,
-                margin: CombinedMarginLoss,
+                margin: BaseMargin,
                 record: Optional[SampledRows],
                 workspace: Optional[Workspace]) -> torch.Tensor:
         num, dtype = emb.shape[0], emb.dtype
@@ -183,8 +246,10 @@ class FusedMarginSoftmax(torch.autograd.Function):
         total = weight.shape[0] if index is None else index.numel()
         size = chunk_rows(total, max(emb.shape[1], num), emb.device,
                           emb.element_size())
-        need_w = (ctx.needs_input_grad[1] if index is None else
-                  record is not None)
+        # a record takes the rows' fp32 gradient (sampled rows, or every
+        # row of a 16-bit shard); otherwise autograd's weight.grad does
+        need_w = (record is not None or
+                  (index is None and ctx.needs_input_grad[1]))
         # logits transposed, (S, N): a chunk of centers is a block of rows.
         # Backward writes the (S, D) center gradient into the same buffer.
         width = max(num, emb.shape[1]) if need_w else num
@@ -192,7 +257,9 @@ class FusedMarginSoftmax(torch.autograd.Function):
                   else emb.new_empty(total * width))
         logits = buffer[:total * num].view(total, num)
         w_norm = emb.new_empty(total)
-        # outside [-1, 1] by rounding only: clamp, and no gradient there
+        # outside [-1, 1] by rounding only (or the margin's tighter
+        # bound): clamp, and no gradient there
+        bound = margin.cos_bound
         bits = None
         if total and BIT_MASK_CLAMP.get(emb.device.type, True):
             bits = torch.empty((total, (num + 7) // 8), dtype=torch.uint8,
@@ -204,34 +271,42 @@ class FusedMarginSoftmax(torch.autograd.Function):
             cos.mul_(w_norm[start:stop].clamp_min(NORM_EPS).reciprocal()[:,
                                                                          None])
             if bits is not None:
-                pack_clamped(cos, bits[start:stop])
-                cos.clamp_(-1.0, 1.0)
+                pack_clamped(cos, bits[start:stop], bound)
+                cos.clamp_(-bound, bound)
         clamped = None
         if total and bits is None:
             low, high = torch.aminmax(logits)
-            if low < -1 or high > 1:
-                clamped = ((logits < -1) | (logits > 1)).nonzero(
+            if low < -bound or high > bound:
+                clamped = ((logits < -bound) | (logits > bound)).nonzero(
                     as_tuple=True)
-            logits.clamp_(-1.0, 1.0)
+            logits.clamp_(-bound, bound)
 
         # one (row, column) per column: its target's row, row 0 where the
         # target is on another rank (read, but never changed)
         has_target = labels >= 0
-        target = logit_t = slope_t = None
+        target = None
         if total:
             target = (labels.clamp_min(0),
                       torch.arange(num, device=labels.device))
-            with torch.enable_grad():
-                cos_t = logits[target].requires_grad_(True)
-                logit_t = margin.target_logit(cos_t)
-                slope_t, = torch.autograd.grad(logit_t.sum(), cos_t)
-            logit_t = logit_t.detach()
+        # every row's target cosine, from the rank that holds it (one
+        # all-reduce of N values): the margin sees the whole global batch
+        cos_t = emb.new_zeros(num) if target is None else \
+            logits[target].masked_fill_(~has_target, 0.0)
+        all_reduce_(cos_t)
+        norms = emb_norm if margin.uses_norms else None
+        margin.begin_step(MarginBatch(cos_t, norms))
+        terms = _TargetTerms(margin, cos_t, norms)
+        logit_t = terms.logit
         filtered = None
         if margin.interclass_filtering_threshold > 0:
             filtered = logits > margin.interclass_filtering_threshold
             if target is not None:  # the target column is never filtered
                 filtered.index_put_(target, filtered[target] & ~has_target)
             logits.masked_fill_(filtered, 0.0)
+        if margin.modifies_non_target:
+            for start, stop in _spans(total, size):
+                block = logits[start:stop]
+                block.copy_(margin.non_target_logit(block, cos_t[None, :]))
         scale = margin.s
         if target is not None:
             logits.index_put_(target,
@@ -245,15 +320,15 @@ class FusedMarginSoftmax(torch.autograd.Function):
         all_reduce_(row_max, dist.ReduceOp.MAX)
         row_sum = logits.sub_(row_max).exp_().sum(dim=0)
         all_reduce_(row_sum)
-        target_logit = emb.new_zeros(num) if target is None else (
-            scale * logit_t).masked_fill_(~has_target, 0.0)
-        all_reduce_(target_logit)
-        loss = (row_sum.log() + row_max - target_logit).mean()
+        row_loss = row_sum.log() + row_max - scale * logit_t
+        if terms.extra is not None:
+            row_loss += terms.extra
+        loss = row_loss.mean()
 
         ctx.buffer, ctx.clamped, ctx.filtered = buffer, clamped, filtered
         ctx.bits, ctx.need_w = bits, need_w
         ctx.target, ctx.has_target = target, has_target
-        ctx.slope_t, ctx.size = slope_t, size
+        ctx.terms, ctx.size, ctx.margin = terms, size, margin
         ctx.row_sum, ctx.scale, ctx.index, ctx.record = (row_sum, scale,
                                                          index, record)
         ctx.weight_dtype = weight.dtype
@@ -276,7 +351,7 @@ class FusedMarginSoftmax(torch.autograd.Function):
             prob_t = grad[target] / ctx.row_sum
         grad.mul_((factor * scale) / ctx.row_sum)
         if target is not None:
-            grad_t = (prob_t - 1.0) * factor * scale * ctx.slope_t
+            grad_t = (prob_t - 1.0) * factor * scale * ctx.terms.slope
             grad.index_put_(target, torch.where(ctx.has_target, grad_t,
                                                 grad[target]))
         if ctx.filtered is not None:
@@ -300,6 +375,9 @@ class FusedMarginSoftmax(torch.autograd.Function):
             block = grad[start:stop]
             if bits is not None:  # clamped cosines: no gradient
                 zero_clamped(block, bits[start:stop])
+            if ctx.margin.modifies_non_target:
+                _non_target_slope_(block, rows, emb_n, inv_norm[start:stop],
+                                   ctx, start, stop)
             if need_w:
                 overlap = (max(start * num, start * dim) <
                            min(stop * num, stop * dim))
@@ -316,14 +394,23 @@ class FusedMarginSoftmax(torch.autograd.Function):
                 if overlap:
                     grad_w[start:stop] = out
         ctx.buffer = ctx.filtered = ctx.record = ctx.bits = None
+        ctx.margin = None
         grad_emb = None
         if need_e:
             radial = (grad_e * emb_n).sum(dim=1, keepdim=True)
             radial.masked_fill_(emb_norm[:, None] <= NORM_EPS, 0)
             grad_emb = grad_e.sub_(radial * emb_n).div_(emb_norm[:, None])
-        if grad_w is not None:
-            grad_w = grad_w.to(ctx.weight_dtype)
-        if index is None:
+            if target is not None:  # the radial part of a norm-based margin
+                norm_grad = ctx.terms.norm_gradient(prob_t, scale, factor)
+                if norm_grad is not None:
+                    # counted on the rank that holds the row's target
+                    keep = ctx.has_target & (emb_norm > NORM_EPS)
+                    grad_emb.addcmul_(emb_n, torch.where(
+                        keep, norm_grad, torch.zeros_like(norm_grad))[:,
+                                                                      None])
+        if record is None:
+            if grad_w is not None:
+                grad_w = grad_w.to(ctx.weight_dtype)
             return grad_emb, grad_w, None, None, None, None, None
         if grad_w is not None:
             record.grad = grad_w if record.grad is None else \
@@ -331,9 +418,26 @@ class FusedMarginSoftmax(torch.autograd.Function):
         return grad_emb, None, None, None, None, None, None
 
 
+def _non_target_slope_(block: torch.Tensor, rows: torch.Tensor,
+                       emb_n: torch.Tensor, inv_norm: torch.Tensor, ctx,
+                       start: int, stop: int) -> None:
+    """Multiply the gradient ``block`` of rows ``[start, stop)`` by the
+    margin's non-target slope, from the cosines recomputed for this block
+    (the logit buffer no longer holds them); targets keep theirs."""
+    bound = ctx.margin.cos_bound
+    cos = torch.mm(rows, emb_n.t()).mul_(inv_norm[:, None])
+    cos.clamp_(-bound, bound)
+    slope = ctx.margin.non_target_slope(cos, ctx.terms.cos_t[None, :])
+    if ctx.target is not None:
+        where, inside = _targets_in(ctx.target, ctx.has_target, start, stop)
+        slope.index_put_(where, torch.where(inside, torch.ones_like(
+            slope[where]), slope[where]))
+    block.mul_(slope)
+
+
 def fused_margin_softmax(emb: torch.Tensor, weight: torch.Tensor,
                          index: Optional[torch.Tensor], labels: torch.Tensor,
-                         margin: CombinedMarginLoss,
+                         margin: BaseMargin,
                          record: Optional[SampledRows] = None,
                          workspace: Optional[Workspace] = None
                          ) -> torch.Tensor:
@@ -345,14 +449,16 @@ def fused_margin_softmax(emb: torch.Tensor, weight: torch.Tensor,
         index: Sorted rows of ``weight`` used this step, or None for all.
         labels: (N,) target position among the used rows, -1 if the target
             lives on another rank.
-        margin: The ``CombinedMarginLoss`` (s, margins, filtering).
-        record: Where the gradient of the ``index`` rows is stored; with
+        margin: A :class:`BaseMargin` that keeps the stock ``forward``
+            (:func:`supports_fused`).
+        record: Where the fp32 gradient of the used rows is stored (the
+            ``index`` rows, or every row with ``index`` None); None: with
             ``index`` None the gradient goes to ``weight.grad`` as usual.
         workspace: Reused logit/gradient buffer (None: a new one per call).
 
-    The result equals ``distributed_cross_entropy(margin(cos, labels),
-    labels)`` with ``cos`` the clamped cosines, computed as the log-sum-exp
-    (no underflow of the target probability).
+    The result equals the margin softmax of the dense (N, C) cosines of
+    the used columns of every rank (``margin.dense_loss`` on one process),
+    computed as the log-sum-exp (no underflow of the target probability).
     """
     return FusedMarginSoftmax.apply(emb, weight, index, labels, margin,
                                     record, workspace)

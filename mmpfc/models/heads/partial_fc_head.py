@@ -1,11 +1,13 @@
 """The sharded, sampled classification layer (Partial FC) as an mmpretrain head."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import logging
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from mmengine.logging import print_log
 
 from mmpfc.registry import MODELS
 from ..utils import (all_gather_with_grad, distributed_cross_entropy,
@@ -13,6 +15,9 @@ from ..utils import (all_gather_with_grad, distributed_cross_entropy,
                      refuse_replicating_ddp, shard_range)
 from ..utils.distributed import all_gather_no_grad
 from ..utils.host_copies import drop_host_copies, take_host_copy
+from ..utils.low_precision import (check_representable, dtype_name,
+                                   is_compact, parse_center_dtype)
+from ..utils.rank_generator import RankGenerator
 from .base_margin_head import BaseMarginHead, build_margin_loss
 from .center_sampler import CenterSampler
 from .fused_margin_softmax import (Workspace, fused_margin_softmax,
@@ -21,6 +26,9 @@ from .label_check import LabelRangeCheck
 from .sampled_gradients import SampledGradients, SampledRows
 
 __all__ = ['PartialFCHead', 'build_margin_loss']
+
+#: Added to the base seed of the stochastic-rounding stream of rank r.
+ROUNDING_SEED_OFFSET = 0x5EED_0F_B16
 
 
 @MODELS.register_module()
@@ -47,10 +55,21 @@ class PartialFCHead(BaseMarginHead):
     state are left untouched, and the step costs memory proportional to the
     sampled rows.
 
-    With a ``CombinedMarginLoss`` the logits, margin and cross-entropy run
-    fused (:mod:`.fused_margin_softmax`): no normalized copy of the centers,
-    one (S, N) buffer for logits and gradients, sampled rows gathered in
-    chunks. Any other margin module gets the plain composition.
+    With a :class:`~mmpfc.models.losses.BaseMargin` (``CombinedMarginLoss``,
+    ``CurricularFaceLoss``, ``AdaFaceLoss``, ``MagFaceLoss``,
+    ``ElasticFaceLoss``; docs/margins.md) the logits, margin and
+    cross-entropy run fused (:mod:`.fused_margin_softmax`): no normalized
+    copy of the centers, one (S, N) buffer for logits and gradients, sampled
+    rows gathered in chunks. A margin that overrides ``forward``, or any
+    other module, gets the plain composition.
+
+    Compact centers (``center_dtype='bfloat16'`` or ``'float16'``) halve the
+    shard: rows are upcast to fp32 chunk by chunk for the logits, the
+    gradient of the used rows is kept in fp32 (every row in model parallel,
+    which then takes the optimizer wrapper's row path too), and the update,
+    computed in fp32, is written back with stochastic rounding
+    (:mod:`mmpfc.models.utils.low_precision`) from a per-rank stream saved
+    in checkpoints.
 
     Example::
 
@@ -62,7 +81,7 @@ class PartialFCHead(BaseMarginHead):
         num_classes: Total identities C over all ranks.
         in_channels: Embedding size D.
         sample_rate: Fraction of each shard used per step, in [0, 1].
-        loss: Config of the margin (``CombinedMarginLoss``).
+        loss: Config of the margin (a ``BaseMargin``, docs/margins.md).
         init_std: Std of the normal initialization of the centers.
         seed: Base seed of the center sampler; rank r uses ``seed + r``.
             Defaults to ``torch.initial_seed()`` at construction.
@@ -79,6 +98,9 @@ class PartialFCHead(BaseMarginHead):
             (``check_train_data``: drop_last or an infinite sampler) is the
             guarantee, and a per-step check would stall every step on a
             device read.
+        center_dtype: Storage dtype of the shard: ``'float32'`` (default),
+            ``'bfloat16'`` or ``'float16'`` (range +-65504: loading or
+            training larger values raises).
         init_cfg: MMEngine init config (unused by the shard itself).
 
     Host-device synchronization: on CUDA a step of the fused head reads
@@ -98,6 +120,7 @@ class PartialFCHead(BaseMarginHead):
                  seed: Optional[int] = None,
                  reuse_buffer: Optional[bool] = None,
                  check_batch_size: Optional[bool] = None,
+                 center_dtype: Union[str, torch.dtype] = 'float32',
                  init_cfg: Optional[dict] = None) -> None:
         if not 0.0 <= sample_rate <= 1.0:
             raise ValueError(
@@ -110,10 +133,16 @@ class PartialFCHead(BaseMarginHead):
 
         # Rank-dependent init so shards are not copies of each other.
         base_seed = torch.initial_seed() if seed is None else seed
+        self.center_dtype = parse_center_dtype(center_dtype)
         self.weight = self.init_centers(
             self.num_local, in_channels, init_std,
-            base_seed + 7919 * (self.class_start + 1))
+            base_seed + 7919 * (self.class_start + 1), self.center_dtype)
         mark_sharded(self.weight, owner=self)
+        # the stochastic rounding of a 16-bit shard: a stream per rank
+        self.rounding = RankGenerator(
+            (base_seed + ROUNDING_SEED_OFFSET + self.rank) % (2**63),
+            name='stochastic rounding') if is_compact(
+                self.center_dtype) else None
         self.sampler = CenterSampler(self.num_local, sample_rate,
                                      seed=(base_seed + self.rank) % (2**63))
         self.reuse_buffer = reuse_buffer
@@ -129,9 +158,20 @@ class PartialFCHead(BaseMarginHead):
         if copy is not None:
             destination[prefix + 'weight'] = copy
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
+    def _load_from_state_dict(self, state_dict, prefix, *args,
+                              **kwargs) -> None:
         drop_host_copies([self.weight])  # offered copies would be stale
-        super()._load_from_state_dict(*args, **kwargs)
+        saved = state_dict.get(prefix + 'weight')
+        if torch.is_tensor(saved) and saved.dtype != self.weight.dtype:
+            check_representable(saved, self.weight.dtype,
+                                f'loading {prefix}weight into '
+                                f'center_dtype={dtype_name(self.weight.dtype)!r}')
+            print_log(
+                f'{prefix}weight: converted the saved '
+                f'{dtype_name(saved.dtype)} centers to the head\'s '
+                f'center_dtype {dtype_name(self.weight.dtype)} (round to '
+                'nearest)', logger='current', level=logging.INFO)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def __setstate__(self, state: dict) -> None:
         # a copy (deepcopy, pickle) owns its own copy of the shard
@@ -139,13 +179,28 @@ class PartialFCHead(BaseMarginHead):
         mark_sharded(self.weight, owner=self)
         # heads pickled before these attributes existed
         self.__dict__.setdefault('check_batch_size', None)
+        self.__dict__.setdefault('center_dtype', self.weight.dtype)
+        self.__dict__.setdefault('rounding', None)
         if '_label_check' not in self.__dict__:
             self._label_check = LabelRangeCheck(self.num_classes)
 
     @property
     def samples_centers(self) -> bool:
-        """True when steps use sampled rows (sparse update path)."""
+        """True when steps use sampled rows only."""
         return self.sample_rate < 1.0
+
+    @property
+    def row_updates(self) -> bool:
+        """True when backward leaves the rows' gradient to
+        :meth:`pop_sampled_gradient` (sampled rows, or a 16-bit shard whose
+        fp32 gradient ``weight.grad`` could not hold) and the optim wrapper
+        updates those rows itself."""
+        return self.samples_centers or is_compact(self.weight.dtype)
+
+    def rounding_generator(self, device: torch.device
+                           ) -> Optional[torch.Generator]:
+        """The stochastic-rounding stream on ``device`` (None for fp32)."""
+        return None if self.rounding is None else self.rounding.get(device)
 
     # ------------------------------------------------------------ the step
     def loss_by_labels(self, embeddings: torch.Tensor,
@@ -167,6 +222,9 @@ class PartialFCHead(BaseMarginHead):
         index = None
         if self.samples_centers:
             index, local = self.sampler.sample(local)
+        record_index = index
+        if index is None and self.row_updates:  # every row, by the record
+            record_index = torch.arange(self.num_local, device=local.device)
 
         with torch.autocast(embeddings.device.type, enabled=False):
             dtype = self.logit_dtype(embeddings, self.weight)
@@ -174,11 +232,11 @@ class PartialFCHead(BaseMarginHead):
             if supports_fused(self.margin_loss):
                 return fused_margin_softmax(embeddings, self.weight, index,
                                             local, self.margin_loss,
-                                            self._record(index),
+                                            self._record(record_index),
                                             self._workspace_for(embeddings))
             # any other margin module: the plain composition
-            weight = self.weight if index is None else \
-                self._sampled_rows(index)
+            weight = self.weight if record_index is None else \
+                self._sampled_rows(record_index)
             cos = F.linear(F.normalize(embeddings, dim=1),
                            F.normalize(weight.to(dtype), dim=1))
             logits = self.margin_loss(cos.clamp(-1.0, 1.0), local)
@@ -206,6 +264,7 @@ class PartialFCHead(BaseMarginHead):
     def _sampled_rows(self, index: torch.Tensor) -> torch.Tensor:
         """A leaf copy of the sampled rows; its gradient is kept for update."""
         rows = self.weight.detach()[index]
+        rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
         if not self._training_step():
             return rows
         rows.requires_grad_(True)
@@ -255,4 +314,5 @@ class PartialFCHead(BaseMarginHead):
     def extra_repr(self) -> str:
         return (f'{super().extra_repr()}, sample_rate={self.sample_rate}, '
                 f'rank={self.rank}, class_start={self.class_start}, '
-                f'num_local={self.num_local}')
+                f'num_local={self.num_local}, '
+                f'center_dtype={dtype_name(self.weight.dtype)}')

@@ -22,9 +22,13 @@ class ShardedHead(Protocol):
     ``num_classes`` centers of size ``in_channels`` on this rank.
 
     ``sampler`` (with ``state_dict`` / ``load_state_dict``) is saved and
-    restored with the rows. When ``samples_centers`` is True, a step uses
-    some rows only and leaves their gradient to
-    :meth:`pop_sampled_gradient` instead of ``weight.grad``.
+    restored with the rows, and so is ``rounding`` (None, or the stream of
+    the stochastic rounding of 16-bit rows). When ``samples_centers`` is
+    True, a step uses some rows only; when ``row_updates`` is True (sampled
+    rows, or a 16-bit shard) a step leaves the fp32 gradient of the rows it
+    used to :meth:`pop_sampled_gradient` instead of ``weight.grad``, and
+    the optim wrapper writes the updated rows back, rounding with
+    :meth:`rounding_generator`.
     """
 
     num_classes: int
@@ -33,10 +37,19 @@ class ShardedHead(Protocol):
     num_local: int
     sample_rate: float
     sampler: object
+    rounding: object
 
     @property
     def samples_centers(self) -> bool:
-        """True when a step updates the sampled rows only."""
+        """True when a step uses the sampled rows only."""
+
+    @property
+    def row_updates(self) -> bool:
+        """True when the optim wrapper updates the rows a step used."""
+
+    def rounding_generator(self, device: torch.device
+                           ) -> Optional[torch.Generator]:
+        """The stream that rounds 16-bit rows (None: fp32 rows)."""
 
     def pop_sampled_gradient(self
                              ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
-import torch.nn as nn
 
 from mmpfc.registry import MODELS
+from .base_margin import BaseMargin
 
 
 def psi(angle: torch.Tensor) -> torch.Tensor:
@@ -23,7 +24,7 @@ def psi(angle: torch.Tensor) -> torch.Tensor:
 
 
 @MODELS.register_module()
-class CombinedMarginLoss(nn.Module):
+class CombinedMarginLoss(BaseMargin):
     """Target logit ``psi(m1 * theta + m2) - m3``, every logit times ``s``.
 
     ``m2`` is ArcFace's additive angular margin, ``m3`` CosFace's additive
@@ -45,9 +46,7 @@ class CombinedMarginLoss(nn.Module):
     def __init__(self, s: float = 64.0, m1: float = 1.0, m2: float = 0.5,
                  m3: float = 0.0,
                  interclass_filtering_threshold: float = 0.0) -> None:
-        super().__init__()
-        if s <= 0:
-            raise ValueError(f'scale s must be > 0, got {s}')
+        super().__init__(s)
         if m1 < 1.0 or m2 < 0 or m3 < 0:
             raise ValueError(
                 f'margins must satisfy m1 >= 1, m2 >= 0, m3 >= 0, got '
@@ -55,10 +54,11 @@ class CombinedMarginLoss(nn.Module):
         if not 0.0 <= interclass_filtering_threshold < 1.0:
             raise ValueError('interclass_filtering_threshold must be in '
                              f'[0, 1), got {interclass_filtering_threshold}')
-        self.s, self.m1, self.m2, self.m3 = s, m1, m2, m3
+        self.m1, self.m2, self.m3 = m1, m2, m3
         self.interclass_filtering_threshold = interclass_filtering_threshold
 
-    def target_logit(self, cos: torch.Tensor) -> torch.Tensor:
+    def target_logit(self, cos: torch.Tensor,
+                     norms: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Margin-adjusted cosine of the target class (unscaled)."""
         if self.m1 == 1.0 and self.m2 == 0.0:
             return cos - self.m3  # CosFace / plain: no arccos needed
@@ -66,36 +66,6 @@ class CombinedMarginLoss(nn.Module):
         eps = torch.finfo(cos.dtype).eps
         theta = torch.acos(cos.clamp(-1.0 + eps, 1.0 - eps))
         return psi(self.m1 * theta + self.m2) - self.m3
-
-    def forward(self, cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Apply the margin to the target column and scale.
-
-        Args:
-            cos: (N, S) cosines in [-1, 1].
-            labels: (N,) target column per row, -1 when the target is not
-                among these columns (another rank's shard).
-
-        Returns:
-            (N, S) logits ``s * adjusted_cos``.
-        """
-        if not cos.shape[1]:  # no columns (e.g. an empty sample)
-            return cos * self.s
-        # one (row, column) per row, column 0 where the target is elsewhere
-        # (kept as is): fixed sizes, so nothing is read from the device
-        has_target = labels >= 0
-        index = (torch.arange(labels.numel(), device=labels.device),
-                 labels.clamp_min(0))
-        if self.interclass_filtering_threshold > 0:
-            with torch.no_grad():
-                keep = (cos <= self.interclass_filtering_threshold).to(
-                    cos.dtype)
-                keep.index_put_(index, torch.where(
-                    has_target, torch.ones_like(keep[index]), keep[index]))
-            cos = cos * keep
-        current = cos[index]
-        target = torch.where(has_target, self.target_logit(current), current)
-        logits = cos.index_put(index, target)
-        return logits * self.s
 
     def extra_repr(self) -> str:
         return (f's={self.s}, m1={self.m1}, m2={self.m2}, m3={self.m3}, '

@@ -84,10 +84,13 @@ class _DistributedCrossEntropy(torch.autograd.Function):
     """Softmax cross-entropy whose columns (classes) are split over ranks.
 
     Forward: all-reduce MAX of the row maxima, all-reduce SUM of the row sums
-    of ``exp``; the target probability of a row is non-zero on exactly one
-    rank (all-reduce SUM). The softmax is computed in place in one (N, S)
-    buffer that backward turns into the gradient ``(p - onehot) / N``; no
-    dense one-hot is ever built.
+    of ``exp``; the target logit of a row is read on the one rank that holds
+    it (all-reduce SUM). The loss of a row is the log-sum-exp minus the
+    target logit, exact however small the target probability (taking
+    ``-log p`` would need ``p`` to be representable, and caps the loss where
+    it is clamped or underflows). The softmax is computed in
+    place in one (N, S) buffer that backward turns into the gradient
+    ``(p - onehot) / N``; no dense one-hot is ever built.
     """
 
     @staticmethod
@@ -96,22 +99,22 @@ class _DistributedCrossEntropy(torch.autograd.Function):
         # at least fp32; clone so the caller's tensor is never modified
         probs = logits.to(torch.promote_types(logits.dtype,
                                               torch.float32)).clone()
-        row_max = probs.max(dim=1, keepdim=True)[0]
-        all_reduce_(row_max, dist.ReduceOp.MAX)
-        probs.sub_(row_max).exp_()
-        row_sum = probs.sum(dim=1, keepdim=True)
-        all_reduce_(row_sum)
-        probs.div_(row_sum)
-
         # one (row, column) per row, column 0 where the target lives on
         # another rank (masked): no device read for the target positions
         has_target = labels >= 0
         target = (torch.arange(rows, device=labels.device),
                   labels.clamp_min(0))
-        target_prob = probs[target].masked_fill_(~has_target, 0.0) \
+        target_logit = probs[target].masked_fill_(~has_target, 0.0) \
             if probs.shape[1] else probs.new_zeros(rows)
-        all_reduce_(target_prob)
-        loss = -target_prob.clamp_min(1e-30).log().mean()
+        all_reduce_(target_logit)
+        row_max = probs.max(dim=1)[0] if probs.shape[1] else \
+            probs.new_full((rows, ), -float('inf'))
+        all_reduce_(row_max, dist.ReduceOp.MAX)
+        probs.sub_(row_max[:, None]).exp_()
+        row_sum = probs.sum(dim=1)
+        all_reduce_(row_sum)
+        probs.div_(row_sum[:, None])
+        loss = (row_sum.log() + row_max - target_logit).mean()
 
         ctx.save_for_backward(probs, has_target, *target)
         ctx.input_dtype = logits.dtype
@@ -139,6 +142,7 @@ def distributed_cross_entropy(logits: torch.Tensor,
             class lives on another rank.
 
     Returns:
-        The same scalar on every rank: mean over the N rows of -log p_target.
+        The same scalar on every rank: mean over the N rows of -log p_target,
+        computed as log-sum-exp minus the target logit.
     """
     return _DistributedCrossEntropy.apply(logits, labels)

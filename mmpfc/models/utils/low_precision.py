@@ -1,0 +1,119 @@
+"""Class centers stored in 16 bits, updated in fp32.
+
+At millions of identities the centers and their optimizer state are most of
+a rank's memory; storing the centers in bfloat16 or float16 halves them.
+Logits, softmax and gradients stay fp32 (rows are upcast chunk by chunk)
+and the optimizer computes the update in fp32; only the write-back rounds.
+
+Round-to-nearest would swallow most SGD steps: an update ``lr * grad`` is
+often below half a unit in the last place of a bf16 weight (2^-8 relative),
+so the weight would never move. :func:`stochastic_round` rounds up with the
+probability of the remainder, which makes the stored value an unbiased
+estimate of the fp32 update and lets small steps add up on average.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+#: Storage dtypes of the centers, by config name.
+CENTER_DTYPES = {
+    'float32': torch.float32,
+    'bfloat16': torch.bfloat16,
+    'float16': torch.float16,
+}
+#: Largest finite float16 (centers beyond it cannot be stored in fp16).
+FLOAT16_MAX = float(torch.finfo(torch.float16).max)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``'bfloat16'``."""
+    return str(dtype).replace('torch.', '')
+
+
+def parse_center_dtype(value: Union[str, torch.dtype],
+                       what: str = 'center_dtype') -> torch.dtype:
+    """The storage dtype named by ``value``; ValueError naming it otherwise."""
+    if isinstance(value, torch.dtype) and value in CENTER_DTYPES.values():
+        return value
+    if isinstance(value, str) and value in CENTER_DTYPES:
+        return CENTER_DTYPES[value]
+    raise ValueError(
+        f'{what}={value!r} is not a storage dtype of the centers: use one of '
+        f'{sorted(CENTER_DTYPES)}')
+
+
+def is_compact(dtype: torch.dtype) -> bool:
+    """True for a storage dtype narrower than fp32."""
+    return dtype in (torch.bfloat16, torch.float16)
+
+
+def check_representable(values: torch.Tensor, dtype: torch.dtype,
+                        where: str) -> None:
+    """Refuse to store finite fp32 values that overflow ``dtype``.
+
+    float16 ends at 65504: unit-scale centers are far inside, but centers
+    trained without normalization or loaded from another model may not be;
+    they would become inf and every logit of their class NaN.
+    """
+    if dtype != torch.float16 or values.numel() == 0:
+        return
+    largest = float(values.detach().abs().float().nan_to_num(0.0).max())
+    if largest > FLOAT16_MAX:
+        raise ValueError(
+            f'{where}: a value of magnitude {largest:.6g} does not fit '
+            f'float16 (largest {FLOAT16_MAX:g}); it would be stored as inf. '
+            "Use center_dtype='bfloat16' (fp32's range) or 'float32'")
+
+
+def stochastic_round(values: torch.Tensor, dtype: torch.dtype,
+                     generator: Optional[torch.Generator]) -> torch.Tensor:
+    """``values`` (fp32) in ``dtype``, rounded stochastically.
+
+    Each element becomes one of the two ``dtype`` values around it, the upper
+    one with probability (distance to the lower) / (gap), so the expectation
+    is the fp32 value. Values already representable, inf and NaN are kept.
+    fp32 is returned as is.
+    """
+    values = values.float()
+    if dtype == torch.float32:
+        return values
+    if dtype == torch.bfloat16:
+        return _round_bfloat16(values, generator)
+    if dtype == torch.float16:
+        return _round_float16(values, generator)
+    raise ValueError(f'no stochastic rounding to {dtype}')
+
+
+def _round_bfloat16(values: torch.Tensor,
+                    generator: Optional[torch.Generator]) -> torch.Tensor:
+    """bf16 is fp32's upper 16 bits: add 16 random low bits, truncate.
+
+    The addition works on the magnitude bits of the sign-magnitude format,
+    so a carry moves the magnitude up by one bf16 step for either sign. inf
+    and the default NaN have zero low bits and stay as they are (a NaN whose
+    payload is in the low 16 bits only may come out as inf: still not
+    finite); values above bf16's largest may round up to inf.
+    """
+    bits = values.contiguous().view(torch.int32)
+    # random_() fills [0, 2^31): its low 16 bits are uniform
+    noise = torch.empty_like(bits).random_(generator=generator)
+    rounded = noise.bitwise_and_(0xFFFF).add_(bits).bitwise_and_(-65536)
+    return rounded.view(torch.float32).to(torch.bfloat16)  # exact
+
+
+def _round_float16(values: torch.Tensor,
+                   generator: Optional[torch.Generator]) -> torch.Tensor:
+    """The nearest fp16 value and its neighbour on the other side of the
+    fp32 value; the neighbour with probability |error| / gap."""
+    nearest = values.to(torch.float16)
+    error = values - nearest.float()
+    toward = torch.where(error > 0, float('inf'), float('-inf')).to(
+        torch.float16)
+    other = torch.nextafter(nearest, toward)
+    gap = (other.float() - nearest.float()).abs()
+    draw = torch.rand(values.shape, device=values.device,
+                      generator=generator)
+    take_other = (draw * gap < error.abs()) & torch.isfinite(gap)
+    return torch.where(take_other, other, nearest)

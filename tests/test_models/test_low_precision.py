@@ -1,0 +1,172 @@
+"""16-bit centers: stochastic rounding, dtype checks, the head's storage."""
+import pytest
+import torch
+from helpers import LogRecords
+
+from mmpfc.models.heads import MarginSoftmaxHead, PartialFCHead
+from mmpfc.models.utils.low_precision import (parse_center_dtype,
+                                              stochastic_round)
+
+DRAWS = 4000
+
+
+def neighbours(values, dtype):
+    """The two ``dtype`` values around each fp32 value, from a sorted table
+    of every finite value of the format (independent of the rounding)."""
+    if dtype == torch.bfloat16:
+        table = torch.arange(-2**15, 2**15, dtype=torch.int32).to(
+            torch.int16).view(torch.bfloat16).float()
+    else:
+        table = torch.arange(-2**15, 2**15, dtype=torch.int32).to(
+            torch.int16).view(torch.float16).float()
+    table = table[torch.isfinite(table)].unique()  # sorted, -0 == +0
+    upper = torch.searchsorted(table, values, right=False)
+    hi = table[upper.clamp(max=len(table) - 1)]
+    lo = table[(upper - 1).clamp(min=0)]
+    exact = hi == values
+    return torch.where(exact, hi, lo), hi
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_stochastic_round_is_unbiased_between_neighbours(dtype):
+    gen = torch.Generator().manual_seed(0)
+    values = torch.tensor([1.0 + 1e-3, -1.0 - 2e-3, 0.3337, -7e-3, 1e-2,
+                           1.0, -0.5])
+    lo, hi = neighbours(values, dtype)
+    draws = torch.stack([stochastic_round(values, dtype, gen).float()
+                         for _ in range(DRAWS)])
+    assert ((draws == lo) | (draws == hi)).all()
+    gap = (hi - lo).double()
+    expected_up = torch.where(gap > 0, (values.double() - lo) / gap,
+                              torch.zeros_like(gap))
+    got_up = (draws == hi).double().mean(0)
+    got_up = torch.where(gap > 0, got_up, torch.zeros_like(got_up))
+    # binomial std at DRAWS draws is at most 0.008
+    assert torch.allclose(got_up, expected_up, atol=0.04), (got_up,
+                                                           expected_up)
+    mean = draws.double().mean(0)
+    assert torch.allclose(mean, values.double(), rtol=0,
+                          atol=float(gap.max()) * 0.05)
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_stochastic_round_keeps_exact_and_non_finite_values(dtype):
+    values = torch.tensor([0.0, 1.0, -2.0, 0.5, float('inf'),
+                           float('-inf'), float('nan')])
+    out = stochastic_round(values, dtype, torch.Generator().manual_seed(1))
+    assert out.dtype == dtype
+    assert torch.equal(out[:6].float(), values[:6])
+    assert torch.isnan(out[6])
+
+
+def test_stochastic_round_is_reproducible_from_its_generator():
+    values = torch.randn(1000) * 1e-2
+    a = stochastic_round(values, torch.bfloat16,
+                         torch.Generator().manual_seed(3))
+    b = stochastic_round(values, torch.bfloat16,
+                         torch.Generator().manual_seed(3))
+    c = stochastic_round(values, torch.bfloat16,
+                         torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_small_updates_survive_stochastic_rounding_but_not_nearest():
+    """1000 steps of -1e-4 on a weight of 1.0: below half a bf16 step
+    (2^-8 / 2), round-to-nearest never moves; stochastic rounding ends
+    near 0.9, the fp32 result."""
+    gen = torch.Generator().manual_seed(0)
+    nearest = torch.ones(256, dtype=torch.bfloat16)
+    rounded = torch.ones(256, dtype=torch.bfloat16)
+    for _ in range(1000):
+        nearest = (nearest.float() - 1e-4).to(torch.bfloat16)
+        rounded = stochastic_round(rounded.float() - 1e-4, torch.bfloat16,
+                                   gen)
+    assert torch.equal(nearest, torch.ones_like(nearest))
+    assert abs(rounded.float().mean().item() - 0.9) < 0.01
+
+
+def test_unknown_center_dtype_names_the_value():
+    with pytest.raises(ValueError, match=r"center_dtype='int8' is not a "
+                       r"storage dtype.*'bfloat16', 'float16', 'float32'"):
+        parse_center_dtype('int8')
+    with pytest.raises(ValueError, match=r"center_dtype='half'"):
+        PartialFCHead(num_classes=10, in_channels=8, center_dtype='half')
+
+
+@pytest.mark.parametrize('name,dtype', [('bfloat16', torch.bfloat16),
+                                        ('float16', torch.float16)])
+def test_compact_head_stores_rounded_fp32_init(name, dtype):
+    """The 16-bit shard is the fp32 shard of the same seed rounded to
+    nearest (drawn block by block, never whole in fp32)."""
+    fp32 = PartialFCHead(num_classes=300, in_channels=32, seed=3)
+    compact = PartialFCHead(num_classes=300, in_channels=32, seed=3,
+                            center_dtype=name)
+    assert compact.weight.dtype == dtype
+    assert torch.equal(compact.weight, fp32.weight.detach().to(dtype))
+    assert compact.row_updates and not compact.samples_centers
+    assert compact.rounding is not None and fp32.rounding is None
+
+
+def test_fp32_checkpoint_into_bf16_head_converts_and_logs():
+    fp32 = PartialFCHead(num_classes=50, in_channels=16, seed=1)
+    compact = PartialFCHead(num_classes=50, in_channels=16, seed=2,
+                            center_dtype='bfloat16')
+    with LogRecords() as messages:
+        compact.load_state_dict(fp32.state_dict())
+    assert torch.equal(compact.weight,
+                       fp32.weight.detach().to(torch.bfloat16))
+    assert any("weight: converted the saved float32 centers to the head's "
+               'center_dtype bfloat16' in m for m in messages), messages
+    back = PartialFCHead(num_classes=50, in_channels=16, seed=4)
+    back.load_state_dict(compact.state_dict())  # the reverse is exact
+    assert torch.equal(back.weight, compact.weight.float())
+
+
+def test_fp16_head_refuses_values_beyond_its_range():
+    big = PartialFCHead(num_classes=20, in_channels=8, seed=1)
+    with torch.no_grad():
+        big.weight[3, 2] = 7.0e4
+    half = PartialFCHead(num_classes=20, in_channels=8, center_dtype='float16')
+    with pytest.raises(ValueError, match=r"magnitude 70000 does not fit "
+                       r"float16 \(largest 65504\).*center_dtype='bfloat16'"):
+        half.load_state_dict(big.state_dict())
+
+
+def test_compact_model_parallel_gradient_is_fp32_record():
+    """Model parallel on a bf16 shard: no bf16 weight.grad; every row's
+    fp32 gradient waits for the optim wrapper, equal to the fp32 head's
+    gradient of the same (rounded) centers."""
+    torch.manual_seed(0)
+    compact = PartialFCHead(num_classes=40, in_channels=16, seed=1,
+                            center_dtype='bfloat16')
+    fp32 = PartialFCHead(num_classes=40, in_channels=16, seed=1)
+    with torch.no_grad():
+        fp32.weight.copy_(compact.weight.float())
+    emb, labels = torch.randn(8, 16), torch.randint(0, 40, (8,))
+    compact.loss_by_labels(emb, labels).backward()
+    fp32.loss_by_labels(emb, labels).backward()
+    assert compact.weight.grad is None
+    rows, grad = compact.pop_sampled_gradient()
+    assert torch.equal(rows, torch.arange(40))
+    assert grad.dtype == torch.float32
+    torch.testing.assert_close(grad, fp32.weight.grad, rtol=1e-5,
+                               atol=1e-7)
+
+
+def test_data_parallel_head_accepts_the_storage_dtype():
+    """MarginSoftmaxHead in bf16: the loss is the fp32 loss of the rounded
+    centers (fp32 logits); its gradient is the parameter's, in bf16."""
+    compact = MarginSoftmaxHead(num_classes=30, in_channels=16, seed=1,
+                                center_dtype='bfloat16')
+    fp32 = MarginSoftmaxHead(num_classes=30, in_channels=16, seed=1)
+    assert compact.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        fp32.weight.copy_(compact.weight.float())
+    emb, labels = torch.randn(6, 16), torch.randint(0, 30, (6,))
+    loss = compact.loss_by_labels(emb, labels)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, fp32.loss_by_labels(emb, labels))
+    loss.backward()
+    assert compact.weight.grad.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r"center_dtype='fp8'"):
+        MarginSoftmaxHead(num_classes=3, in_channels=4, center_dtype='fp8')
