@@ -170,3 +170,41 @@ def test_data_parallel_head_accepts_the_storage_dtype():
     assert compact.weight.grad.dtype == torch.bfloat16
     with pytest.raises(ValueError, match=r"center_dtype='fp8'"):
         MarginSoftmaxHead(num_classes=3, in_channels=4, center_dtype='fp8')
+
+
+def test_nearest_rounding_loses_the_updates_stochastic_keeps():
+    """20 SGD steps of a bf16 shard against the same steps in fp32 from the
+    same centers: most updates are below half a bf16 step, so 'nearest'
+    keeps about half of the fp32 movement and points elsewhere;
+    'stochastic' follows it (measured: cos 0.46 vs 0.87, length 0.59 vs
+    1.15 of the fp32 movement)."""
+    from mmpfc.engine.optimizers import PartialFCOptimWrapper
+    gen = torch.Generator().manual_seed(0)
+    emb = torch.randn(32, 64, generator=gen)
+    labels = torch.randint(0, 16, (32, ), generator=gen)
+    result = {}
+    for rounding in ('nearest', 'stochastic', None):
+        head = PartialFCHead(
+            num_classes=16, in_channels=64, seed=1, init_std=1.0,
+            center_dtype='float32' if rounding is None else 'bfloat16',
+            center_rounding=rounding or 'stochastic')
+        if rounding is None:  # fp32 from the rounded start
+            with torch.no_grad():
+                head.weight.copy_(result['start'])
+        result['start'] = head.weight.detach().float().clone()
+        wrapper = PartialFCOptimWrapper(optimizer=torch.optim.SGD(
+            head.parameters(), lr=1e-2))
+        for _ in range(20):
+            wrapper.update_params(head.loss_by_labels(emb, labels))
+        result[rounding] = head.weight.detach().float() - result['start']
+    fp32 = result[None].flatten()
+    for rounding, (min_cos, max_cos, low, high) in {
+            'nearest': (0.0, 0.7, 0.0, 0.75),
+            'stochastic': (0.75, 1.0, 0.85, 1.5)}.items():
+        change = result[rounding].flatten()
+        cos = torch.nn.functional.cosine_similarity(change, fp32, dim=0)
+        length = change.norm() / fp32.norm()
+        assert min_cos < cos < max_cos, (rounding, cos)
+        assert low < length < high, (rounding, length)
+    with pytest.raises(ValueError, match=r"center_rounding='up'"):
+        PartialFCHead(num_classes=4, in_channels=4, center_rounding='up')

@@ -96,10 +96,10 @@ class ShardAwareMixin:
     def _apply_sparse_updates(self, updates: List[SparseUpdate]) -> None:
         for param, rows, grad in updates:
             owner = sharded_owner(param)
-            generator = (owner.rounding_generator(param.device)
-                         if isinstance(owner, ShardedHead) else None)
+            rounding = (owner.round_rows if isinstance(owner, ShardedHead)
+                        else None)
             sparse_step(self.optimizer, param, rows, grad,
-                        self.center_state_dtype, generator)
+                        self.center_state_dtype, rounding)
 
     def _load_keeping_center_state(self, state_dict: dict,
                                    load: Callable[[dict], None]) -> None:

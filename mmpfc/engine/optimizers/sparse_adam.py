@@ -21,20 +21,20 @@ import torch
 from typing import Optional
 
 from .center_state import RowState
-from .sparse_sgd import CenterRows, find_param_group, row_chunks
+from .sparse_sgd import CenterRows, Rounding, find_param_group, row_chunks
 
 
 @torch.no_grad()
 def sparse_adam_step(optimizer: torch.optim.Optimizer, param: torch.Tensor,
                      rows: torch.Tensor, grad: torch.Tensor,
                      state_form: str = 'float32',
-                     generator: Optional[torch.Generator] = None) -> None:
+                     rounding: Optional[Rounding] = None) -> None:
     """Update ``param[rows]`` with ``grad`` by the Adam(W) rule of its group.
 
     ``rows`` must not repeat; work and temporaries scale with ``len(rows)``
     (processed in chunks, see :func:`.sparse_sgd.row_chunks`). The moments
-    are kept in ``state_form`` and 16-bit rows written back with the
-    stochastic rounding of ``generator`` (as :func:`.sparse_sgd_step`).
+    are kept in ``state_form`` and 16-bit rows written back through
+    ``rounding`` (as :func:`.sparse_sgd_step`).
     """
     group = find_param_group(optimizer, param)
     if group.get('amsgrad', False):
@@ -47,7 +47,7 @@ def sparse_adam_step(optimizer: torch.optim.Optimizer, param: torch.Tensor,
     maximize = group.get('maximize', False)
     data = param.data
     state = optimizer.state[param]
-    centers = CenterRows(param, generator)
+    centers = CenterRows(param, rounding)
     exp_avg_all = RowState(state, 'exp_avg', state_form)
     exp_avg_sq_all = RowState(state, 'exp_avg_sq', state_form)
     for moment in (exp_avg_all, exp_avg_sq_all):

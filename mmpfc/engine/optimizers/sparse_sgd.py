@@ -15,28 +15,31 @@ exactly the fp32 path.
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional, Tuple
+from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 
 # CHUNK_BYTES is re-exported: the budget the chunks below are cut to
 from mmpfc.models.utils.chunks import CHUNK_BYTES, rows_per_chunk  # noqa
-from mmpfc.models.utils.low_precision import is_compact, stochastic_round
+from mmpfc.models.utils.low_precision import is_compact
 from .center_state import RowState
+
+#: fp32 rows -> the same rows in the parameter's storage dtype.
+Rounding = Callable[[torch.Tensor], torch.Tensor]
 
 
 class CenterRows:
     """Rows of a parameter read in fp32 and written back in its dtype.
 
-    A 16-bit parameter is written with :func:`stochastic_round`, drawing
-    from ``generator`` (the owner's rounding stream); fp32 rows are written
-    as computed.
+    16-bit rows are written through ``rounding`` (the owner's
+    ``round_rows``: stochastic rounding from its stream), or rounded to
+    nearest without one; fp32 rows are written as computed.
     """
 
     def __init__(self, param: torch.Tensor,
-                 generator: Optional[torch.Generator] = None) -> None:
+                 rounding: Optional[Rounding] = None) -> None:
         self.data = param.data
-        self.generator = generator
+        self.rounding = rounding
 
     def read(self, index: torch.Tensor) -> torch.Tensor:
         rows = self.data.index_select(0, index)
@@ -44,8 +47,8 @@ class CenterRows:
 
     def write(self, index: torch.Tensor, values: torch.Tensor) -> None:
         if is_compact(self.data.dtype):
-            values = stochastic_round(values, self.data.dtype,
-                                      self.generator)
+            values = (self.rounding(values) if self.rounding is not None
+                      else values.to(self.data.dtype))
         self.data.index_copy_(0, index, values)
 
 
@@ -73,7 +76,7 @@ def row_chunks(data: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor
 def sparse_sgd_step(optimizer: torch.optim.Optimizer, param: torch.Tensor,
                     rows: torch.Tensor, grad: torch.Tensor,
                     state_form: str = 'float32',
-                    generator: Optional[torch.Generator] = None) -> None:
+                    rounding: Optional[Rounding] = None) -> None:
     """Update ``param[rows]`` with ``grad`` by the SGD rule of its group.
 
     ``rows`` must not repeat. Memory and work scale with ``len(rows)``, and
@@ -84,7 +87,7 @@ def sparse_sgd_step(optimizer: torch.optim.Optimizer, param: torch.Tensor,
 
     Args:
         state_form: How the momentum is stored (``center_state_dtype``).
-        generator: Stream of the stochastic rounding of 16-bit rows.
+        rounding: How 16-bit rows are written back (:class:`CenterRows`).
     """
     if not isinstance(optimizer, torch.optim.SGD):
         raise TypeError(
@@ -96,7 +99,7 @@ def sparse_sgd_step(optimizer: torch.optim.Optimizer, param: torch.Tensor,
     weight_decay, dampening = group['weight_decay'], group['dampening']
     nesterov, maximize = group['nesterov'], group.get('maximize', False)
     data = param.data
-    centers = CenterRows(param, generator)
+    centers = CenterRows(param, rounding)
     buf_all = None
     if momentum != 0:
         buf_all = RowState(optimizer.state[param], 'momentum_buffer',

@@ -6,7 +6,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from .sparse_adam import sparse_adam_step
-from .sparse_sgd import sparse_sgd_step
+from .sparse_sgd import Rounding, sparse_sgd_step
 
 SparseRule = Callable[..., None]
 #: (optimizer class, rule for its sampled rows); subclasses match too.
@@ -28,12 +28,13 @@ def sparse_rule(optimizer: torch.optim.Optimizer) -> Optional[SparseRule]:
 def sparse_step(optimizer: torch.optim.Optimizer, param: torch.Tensor,
                 rows: torch.Tensor, grad: torch.Tensor,
                 state_form: str = 'float32',
-                generator: Optional[torch.Generator] = None) -> None:
+                rounding: Optional[Rounding] = None) -> None:
     """Apply ``optimizer``'s rule to rows ``rows`` of ``param``, its state
-    kept in ``state_form``, 16-bit rows rounded with ``generator``."""
+    kept in ``state_form``, 16-bit rows written back through ``rounding``
+    (see :class:`.sparse_sgd.CenterRows`)."""
     rule = sparse_rule(optimizer)
     if rule is not None:
-        return rule(optimizer, param, rows, grad, state_form, generator)
+        return rule(optimizer, param, rows, grad, state_form, rounding)
     names = ', '.join(cls.__name__ for cls, _ in SPARSE_RULES)
     raise TypeError(
         'Partial FC (sample_rate < 1) updates only the sampled centers, with '

@@ -15,8 +15,9 @@ from ..utils import (all_gather_with_grad, distributed_cross_entropy,
                      refuse_replicating_ddp, shard_range)
 from ..utils.distributed import all_gather_no_grad
 from ..utils.host_copies import drop_host_copies, take_host_copy
-from ..utils.low_precision import (check_representable, dtype_name,
-                                   is_compact, parse_center_dtype)
+from ..utils.low_precision import (CENTER_ROUNDINGS, check_representable,
+                                   dtype_name, is_compact,
+                                   parse_center_dtype, stochastic_round)
 from ..utils.rank_generator import RankGenerator
 from .base_margin_head import BaseMarginHead, build_margin_loss
 from .center_sampler import CenterSampler
@@ -99,8 +100,11 @@ class PartialFCHead(BaseMarginHead):
             guarantee, and a per-step check would stall every step on a
             device read.
         center_dtype: Storage dtype of the shard: ``'float32'`` (default),
-            ``'bfloat16'`` or ``'float16'`` (range +-65504: loading or
-            training larger values raises).
+            ``'bfloat16'`` or ``'float16'`` (range +-65504: loading
+            larger values raises).
+        center_rounding: How a 16-bit shard's updates are written back:
+            ``'stochastic'`` (default) or ``'nearest'`` (most small
+            updates are lost; for comparison only).
         init_cfg: MMEngine init config (unused by the shard itself).
 
     Host-device synchronization: on CUDA a step of the fused head reads
@@ -121,6 +125,7 @@ class PartialFCHead(BaseMarginHead):
                  reuse_buffer: Optional[bool] = None,
                  check_batch_size: Optional[bool] = None,
                  center_dtype: Union[str, torch.dtype] = 'float32',
+                 center_rounding: str = 'stochastic',
                  init_cfg: Optional[dict] = None) -> None:
         if not 0.0 <= sample_rate <= 1.0:
             raise ValueError(
@@ -134,6 +139,11 @@ class PartialFCHead(BaseMarginHead):
         # Rank-dependent init so shards are not copies of each other.
         base_seed = torch.initial_seed() if seed is None else seed
         self.center_dtype = parse_center_dtype(center_dtype)
+        if center_rounding not in CENTER_ROUNDINGS:
+            raise ValueError(
+                f'center_rounding={center_rounding!r}: use one of '
+                f'{list(CENTER_ROUNDINGS)}')
+        self.center_rounding = center_rounding
         self.weight = self.init_centers(
             self.num_local, in_channels, init_std,
             base_seed + 7919 * (self.class_start + 1), self.center_dtype)
@@ -181,6 +191,7 @@ class PartialFCHead(BaseMarginHead):
         self.__dict__.setdefault('check_batch_size', None)
         self.__dict__.setdefault('center_dtype', self.weight.dtype)
         self.__dict__.setdefault('rounding', None)
+        self.__dict__.setdefault('center_rounding', 'stochastic')
         if '_label_check' not in self.__dict__:
             self._label_check = LabelRangeCheck(self.num_classes)
 
@@ -197,10 +208,17 @@ class PartialFCHead(BaseMarginHead):
         updates those rows itself."""
         return self.samples_centers or is_compact(self.weight.dtype)
 
-    def rounding_generator(self, device: torch.device
-                           ) -> Optional[torch.Generator]:
-        """The stochastic-rounding stream on ``device`` (None for fp32)."""
-        return None if self.rounding is None else self.rounding.get(device)
+    def round_rows(self, values: torch.Tensor) -> torch.Tensor:
+        """Updated fp32 rows in the shard's dtype: stochastically rounded
+        from this rank's stream (``center_rounding='stochastic'``), or to
+        nearest (``'nearest'``, to measure what the stream is for)."""
+        dtype = self.weight.dtype
+        if not is_compact(dtype):
+            return values.to(dtype)
+        if self.center_rounding == 'nearest':
+            return values.to(dtype)
+        return stochastic_round(values, dtype,
+                                self.rounding.get(values.device))
 
     # ------------------------------------------------------------ the step
     def loss_by_labels(self, embeddings: torch.Tensor,

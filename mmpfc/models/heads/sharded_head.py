@@ -27,8 +27,8 @@ class ShardedHead(Protocol):
     True, a step uses some rows only; when ``row_updates`` is True (sampled
     rows, or a 16-bit shard) a step leaves the fp32 gradient of the rows it
     used to :meth:`pop_sampled_gradient` instead of ``weight.grad``, and
-    the optim wrapper writes the updated rows back, rounding with
-    :meth:`rounding_generator`.
+    the optim wrapper writes the updated rows back through
+    :meth:`round_rows`.
     """
 
     num_classes: int
@@ -47,9 +47,9 @@ class ShardedHead(Protocol):
     def row_updates(self) -> bool:
         """True when the optim wrapper updates the rows a step used."""
 
-    def rounding_generator(self, device: torch.device
-                           ) -> Optional[torch.Generator]:
-        """The stream that rounds 16-bit rows (None: fp32 rows)."""
+    def round_rows(self, values: torch.Tensor) -> torch.Tensor:
+        """fp32 rows in the storage dtype of the rows (16-bit: rounded
+        as the head's ``center_rounding`` says)."""
 
     def pop_sampled_gradient(self
                              ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:

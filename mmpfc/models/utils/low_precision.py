@@ -23,6 +23,8 @@ CENTER_DTYPES = {
     'bfloat16': torch.bfloat16,
     'float16': torch.float16,
 }
+#: How updates of 16-bit centers are written back.
+CENTER_ROUNDINGS = ('stochastic', 'nearest')
 #: Largest finite float16 (centers beyond it cannot be stored in fp16).
 FLOAT16_MAX = float(torch.finfo(torch.float16).max)
 
