@@ -6,7 +6,9 @@
 #       host-device synchronization, the CUDA memory peak per interval;
 #   (b) 60 iterations of IResNet-50 Partial FC 0.1 at 3M identities (AMP,
 #       128 per GPU) printing the reference's speed line and the memory
-#       table; nothing is written outside a temporary folder.
+#       table; nothing is written outside a temporary folder;
+#   (c) on a GPU only: the same run with bf16 centers and int8 momentum
+#       (center_dtype / center_state_dtype), to compare speed and memory.
 #
 #   bash tools/check_gpu.sh          # on a machine with CUDA
 #   bash tools/check_gpu.sh --cpu    # the same logic on the CPU, scaled down
@@ -78,4 +80,12 @@ echo "== (b) $CONFIG --amp, ${TRAIN_OPTIONS[0]}"
 # checkpoint: the checkpoint hook is removed.
 "$PYTHON" tools/train.py "$CONFIG" --amp --work-dir "$TMP/work" \
     --cfg-options "${TRAIN_OPTIONS[@]}" default_hooks.checkpoint=None
+if [ "$MODE" = gpu ]; then
+    echo "== (c) the same with model.head.center_dtype=bfloat16," \
+        "optim_wrapper.center_state_dtype=int8"
+    "$PYTHON" tools/train.py "$CONFIG" --amp --work-dir "$TMP/compact" \
+        --cfg-options "${TRAIN_OPTIONS[@]}" default_hooks.checkpoint=None \
+        model.head.center_dtype=bfloat16 \
+        optim_wrapper.center_state_dtype=int8
+fi
 echo "== check_gpu.sh ($MODE): done"

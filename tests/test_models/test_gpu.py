@@ -256,11 +256,12 @@ def test_process_group_on_one_rank(device, monkeypatch):
 
 
 # ------------------------------------------------ host-device syncs
-def sync_free_setup(device, wrapper_cls, **wrapper_args):
+def sync_free_setup(device, wrapper_cls, head_args=None, **wrapper_args):
     from mmpfc.models.heads import PartialFCHead
     torch.manual_seed(0)
     backbone = nn.Linear(32, 64).to(device)
-    head = PartialFCHead(20000, 64, sample_rate=0.1, seed=1).to(device)
+    head = PartialFCHead(20000, 64, sample_rate=0.1, seed=1,
+                         **(head_args or {})).to(device)
     wrapper = wrapper_cls(optimizer=torch.optim.SGD(
         [*backbone.parameters(), *head.parameters()], lr=0.1, momentum=0.9,
         weight_decay=5e-4), **wrapper_args)
@@ -286,6 +287,43 @@ def test_head_step_does_not_synchronize(cuda):
         with count_syncs(cuda) as syncs:
             step(i)
         assert syncs == [], syncs
+
+
+def test_compact_head_step_does_not_synchronize(cuda):
+    """bf16 centers (stochastic rounding from the rank's CUDA stream) and
+    int8 momentum: still no device read in a step."""
+    from mmpfc.engine.optimizers import PartialFCOptimWrapper
+    step = sync_free_setup(cuda, PartialFCOptimWrapper,
+                           head_args=dict(center_dtype='bfloat16'),
+                           center_state_dtype='int8')
+    step(0)
+    step(1)
+    with count_syncs(cuda) as syncs:
+        step(2)
+    assert syncs == [], syncs
+
+
+def test_compact_sparse_update_matches_the_cpu(device):
+    """bf16 rows (rounded to nearest: no stream) and int8 momentum updated
+    on the device and on the CPU agree within one bf16 step."""
+    from mmpfc.engine.optimizers import sparse_step
+    gen = torch.Generator().manual_seed(5)
+    init = torch.randn(200, 64, generator=gen).to(torch.bfloat16)
+    steps = [(torch.randperm(200, generator=gen)[:30].sort()[0],
+              torch.randn(30, 64, generator=gen)) for _ in range(4)]
+    results = []
+    for dev in (device, CPU):
+        param = nn.Parameter(init.to(dev, copy=True))
+        optimizer = torch.optim.SGD([param], lr=0.1, momentum=0.9)
+        for rows, grad in steps:
+            sparse_step(optimizer, param, rows.to(dev), grad.to(dev),
+                        state_form='int8')
+        results.append((param.detach().float().cpu(),
+                        optimizer.state[param]['momentum_buffer'].cpu()))
+    (got, got_codes), (want, want_codes) = results
+    assert (got - want).abs().max() <= want.abs().max() * 2**-7
+    assert (got_codes.int() - want_codes.int()).abs().max() <= 1
+    assert not torch.equal(want.to(torch.bfloat16), init)
 
 
 def test_amp_step_reads_the_device_once(cuda):
