@@ -4,7 +4,8 @@
 initialized and one thread per rank (world_size 1 runs in-process without a
 group). Each rank's return value is collected and returned in rank order; an
 exception in any rank is re-raised in the test with its traceback. The
-launcher is the package's own (:func:`mmpfc.utils.spawn.spawn_ranks`).
+launcher is the package's own (:func:`mmpfc.utils.spawn.spawn_ranks`); its
+ranks are forked from a server that has imported :data:`PRELOAD` once.
 """
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ from mmpfc.utils.spawn import free_port, spawn_ranks
 
 __all__ = ['free_port', 'run_distributed']
 
+#: Imported once by the fork server the ranks start from.
+PRELOAD = ('torch', 'mmengine.runner', 'mmpretrain.models', 'mmpfc')
+
 
 def run_distributed(fn: Callable, world_size: int, *args: Any,
                     timeout: float = 300) -> list:
@@ -21,4 +25,4 @@ def run_distributed(fn: Callable, world_size: int, *args: Any,
     if world_size == 1:
         return [fn(0, 1, *args)]
     return spawn_ranks(fn, world_size, *args, device='cpu', threads=1,
-                       timeout=timeout)
+                       timeout=timeout, preload=PRELOAD)

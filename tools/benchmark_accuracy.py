@@ -25,6 +25,12 @@ not accept makes it raise (each method is built once before any run, so
 that fails at once, naming the method). Prints a Markdown table (mean +- std
 over seeds) and whether PFC0.1 is within 0.5 points of model parallel, and
 writes accuracy.md and accuracy.json (every seed's figures) to --out-dir.
+The default methods include PFC0.1 with bf16 centers and with bf16 centers
+plus int8 momentum; each compact PFC0.1 row (stochastic rounding) is
+checked to lie within 0.3 points of fp32 PFC0.1. To see what stochastic
+rounding is for, add its round-to-nearest twin:
+
+    --methods 'pfc0.1,pfc0.1:center_dtype=bfloat16,pfc0.1:center_dtype=bfloat16:center_rounding=nearest'
 """
 from __future__ import annotations
 
@@ -39,11 +45,14 @@ from dataclasses import asdict
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from mmpfc.benchmark.accuracy import (AccuracyConfig,  # noqa: E402
-                                      check_line, markdown,
-                                      paired_difference, run_accuracy,
-                                      summarize, write_json)
+                                      check_line, compact_storage_labels,
+                                      markdown, paired_difference,
+                                      run_accuracy, summarize, write_json)
 from mmpfc.utils.spawn import load_average  # noqa: E402
 
+#: How far (accuracy points) a compact storage of the centers (16-bit
+#: centers, compact optimizer state) may lie from fp32 PFC0.1.
+STORAGE_TOLERANCE_POINTS = 0.3
 #: ``--quick``: tiny sizes for a smoke run (the test uses them)
 QUICK = dict(seeds=(0, ), num_classes=100, eval_identities=40, num_pairs=200,
              steps=60, warmup_steps=5, batch_size=16, probe_batches=1)
@@ -181,16 +190,23 @@ def main(argv=None) -> int:
     info['load_average_end'] = load_average()
     rows = summarize(records)
     check = paired_difference(records, 'PFC0.1', 'MP')
+    storage_checks = [
+        c for c in (paired_difference(records, label, 'PFC0.1',
+                                      STORAGE_TOLERANCE_POINTS)
+                    for label in compact_storage_labels(records))
+        if c is not None]
     table = markdown(rows)
-    verdict = check_line(check)
+    verdict = '\n'.join([check_line(check)] + [
+        check_line(c, 'fp32 PFC0.1') for c in storage_checks])
     with open(osp.join(args.out_dir, 'accuracy.md'), 'w') as f:
         f.write(f'{table}\n\n{verdict}\n')
     write_json(osp.join(args.out_dir, 'accuracy.json'), info, records, rows,
-               check, wall)
+               check, wall, storage_checks)
     print(f'\n{table}\n\n{verdict}')
     print(f'{wall:.0f} s; wrote {args.out_dir}/accuracy.md and '
           f'accuracy.json; load average {info["load_average_end"]}')
-    if args.check and not (check and check['passed']):
+    if args.check and not (check and check['passed'] and all(
+            c['passed'] for c in storage_checks)):
         return 1
     return 0
 

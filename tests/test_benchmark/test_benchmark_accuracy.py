@@ -9,6 +9,7 @@ from helpers import load_tool
 
 from mmpfc.benchmark.accuracy import (AccuracyConfig, SyntheticIdentityDataset,
                                       build_pairs, check_line, check_methods,
+                                      compact_storage_labels,
                                       held_out, markdown, paired_difference,
                                       parse_methods, summarize)
 
@@ -203,24 +204,54 @@ def test_summary_table_and_check():
         paired_difference(records[:1], 'PFC0.1', 'MP'))
 
 
+def test_compact_rows_are_checked_against_fp32_pfc():
+    """Compact PFC0.1 rows with stochastic rounding are the ones compared
+    with fp32 PFC0.1, at their own tolerance; a round-to-nearest row and
+    other methods are not."""
+    def run(label, name, head=None, optim=None, acc=0.9):
+        return dict(_record(label, 0, acc), name=name, head=head or {},
+                    optim_wrapper=optim or {})
+    records = [
+        run('PFC0.1', 'pfc0.1', acc=0.900),
+        run('bf16', 'pfc0.1', dict(center_dtype='bfloat16'), acc=0.898),
+        run('int8', 'pfc0.1', optim=dict(center_state_dtype='int8'),
+            acc=0.895),
+        run('near', 'pfc0.1', dict(center_dtype='bfloat16',
+                                   center_rounding='nearest')),
+        run('MP bf16', 'mp', dict(center_dtype='bfloat16'))]
+    assert compact_storage_labels(records) == ['bf16', 'int8']
+    check = paired_difference(records, 'bf16', 'PFC0.1', 0.3)
+    assert check['passed'] and check['tolerance'] == 0.3
+    assert check_line(check, 'fp32 PFC0.1') == (
+        'bf16 within 0.3 points of fp32 PFC0.1: PASS (difference -0.20)')
+    assert not paired_difference(records, 'int8', 'PFC0.1', 0.3)['passed']
+
+
 # ------------------------------------------------------------- smoke run
 def test_quick_run_two_ranks(tmp_path):
-    """All four methods on 2 gloo ranks, tiny sizes: one row each, sane
-    accuracies and losses, the JSON per seed and the check line."""
+    """The default methods on 2 gloo ranks, tiny sizes: one row each, sane
+    accuracies and losses, the JSON per seed and the check lines (PFC0.1
+    against MP, each compact storage against fp32 PFC0.1)."""
     tool = _tool()
     assert tool.main(['--quick', '--out-dir', str(tmp_path)]) == 0
     text = (tmp_path / 'accuracy.md').read_text()
-    rows = re.findall(r'^\| (\S+) \| ([\d.]+) \+- [\d.]+ \| ([\d.]+) \+-',
-                      text, re.M)
-    assert [r[0] for r in rows] == ['DP', 'MP', 'PFC0.1', 'PFC0.3']
+    rows = re.findall(r'^\| ([^|]+?) \| ([\d.]+) \+- [\d.]+ \| ([\d.]+) '
+                      r'\+-', text, re.M)
+    labels = ['DP', 'MP', 'PFC0.1', 'PFC0.3', 'PFC0.1 bf16',
+              'PFC0.1 bf16/int8']
+    assert [r[0] for r in rows] == labels
     for _, accuracy, loss in rows:
         assert 50.0 <= float(accuracy) <= 100.0
         assert 0 < float(loss) < 30
     assert re.search(r'^PFC0.1 within 0.5 points of model parallel: '
                      r'(PASS|FAIL) \(difference [+-]\d+\.\d\d\)$', text, re.M)
+    for label in labels[4:]:
+        assert re.search(rf'^{re.escape(label)} within 0.3 points of fp32 '
+                         r'PFC0.1: (PASS|FAIL) \(difference [+-]\d+\.\d\d\)$',
+                         text, re.M), text
     out = json.loads((tmp_path / 'accuracy.json').read_text())
-    assert [r['label'] for r in out['runs']] == ['DP', 'MP', 'PFC0.1',
-                                                 'PFC0.3']
+    assert [r['label'] for r in out['runs']] == labels
+    assert [c['label'] for c in out['storage_checks']] == labels[4:]
     for run in out['runs']:
         assert 0.5 <= run['accuracy'] <= 1.0 and run['seed'] == 0
         # it learned: the loss fell during training

@@ -46,9 +46,11 @@ def markdown(rows: Sequence[dict]) -> str:
 
 
 def paired_difference(records: Sequence[dict], label: str,
-                      reference: str) -> Optional[dict]:
+                      reference: str,
+                      tolerance: float = TOLERANCE_POINTS) -> Optional[dict]:
     """Mean over seeds of ``accuracy(label) - accuracy(reference)`` in
-    points, on the seeds both ran (None if there is none)."""
+    points, on the seeds both ran (None if there is none); passed when its
+    size is at most ``tolerance``."""
     acc = {}
     for r in records:
         acc.setdefault(r['label'], {})[r['seed']] = r['accuracy']
@@ -59,24 +61,46 @@ def paired_difference(records: Sequence[dict], label: str,
     mean, std = _mean_std(diffs)
     return dict(label=label, reference=reference, seeds=seeds,
                 difference_points=mean, difference_std=std,
-                per_seed=diffs, passed=abs(mean) <= TOLERANCE_POINTS)
+                per_seed=diffs, tolerance=tolerance,
+                passed=abs(mean) <= tolerance)
 
 
-def check_line(check: Optional[dict]) -> str:
+def check_line(check: Optional[dict],
+               reference_name: str = 'model parallel') -> str:
     """``PFC0.1 within 0.5 points of model parallel: PASS (difference
     -0.12)``, or why there is no check."""
     if check is None:
         return ('PFC0.1 within 0.5 points of model parallel: not checked '
                 '(needs both PFC0.1 and MP in --methods)')
-    return (f"{check['label']} within {TOLERANCE_POINTS} points of model "
-            f"parallel: {'PASS' if check['passed'] else 'FAIL'} (difference "
-            f"{check['difference_points']:+.2f})")
+    tolerance = check.get('tolerance', TOLERANCE_POINTS)
+    return (f"{check['label']} within {tolerance} points of "
+            f"{reference_name}: {'PASS' if check['passed'] else 'FAIL'} "
+            f"(difference {check['difference_points']:+.2f})")
+
+
+def compact_storage_labels(records: Sequence[dict]) -> List[str]:
+    """Labels of the PFC0.1 rows that store centers or their state in a
+    compact form with the recommended (stochastic) rounding: the rows
+    compared with fp32 PFC0.1."""
+    labels = []
+    for r in records:
+        head, optim = r.get('head') or {}, r.get('optim_wrapper') or {}
+        compact = (head.get('center_dtype', 'float32') != 'float32'
+                   or optim.get('center_state_dtype', 'float32')
+                   != 'float32')
+        if (r.get('name') == 'pfc0.1' and compact
+                and head.get('center_rounding', 'stochastic')
+                == 'stochastic' and r['label'] not in labels):
+            labels.append(r['label'])
+    return labels
 
 
 def write_json(path: str, config: dict, records: Sequence[dict],
                rows: Sequence[dict], check: Optional[dict],
-               wall_s: float) -> None:
-    """Every figure: the config, per-seed records, summary rows, check."""
+               wall_s: float,
+               storage_checks: Sequence[dict] = ()) -> None:
+    """Every figure: the config, per-seed records, summary rows, checks."""
     with open(path, 'w') as f:
         json.dump(dict(config=config, wall_s=wall_s, runs=list(records),
-                       summary=list(rows), check=check), f, indent=1)
+                       summary=list(rows), check=check,
+                       storage_checks=list(storage_checks)), f, indent=1)

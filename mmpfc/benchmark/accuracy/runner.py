@@ -33,7 +33,11 @@ class AccuracyConfig:
     the scale ``scale``; ``data`` overrides arguments of
     :class:`~.data.SyntheticIdentityDataset`.
     """
-    methods: Union[str, Sequence[MethodLike]] = 'dp,mp,pfc0.1,pfc0.3'
+    methods: Union[str, Sequence[MethodLike]] = (
+        'dp,mp,pfc0.1,pfc0.3,'
+        'pfc0.1:center_dtype=bfloat16:label=PFC0.1 bf16,'
+        'pfc0.1:center_dtype=bfloat16:optim.center_state_dtype=int8:'
+        'label=PFC0.1 bf16/int8')
     seeds: Sequence[int] = (0, 1, 2)
     num_classes: int = 3000
     eval_identities: int = 1000
