@@ -398,9 +398,13 @@ def test_margin_configs_build_their_head(path):
         assert f.readline().startswith('# ')
     head_cfg = cfg.model.head
     loss = head_cfg.loss
-    assert loss.type in ('CurricularFaceLoss', 'AdaFaceLoss', 'MagFaceLoss',
-                         'ElasticFaceLoss')
-    assert not {'m1', 'm2', 'm3'} & set(loss)  # the base's loss is gone
+    if 'subcenter' in path:  # ArcFace on K = 3 sub-centers per class
+        assert loss.type == 'CombinedMarginLoss' and loss.m2 == 0.5
+        assert head_cfg.num_subcenters == 3
+    else:
+        assert loss.type in ('CurricularFaceLoss', 'AdaFaceLoss',
+                             'MagFaceLoss', 'ElasticFaceLoss')
+        assert not {'m1', 'm2', 'm3'} & set(loss)  # the base's loss is gone
     demo = 'demo_cpu' in path
     assert head_cfg.num_classes == (1000 if demo else 93431)
     assert head_cfg.sample_rate == (0.1 if demo else 1.0)

@@ -31,6 +31,15 @@ the positions whose cosine was clamped (outside [-1, 1] by rounding, no
 gradient) are kept as a bit mask of S x N bits. On the CPU, where a read
 costs nothing, one ``aminmax`` decides whether any position was clamped
 (:data:`BIT_MASK_CLAMP`).
+
+Sub-centers (``num_subcenters=K > 1``, sub-center ArcFace): a row of
+``weight`` holds the K sub-centers of one class side by side, (S, K*D). Per
+chunk the K cosines of each class are computed in a small temporary; the
+buffer keeps their maximum (the class cosine, which the margin sees) and a
+uint8 (S, N) map keeps which sub-center gave it. Backward sends each class
+gradient to that sub-center only, removes its radial part with that
+sub-center's norm, and writes the (S, K*D) gradient into the same buffer
+(width ``max(N, K*D)``). K = 1 runs the code without any of this.
 """
 from __future__ import annotations
 
@@ -55,6 +64,8 @@ BIT_MASK_CLAMP = {'cpu': False}
 #: temporaries of the bit mask to a few bytes per element of a block).
 MASK_BLOCK = 2**22
 _BIT_WEIGHTS: dict = {}  # device -> (1, 2, 4, ..., 128) as uint8
+#: Sub-centers per class at most (the arg-max is kept as uint8).
+MAX_SUBCENTERS = 255
 
 
 def _bit_weights(device: torch.device) -> torch.Tensor:
@@ -239,24 +250,33 @@ class FusedMarginSoftmax(torch.autograd.Function):
                 index: Optional[torch.Tensor], labels: torch.Tensor,
                 margin: BaseMargin,
                 record: Optional[SampledRows],
-                workspace: Optional[Workspace]) -> torch.Tensor:
+                workspace: Optional[Workspace],
+                subs: int = 1) -> torch.Tensor:
         num, dtype = emb.shape[0], emb.dtype
+        check_subcenters(weight, emb, subs)
         emb_norm = torch.linalg.vector_norm(emb, dim=1).clamp_min_(NORM_EPS)
         emb_n = emb / emb_norm[:, None]
         total = weight.shape[0] if index is None else index.numel()
-        size = chunk_rows(total, max(emb.shape[1], num), emb.device,
+        # a chunk of K-wide rows and its (chunk*K, N) cosines fit the budget
+        size = chunk_rows(total, subs * max(emb.shape[1], num), emb.device,
                           emb.element_size())
         # a record takes the rows' fp32 gradient (sampled rows, or every
         # row of a 16-bit shard); otherwise autograd's weight.grad does
         need_w = (record is not None or
                   (index is None and ctx.needs_input_grad[1]))
         # logits transposed, (S, N): a chunk of centers is a block of rows.
-        # Backward writes the (S, D) center gradient into the same buffer.
-        width = max(num, emb.shape[1]) if need_w else num
+        # Backward writes the (S, D) (or (S, K*D)) center gradient into
+        # the same buffer.
+        width = max(num, weight.shape[1]) if need_w else num
         buffer = (workspace.take(total * width, emb) if workspace is not None
                   else emb.new_empty(total * width))
         logits = buffer[:total * num].view(total, num)
-        w_norm = emb.new_empty(total)
+        # the norm of every used center (sub-center), (S,) or (S, K)
+        w_norm = emb.new_empty(total) if subs == 1 else emb.new_empty(
+            total, subs)
+        # with sub-centers: which one gave the class cosine, (S, N)
+        arg = None if subs == 1 else torch.empty(
+            (total, num), dtype=torch.uint8, device=emb.device)
         # outside [-1, 1] by rounding only (or the margin's tighter
         # bound): clamp, and no gradient there
         bound = margin.cos_bound
@@ -266,10 +286,15 @@ class FusedMarginSoftmax(torch.autograd.Function):
                                device=emb.device)
         for start, stop in _spans(total, size):
             rows = _rows(weight, index, start, stop, dtype)
-            torch.linalg.vector_norm(rows, dim=1, out=w_norm[start:stop])
-            cos = torch.mm(rows, emb_n.t(), out=logits[start:stop])
-            cos.mul_(w_norm[start:stop].clamp_min(NORM_EPS).reciprocal()[:,
-                                                                         None])
+            if subs == 1:
+                torch.linalg.vector_norm(rows, dim=1, out=w_norm[start:stop])
+                cos = torch.mm(rows, emb_n.t(), out=logits[start:stop])
+                cos.mul_(w_norm[start:stop].clamp_min(
+                    NORM_EPS).reciprocal()[:, None])
+            else:
+                cos = _max_subcenter_cosines(rows, emb_n, w_norm[start:stop],
+                                             logits[start:stop],
+                                             arg[start:stop])
             if bits is not None:
                 pack_clamped(cos, bits[start:stop], bound)
                 cos.clamp_(-bound, bound)
@@ -326,7 +351,7 @@ class FusedMarginSoftmax(torch.autograd.Function):
         loss = row_loss.mean()
 
         ctx.buffer, ctx.clamped, ctx.filtered = buffer, clamped, filtered
-        ctx.bits, ctx.need_w = bits, need_w
+        ctx.bits, ctx.need_w, ctx.arg = bits, need_w, arg
         ctx.target, ctx.has_target = target, has_target
         ctx.terms, ctx.size, ctx.margin = terms, size, margin
         ctx.row_sum, ctx.scale, ctx.index, ctx.record = (row_sum, scale,
@@ -340,7 +365,8 @@ class FusedMarginSoftmax(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor):
         emb_n, emb_norm, w_norm, weight = ctx.saved_tensors
         index, record, target = ctx.index, ctx.record, ctx.target
-        (total, num), dim = (w_norm.numel(), emb_n.shape[0]), emb_n.shape[1]
+        (total, num), dim = (w_norm.shape[0], emb_n.shape[0]), emb_n.shape[1]
+        arg = ctx.arg
         scale, buffer, need_w = ctx.scale, ctx.buffer, ctx.need_w
         need_e = ctx.needs_input_grad[0]
         grad = buffer[:total * num].view(total, num)
@@ -360,18 +386,26 @@ class FusedMarginSoftmax(torch.autograd.Function):
             grad[ctx.clamped] = 0.0
         bits = ctx.bits
         inv_norm = w_norm.clamp_min(NORM_EPS).reciprocal_()
-        grad.mul_(inv_norm[:, None])  # d loss / d (w . e_n)
+        if arg is None:
+            grad.mul_(inv_norm[:, None])  # d loss / d (w . e_n)
 
-        # The (S, D) gradient overwrites the (S, N) logits in place: block
-        # [a, b) is written to elements [a*D, b*D), after every logit row it
-        # could overwrite is used (rows in descending order when N <= D,
-        # ascending otherwise); a block overlapping its own logits goes
-        # through a small temporary.
-        grad_w = buffer[:total * dim].view(total, dim) if need_w else None
+        # The (S, W) gradient (W = D, or K*D with sub-centers) overwrites
+        # the (S, N) logits in place: block [a, b) is written to elements
+        # [a*W, b*W), after every logit row it could overwrite is used
+        # (rows in descending order when N <= W, ascending otherwise); a
+        # block overlapping its own logits goes through a small temporary.
+        width = weight.shape[1]  # D, or K*D with sub-centers
+        grad_w = buffer[:total * width].view(total, width) if need_w \
+            else None
         grad_e = torch.zeros_like(emb_n) if need_e else None
         spans = list(_spans(total, ctx.size))
-        for start, stop in (reversed(spans) if num <= dim else spans):
+        for start, stop in (reversed(spans) if num <= width else spans):
             rows = _rows(weight, index, start, stop, emb_n.dtype)
+            if arg is not None:
+                _subcenter_backward_block(ctx, grad, rows, emb_n, inv_norm,
+                                          w_norm, arg, grad_w, grad_e, start,
+                                          stop)
+                continue
             block = grad[start:stop]
             if bits is not None:  # clamped cosines: no gradient
                 zero_clamped(block, bits[start:stop])
@@ -393,7 +427,7 @@ class FusedMarginSoftmax(torch.autograd.Function):
                 out.addcmul_(rows, coef[:, None])
                 if overlap:
                     grad_w[start:stop] = out
-        ctx.buffer = ctx.filtered = ctx.record = ctx.bits = None
+        ctx.buffer = ctx.filtered = ctx.record = ctx.bits = ctx.arg = None
         ctx.margin = None
         grad_emb = None
         if need_e:
@@ -411,21 +445,29 @@ class FusedMarginSoftmax(torch.autograd.Function):
         if record is None:
             if grad_w is not None:
                 grad_w = grad_w.to(ctx.weight_dtype)
-            return grad_emb, grad_w, None, None, None, None, None
+            return grad_emb, grad_w, None, None, None, None, None, None
         if grad_w is not None:
             record.grad = grad_w if record.grad is None else \
                 record.grad.add_(grad_w)
-        return grad_emb, None, None, None, None, None, None
+        return grad_emb, None, None, None, None, None, None, None
 
 
 def _non_target_slope_(block: torch.Tensor, rows: torch.Tensor,
                        emb_n: torch.Tensor, inv_norm: torch.Tensor, ctx,
-                       start: int, stop: int) -> None:
+                       start: int, stop: int,
+                       arg: Optional[torch.Tensor] = None) -> None:
     """Multiply the gradient ``block`` of rows ``[start, stop)`` by the
     margin's non-target slope, from the cosines recomputed for this block
-    (the logit buffer no longer holds them); targets keep theirs."""
+    (the logit buffer no longer holds them); targets keep theirs.
+
+    With sub-centers ``rows`` are the (chunk*K, D) sub-centers,
+    ``inv_norm`` their inverse norms and ``arg`` picks each class cosine.
+    """
     bound = ctx.margin.cos_bound
     cos = torch.mm(rows, emb_n.t()).mul_(inv_norm[:, None])
+    if arg is not None:
+        cos = cos.view(arg.shape[0], -1, arg.shape[1]).gather(
+            1, arg.long().unsqueeze(1)).squeeze(1)
     cos.clamp_(-bound, bound)
     slope = ctx.margin.non_target_slope(cos, ctx.terms.cos_t[None, :])
     if ctx.target is not None:
@@ -435,17 +477,95 @@ def _non_target_slope_(block: torch.Tensor, rows: torch.Tensor,
     block.mul_(slope)
 
 
+def check_num_subcenters(value: object) -> int:
+    """``value`` as K, or ValueError: an int in [1, :data:`MAX_SUBCENTERS`]
+    (the arg-max sub-center is kept as uint8)."""
+    if isinstance(value, bool) or not isinstance(value, int) or \
+            not 1 <= value <= MAX_SUBCENTERS:
+        raise ValueError(f'num_subcenters must be an int in [1, '
+                         f'{MAX_SUBCENTERS}], got {value!r}')
+    return value
+
+
+def check_subcenters(weight: torch.Tensor, emb: torch.Tensor,
+                     subs: int) -> None:
+    """A row of ``weight`` must hold ``subs`` centers of the embedding
+    size (a wrong width would otherwise be read as other sub-centers)."""
+    check_num_subcenters(subs)
+    if weight.dim() != 2 or weight.shape[1] != subs * emb.shape[1]:
+        raise ValueError(
+            f'centers of shape {tuple(weight.shape)} do not hold {subs} '
+            f'sub-center(s) of the embedding size {emb.shape[1]} per row')
+
+
+def _max_subcenter_cosines(rows: torch.Tensor, emb_n: torch.Tensor,
+                           w_norm: torch.Tensor, out: torch.Tensor,
+                           arg: torch.Tensor) -> torch.Tensor:
+    """Class cosines of a chunk of (c, K*D) rows into ``out`` (c, N): the
+    largest of each class's K sub-center cosines; which one into ``arg``
+    (uint8) and the sub-center norms into ``w_norm`` (c, K)."""
+    count, subs = w_norm.shape
+    sub = rows.reshape(count * subs, -1)
+    norm = torch.linalg.vector_norm(sub, dim=1)
+    w_norm.copy_(norm.view(count, subs))
+    cos = torch.mm(sub, emb_n.t())  # (c*K, N): a chunk-sized temporary
+    cos.mul_(norm.clamp_min_(NORM_EPS).reciprocal_()[:, None])
+    best, which = cos.view(count, subs, -1).max(dim=1)
+    arg.copy_(which)
+    return out.copy_(best)
+
+
+def _subcenter_backward_block(ctx, grad: torch.Tensor, rows: torch.Tensor,
+                              emb_n: torch.Tensor, inv_norm: torch.Tensor,
+                              w_norm: torch.Tensor, arg: torch.Tensor,
+                              grad_w: Optional[torch.Tensor],
+                              grad_e: Optional[torch.Tensor], start: int,
+                              stop: int) -> None:
+    """Backward of rows ``[start, stop)`` with sub-centers: d loss / d cos
+    of a class (in ``grad``) goes to its arg-max sub-center only.
+
+    The block's logits are read into a (c*K, N) temporary before its
+    gradient is written over them; the chunk order of the caller keeps the
+    other blocks' logits intact.
+    """
+    count, subs = stop - start, inv_norm.shape[1]
+    block = grad[start:stop]
+    which = arg[start:stop].long()
+    if ctx.bits is not None:  # clamped cosines: no gradient
+        zero_clamped(block, ctx.bits[start:stop])
+    sub = rows.reshape(count * subs, -1)
+    inv = inv_norm[start:stop].reshape(-1)
+    if ctx.margin.modifies_non_target:
+        _non_target_slope_(block, sub, emb_n, inv, ctx, start, stop,
+                           arg[start:stop])
+    # d loss / d (w_k . e_n), zero for every sub-center but the arg-max
+    routed = block.new_zeros(count, subs, block.shape[1])
+    routed.scatter_(1, which.unsqueeze(1), block.unsqueeze(1))
+    routed = routed.view(count * subs, -1).mul_(inv[:, None])
+    if grad_e is not None:
+        grad_e.addmm_(routed.t(), sub)
+    if grad_w is not None:
+        out = torch.mm(routed, emb_n,
+                       out=grad_w[start:stop].view(count * subs, -1))
+        # remove the radial part of each sub-center, with its own norm
+        coef = (out * sub).sum(dim=1).mul_(inv * inv).neg_()
+        coef.masked_fill_(w_norm[start:stop].reshape(-1) <= NORM_EPS, 0)
+        out.addcmul_(sub, coef[:, None])
+
+
 def fused_margin_softmax(emb: torch.Tensor, weight: torch.Tensor,
                          index: Optional[torch.Tensor], labels: torch.Tensor,
                          margin: BaseMargin,
                          record: Optional[SampledRows] = None,
-                         workspace: Optional[Workspace] = None
-                         ) -> torch.Tensor:
+                         workspace: Optional[Workspace] = None,
+                         num_subcenters: int = 1) -> torch.Tensor:
     """Global mean loss of ``emb`` against ``weight`` (or its ``index`` rows).
 
     Args:
         emb: (N, D) embeddings of the global batch (same on every rank).
-        weight: (num_local, D) shard of the centers.
+        weight: (num_local, D) shard of the centers, or (num_local, K*D)
+            with K sub-centers per class (a class row holds them side by
+            side; the class cosine is the largest of its K cosines).
         index: Sorted rows of ``weight`` used this step, or None for all.
         labels: (N,) target position among the used rows, -1 if the target
             lives on another rank.
@@ -455,10 +575,13 @@ def fused_margin_softmax(emb: torch.Tensor, weight: torch.Tensor,
             ``index`` rows, or every row with ``index`` None); None: with
             ``index`` None the gradient goes to ``weight.grad`` as usual.
         workspace: Reused logit/gradient buffer (None: a new one per call).
+        num_subcenters: K, the sub-centers per class row of ``weight``.
 
     The result equals the margin softmax of the dense (N, C) cosines of
     the used columns of every rank (``margin.dense_loss`` on one process),
-    computed as the log-sum-exp (no underflow of the target probability).
+    computed as the log-sum-exp (no underflow of the target probability);
+    with sub-centers, of the (N, C) class cosines, each the largest of its
+    class's K sub-center cosines.
     """
     return FusedMarginSoftmax.apply(emb, weight, index, labels, margin,
-                                    record, workspace)
+                                    record, workspace, num_subcenters)

@@ -21,8 +21,8 @@ from ..utils.low_precision import (CENTER_ROUNDINGS, check_representable,
 from ..utils.rank_generator import RankGenerator
 from .base_margin_head import BaseMarginHead, build_margin_loss
 from .center_sampler import CenterSampler
-from .fused_margin_softmax import (Workspace, fused_margin_softmax,
-                                   supports_fused)
+from .fused_margin_softmax import (Workspace, check_num_subcenters,
+                                   fused_margin_softmax, supports_fused)
 from .label_check import LabelRangeCheck
 from .sampled_gradients import SampledGradients, SampledRows
 
@@ -72,6 +72,16 @@ class PartialFCHead(BaseMarginHead):
     (:mod:`mmpfc.models.utils.low_precision`) from a per-rank stream saved
     in checkpoints.
 
+    Sub-centers (``num_subcenters=K > 1``, sub-center ArcFace, Deng et al.,
+    ECCV 2020): each class has K centers, its cosine is the largest of
+    their K cosines, the margin applies to that class cosine and only the
+    closest sub-center gets the gradient. A class's K sub-centers are kept
+    side by side in its row, ``weight`` of shape (num_local, K*D), so that
+    sharding, sampling (of classes, all K kept), the row-wise optimizer
+    rules, compact storage and checkpoints (rows by class id) are those of
+    K = 1; ``weight.view(num_local, K, D)`` lists them. ``predict`` and the
+    embeddings are unchanged (D wide).
+
     Example::
 
         head=dict(type='mmpfc.PartialFCHead', num_classes=93431,
@@ -105,6 +115,8 @@ class PartialFCHead(BaseMarginHead):
         center_rounding: How a 16-bit shard's updates are written back:
             ``'stochastic'`` (default) or ``'nearest'`` (most small
             updates are lost; for comparison only).
+        num_subcenters: K, the centers per class, an int in [1, 255];
+            1 (default) is the plain head.
         init_cfg: MMEngine init config (unused by the shard itself).
 
     Host-device synchronization: on CUDA a step of the fused head reads
@@ -126,10 +138,12 @@ class PartialFCHead(BaseMarginHead):
                  check_batch_size: Optional[bool] = None,
                  center_dtype: Union[str, torch.dtype] = 'float32',
                  center_rounding: str = 'stochastic',
+                 num_subcenters: int = 1,
                  init_cfg: Optional[dict] = None) -> None:
         if not 0.0 <= sample_rate <= 1.0:
             raise ValueError(
                 f'sample_rate must be in [0, 1], got {sample_rate}')
+        subcenters = check_num_subcenters(num_subcenters)
         super().__init__(num_classes, in_channels, loss, init_cfg=init_cfg)
         self.rank, self.world_size = get_rank_and_world_size()
         self.sample_rate = sample_rate
@@ -144,8 +158,10 @@ class PartialFCHead(BaseMarginHead):
                 f'center_rounding={center_rounding!r}: use one of '
                 f'{list(CENTER_ROUNDINGS)}')
         self.center_rounding = center_rounding
+        self.num_subcenters = subcenters
+        # one row per class, its K sub-centers side by side
         self.weight = self.init_centers(
-            self.num_local, in_channels, init_std,
+            self.num_local, subcenters * in_channels, init_std,
             base_seed + 7919 * (self.class_start + 1), self.center_dtype)
         mark_sharded(self.weight, owner=self)
         # the stochastic rounding of a 16-bit shard: a stream per rank
@@ -192,6 +208,7 @@ class PartialFCHead(BaseMarginHead):
         self.__dict__.setdefault('center_dtype', self.weight.dtype)
         self.__dict__.setdefault('rounding', None)
         self.__dict__.setdefault('center_rounding', 'stochastic')
+        self.__dict__.setdefault('num_subcenters', 1)
         if '_label_check' not in self.__dict__:
             self._label_check = LabelRangeCheck(self.num_classes)
 
@@ -251,14 +268,27 @@ class PartialFCHead(BaseMarginHead):
                 return fused_margin_softmax(embeddings, self.weight, index,
                                             local, self.margin_loss,
                                             self._record(record_index),
-                                            self._workspace_for(embeddings))
+                                            self._workspace_for(embeddings),
+                                            self.num_subcenters)
             # any other margin module: the plain composition
             weight = self.weight if record_index is None else \
                 self._sampled_rows(record_index)
-            cos = F.linear(F.normalize(embeddings, dim=1),
-                           F.normalize(weight.to(dtype), dim=1))
+            cos = self._plain_cosines(embeddings, weight.to(dtype))
             logits = self.margin_loss(cos.clamp(-1.0, 1.0), local)
             return distributed_cross_entropy(logits, local)
+
+    def _plain_cosines(self, embeddings: torch.Tensor,
+                       weight: torch.Tensor) -> torch.Tensor:
+        """(N, S) class cosines of the plain composition: with sub-centers
+        the largest of each class's K (max: the gradient goes to the
+        arg-max sub-center only)."""
+        subs = self.num_subcenters
+        if subs == 1:
+            return F.linear(F.normalize(embeddings, dim=1),
+                            F.normalize(weight, dim=1))
+        sub = F.normalize(weight.reshape(-1, self.in_channels), dim=1)
+        cos = F.linear(F.normalize(embeddings, dim=1), sub)
+        return cos.view(cos.shape[0], -1, subs).max(dim=2)[0]
 
     def _workspace_for(self, embeddings: torch.Tensor
                        ) -> Optional[Workspace]:
@@ -297,7 +327,7 @@ class PartialFCHead(BaseMarginHead):
         their gradients are summed per row. Returns None when nothing was
         sampled with a gradient. Clears the record.
         """
-        return self._sampled.pop(self.in_channels)
+        return self._sampled.pop(self.weight.shape[1])  # K*D per row
 
     def has_sampled_gradient(self) -> bool:
         """True if a backward produced sampled-row gradients not yet applied."""
@@ -333,4 +363,6 @@ class PartialFCHead(BaseMarginHead):
         return (f'{super().extra_repr()}, sample_rate={self.sample_rate}, '
                 f'rank={self.rank}, class_start={self.class_start}, '
                 f'num_local={self.num_local}, '
-                f'center_dtype={dtype_name(self.weight.dtype)}')
+                f'center_dtype={dtype_name(self.weight.dtype)}' + (
+                    f', num_subcenters={self.num_subcenters}'
+                    if self.num_subcenters > 1 else ''))
