@@ -70,6 +70,11 @@ def check_sharded_shapes(targets: Dict[str, RowTarget],
                 entry.num_classes > classes else (
                     '; a file saved without ShardedCheckpointMixin holds '
                     'only one rank\'s rows')
+            if entry.num_classes == classes and dim != entry.embedding_size \
+                    and max(dim, entry.embedding_size) % min(
+                        dim, entry.embedding_size) == 0:
+                hint += ('; a row holds num_subcenters x the embedding '
+                         'size: another num_subcenters?')
             errors.append(
                 f'{name!r} was saved with num_classes={entry.num_classes}'
                 f' and embedding size {entry.embedding_size}, the model '

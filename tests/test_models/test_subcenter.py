@@ -379,6 +379,7 @@ def test_k1_checkpoint_into_a_subcenter_model_names_the_shapes(tmp_path):
     assert "'head.weight'" in message
     assert f'embedding size {TRAIN_DIM}' in message
     assert f'embedding size {K * TRAIN_DIM}' in message
+    assert 'another num_subcenters?' in message
 
 
 # ------------------------------------------------------------- the configs

@@ -19,7 +19,8 @@ import torch
 @runtime_checkable
 class ShardedHead(Protocol):
     """A head that owns rows ``[class_start, class_start + num_local)`` of
-    ``num_classes`` centers of size ``in_channels`` on this rank.
+    ``num_classes`` centers on this rank; a row holds the class's centers
+    (``in_channels`` values, or several sub-centers side by side).
 
     ``sampler`` (with ``state_dict`` / ``load_state_dict``) is saved and
     restored with the rows, and so is ``rounding`` (None, or the stream of
