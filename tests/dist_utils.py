@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from mmpfc.utils.spawn import free_port, spawn_ranks
 
-__all__ = ['free_port', 'run_distributed']
+__all__ = ['free_port', 'run_distributed', 'run_in_fresh_process']
 
 #: Imported once by the fork server the ranks start from.
 PRELOAD = ('torch', 'mmengine.runner', 'mmpretrain.models', 'mmpfc')
@@ -26,3 +26,12 @@ def run_distributed(fn: Callable, world_size: int, *args: Any,
         return [fn(0, 1, *args)]
     return spawn_ranks(fn, world_size, *args, device='cpu', threads=1,
                        timeout=timeout, preload=PRELOAD)
+
+
+def run_in_fresh_process(fn: Callable, *args: Any,
+                         timeout: float = 300) -> Any:
+    """``fn(0, 1, *args)`` in a process forked from the preloaded server
+    (a one-rank gloo group): its heap holds nothing the tests before it
+    left, so a memory peak measured there is the function's own."""
+    return spawn_ranks(fn, 1, *args, device='cpu', threads=1,
+                       timeout=timeout, preload=PRELOAD)[0]

@@ -11,6 +11,9 @@ import mmpfc  # noqa: F401
 from mmpfc.registry import DATASETS, HOOKS, MODELS, RUNNERS
 
 NUM_CLASSES, GLOBAL_BATCH, DIM = 10, 6, 120
+#: The tiny run's margin unless ``make_cfg(loss=...)`` says otherwise.
+DEFAULT_LOSS = dict(type='CombinedMarginLoss', s=16.0, m1=1.0, m2=0.0,
+                    m3=0.2)
 
 
 @DATASETS.register_module(force=True)
@@ -79,8 +82,9 @@ def make_cfg(work_dir, world_size=1, max_iters=4, sample_rate=0.5,
              load_from=None, resume=False, interval=2, max_keep_ckpts=-1,
              num_classes=NUM_CLASSES, backbone=None, dim=DIM,
              optimizer=None, neck=None, center_dtype='float32',
-             center_state_dtype='float32'):
-    """Config of the tiny training run (dict for ``Runner.from_cfg``)."""
+             center_state_dtype='float32', loss=None):
+    """Config of the tiny training run (dict for ``Runner.from_cfg``);
+    ``loss``: the head's margin config (None: :data:`DEFAULT_LOSS`)."""
     from mmengine.config import Config
     return Config(dict(
         runner_type='PartialFCRunner',
@@ -93,8 +97,7 @@ def make_cfg(work_dir, world_size=1, max_iters=4, sample_rate=0.5,
             head=dict(type='PartialFCHead', num_classes=num_classes,
                       in_channels=dim, sample_rate=sample_rate, seed=5,
                       center_dtype=center_dtype,
-                      loss=dict(type='CombinedMarginLoss', s=16.0, m1=1.0,
-                                m2=0.0, m3=0.2))),
+                      loss=dict(DEFAULT_LOSS if loss is None else loss))),
         train_dataloader=dict(
             batch_size=GLOBAL_BATCH // world_size, num_workers=0,
             sampler=dict(type='InfiniteSampler', shuffle=True, seed=0),

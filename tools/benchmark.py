@@ -19,6 +19,17 @@ CENTER/STATE pair (one name: both), rows labelled ``PFC0.1 bf16/int8``
     python tools/benchmark.py --methods mp,pfc0.1 --num-classes 1M \\
         --storage fp32,bf16/bf16,bf16/int8
 
+Margins: ``--margin`` runs every sharded method once per margin, with the
+authors' defaults (as in configs/margins/): arcface (the default; plain
+labels), curricularface, adaface, magface, elasticface, rows labelled
+``PFC0.1 CurricularFace``; adaface and magface get head-only embeddings
+with norms spread over 20-60. ``subcenter3`` is ArcFace on a head with 3
+centers per identity, compared with an ArcFace row of 3 x the identities
+(added to the run; "not available" where the head has no sub-centers):
+
+    python tools/benchmark.py --methods pfc0.1 --num-classes 1M --nproc 2 \\
+        --margin arcface,curricularface,adaface,magface,elasticface
+
 The identities-per-GPU table (the reference's memory per GPU beside the
 model's predictions, and the most identities that fit 8 x 32 GB and
 8 x 80 GB; nothing runs):
@@ -30,7 +41,8 @@ budget are reported as ``-`` (the detailed table gives the most identities
 that would fit). Writes ``benchmark.md``, ``benchmark.json``,
 ``speed.png`` and ``memory.png`` to ``--out-dir`` and prints the Markdown
 and, for head-only MP and PFC0.1 rows (and PFC0.1 bf16/bf16, bf16/int8
-when present), the ratios against the acceptance limits below
+and the margins' PFC0.1 rows when present), the ratios against the
+acceptance limits below
 (``--check-targets`` makes a failed one the exit status).
 """
 from __future__ import annotations
@@ -43,7 +55,10 @@ import time
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
-from mmpfc.benchmark.report import (markdown, plot,  # noqa: E402
+from mmpfc.benchmark.margins import (MARGIN_NAMES,  # noqa: E402
+                                     parse_margins)
+from mmpfc.benchmark.report import (MARGIN_ROWS, markdown,  # noqa: E402
+                                    plot,
                                     ratio_checks, verdict, write_json)
 from mmpfc.benchmark.runner import (FP32_STORAGE,  # noqa: E402
                                     BenchmarkConfig, config_dict, dtype_name,
@@ -108,6 +123,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "list of CENTER/STATE, e.g. 'fp32,bf16/bf16,"
                         "bf16/int8'; every MP / PFC method runs once per "
                         'pair')
+    parser.add_argument('--margin', default=None,
+                        help='comma list of margins for the MP / PFC rows: '
+                        f"{', '.join(MARGIN_NAMES)} (subcenter<K>: K "
+                        'centers per identity); default arcface')
     parser.add_argument('--memory-table', action='store_true',
                         help='print the identities-per-GPU table of the '
                         "reference's set-up and exit (nothing runs)")
@@ -124,6 +143,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                      'give one or the other')
     try:
         args.storage = storages(args)
+        args.margin = [m.name for m in parse_margins(args.margin)]
     except ValueError as err:
         parser.error(str(err))
     return args
@@ -150,10 +170,16 @@ def storages(args: argparse.Namespace) -> list:
 #: Compact storage (checked when its PFC0.1 rows ran): bf16 centers with
 #: bf16 state within 1.25x the fp32 shard's bytes, with int8 state within
 #: 1.0x (the model predicts ~1.15 and ~0.92 at 1M on 2 ranks), and no step
-#: more than 1.3x the fp32 PFC0.1 step of the same run.
+#: more than 1.3x the fp32 PFC0.1 step of the same run. Margins (checked
+#: when their PFC0.1 rows ran): each margin's step within 1.25x and its
+#: peak within 1.05x of the ArcFace PFC0.1 row of the same run; sub-center
+#: ArcFace (K per identity) against the ArcFace row of K x C identities.
 TARGET_LIMITS = {'time': 1 / 6, 'memory': 0.55, 'shard': 2.2, 'gemm': 1.5,
                  'shard_bf16_bf16': 1.25, 'shard_bf16_int8': 1.0,
-                 'time_bf16_bf16': 1.3, 'time_bf16_int8': 1.3}
+                 'time_bf16_bf16': 1.3, 'time_bf16_int8': 1.3,
+                 **{f'time_{m}': 1.25 for m in (*MARGIN_ROWS, 'subcenter')},
+                 **{f'memory_{m}': 1.05
+                    for m in (*MARGIN_ROWS, 'subcenter')}}
 TARGET_MIN_CLASSES = 1_000_000
 
 
@@ -168,7 +194,7 @@ def build_config(args: argparse.Namespace) -> BenchmarkConfig:
     for method in methods:
         parse_method(method)  # fail early on a typo
     return BenchmarkConfig(
-        methods=methods, storage=args.storage,
+        methods=methods, storage=args.storage, margins=args.margin,
         num_classes=[parse_count(c) for c in args.num_classes.split(',')],
         world_size=nproc, batch_size=args.batch_size,
         embedding_size=args.embedding_size, backbone=args.backbone,

@@ -31,6 +31,19 @@ bytes per rank of the head:
   ``6 C D 4``, plus ``4 B C 4`` for the cosines, the margin logits, the
   softmax and its gradient.
 
+A margin that changes the non-target logits too (CurricularFace;
+``non_target_margin=True``) keeps the slope of every non-target logit from
+forward to backward: ``S N 4`` bytes more (a quarter of the logit buffer at
+N = 256, D = 512; 1.2 % of the PFC0.1 peak at 1M identities on 2 ranks).
+The other margins (ArcFace, AdaFace, MagFace, ElasticFace) keep per-row
+values only (N), nothing of the head's size: they add no term.
+
+Sub-centers (``num_subcenters=K``, sub-center ArcFace) widen every row of
+the shard to ``K D`` values (centers, state, the weight-decay temporary of
+model parallel) and the buffer to ``S max(N, K D) 4``; sampling is of
+classes, as for K = 1, and a uint8 (S, N) map keeps which sub-center gave
+each class cosine (``S N`` bytes).
+
 Compact storage changes only the centers and their state: the fused step
 upcasts the rows it uses chunk by chunk, and those chunks, like the int8
 states' dequantized chunks, are left to ``RUNTIME_SLACK``. Adam is
@@ -137,7 +150,8 @@ def head_memory(method: str, num_classes: int, world_size: int,
                 sample_rate: float = 1.0, momentum: bool = True,
                 weight_decay: bool = True, center_dtype: str = 'float32',
                 state_dtype: str = 'float32',
-                optimizer: str = 'sgd') -> Dict[str, int]:
+                optimizer: str = 'sgd', non_target_margin: bool = False,
+                num_subcenters: int = 1) -> Dict[str, int]:
     """The head's parts of the peak (bytes per rank), see the module doc.
 
     Args:
@@ -150,8 +164,15 @@ def head_memory(method: str, num_classes: int, world_size: int,
         state_dtype: Storage of their optimizer state: ``'float32'``,
             ``'bfloat16'`` or ``'int8'`` (block-wise quantized).
         optimizer: ``'sgd'`` or ``'adam'`` (Adam / AdamW).
+        non_target_margin: The margin changes non-target logits
+            (``modifies_non_target``, e.g. CurricularFace): the slopes it
+            keeps for backward are counted.
+        num_subcenters: K, the centers per identity of the sharded head.
     """
     check_dtypes(center_dtype, state_dtype)
+    if not isinstance(num_subcenters, int) or num_subcenters < 1:
+        raise ValueError(f'num_subcenters must be an int >= 1, got '
+                         f'{num_subcenters!r}')
     if optimizer not in OPTIMIZERS:
         raise ValueError(f'optimizer must be one of {list(OPTIMIZERS)}, got '
                          f'{optimizer!r}')
@@ -161,9 +182,11 @@ def head_memory(method: str, num_classes: int, world_size: int,
     compact = (center_dtype, state_dtype) != ('float32', 'float32')
     dim, num = embedding_size, world_size * batch_size
     if method == 'dp':
-        if compact or optimizer != 'sgd':
-            raise ValueError("method 'dp' is modelled with fp32 storage and "
-                             'SGD only; compact storage and Adam are for '
+        if compact or optimizer != 'sgd' or non_target_margin or \
+                num_subcenters != 1:
+            raise ValueError("method 'dp' is modelled with fp32 storage, "
+                             'SGD and ArcFace only; compact storage, Adam, '
+                             'non-target margins and sub-centers are for '
                              "the sharded head ('pfc')")
         centers = num_classes * dim * FP32
         return dict(centers=centers, momentum=centers * momentum,
@@ -179,18 +202,24 @@ def head_memory(method: str, num_classes: int, world_size: int,
                          "modelled; use optimizer='sgd' or compact storage")
     local = shard_rows(num_classes, world_size)
     rows = sampled_rows(num_classes, world_size, sample_rate, batch_size)
-    parts = dict(centers=local * dim * CENTER_BYTES[center_dtype])
-    state = state_bytes(local, dim, state_dtype)
+    subs = num_subcenters
+    width = subs * dim  # values per row of the shard
+    parts = dict(centers=local * width * CENTER_BYTES[center_dtype])
+    state = state_bytes(local, width, state_dtype)
     if optimizer == 'sgd':
         parts['momentum'] = state * momentum
     else:
         parts.update(exp_avg=state, exp_avg_sq=state, row_step=8 * local)
-    parts.update(logits_and_grad=rows * max(num, dim) * FP32,
+    parts.update(logits_and_grad=rows * max(num, width) * FP32,
                  embeddings=4 * num * dim * FP32)
+    if subs > 1:
+        parts['subcenter_argmax'] = rows * num
     if sample_rate < 1.0:
         parts['sampling'] = local * FP32 + 12 * rows
     elif dense and weight_decay:
-        parts['weight_decay_temp'] = local * dim * FP32
+        parts['weight_decay_temp'] = local * width * FP32
+    if non_target_margin:
+        parts['non_target_slope'] = rows * num * FP32
     return parts
 
 
@@ -202,13 +231,15 @@ def predict_memory(method: str, num_classes: int, world_size: int,
                    activation_bytes: float = 0.0,
                    input_bytes: int = 0, center_dtype: str = 'float32',
                    state_dtype: str = 'float32',
-                   optimizer: str = 'sgd') -> MemoryEstimate:
+                   optimizer: str = 'sgd', non_target_margin: bool = False,
+                   num_subcenters: int = 1) -> MemoryEstimate:
     """Predicted peak memory per rank of one training step.
 
     Args:
         method, num_classes, world_size, embedding_size, batch_size,
         sample_rate, momentum, weight_decay, center_dtype, state_dtype,
-        optimizer: See :func:`head_memory`.
+        optimizer, non_target_margin, num_subcenters: See
+        :func:`head_memory`.
         backbone_params: Parameters of the backbone (0: head only).
         largest_param: Elements of its largest parameter.
         activation_bytes: Saved activations per sample.
@@ -216,7 +247,8 @@ def predict_memory(method: str, num_classes: int, world_size: int,
     """
     parts = head_memory(method, num_classes, world_size, embedding_size,
                         batch_size, sample_rate, momentum, weight_decay,
-                        center_dtype, state_dtype, optimizer)
+                        center_dtype, state_dtype, optimizer,
+                        non_target_margin, num_subcenters)
     if backbone_params:
         parts['backbone'] = 4 * backbone_params * FP32 + largest_param * FP32
         parts['activations'] = int(activation_bytes * batch_size)

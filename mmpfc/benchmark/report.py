@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from typing import Dict, List, Optional, Sequence
 
+from .margins import LABELS
 from .worker import PHASES
 
 #: The ratios :func:`ratio_checks` can compare with a limit (head only, at
@@ -25,6 +27,19 @@ RATIOS = {
 #: Row label of each compact storage with ratios: storage -> label.
 COMPACT_ROWS = {'bf16_bf16': 'PFC0.1 bf16/bf16',
                 'bf16_int8': 'PFC0.1 bf16/int8'}
+#: Row label of each margin with ratios (against the ArcFace PFC0.1 row of
+#: the same C and run): margin name -> label.
+MARGIN_ROWS = {name: f'PFC0.1 {label}' for name, label in LABELS.items()
+               if label}
+for _name, _label in MARGIN_ROWS.items():
+    RATIOS[f'time_{_name}'] = f'{_label} step / PFC0.1 step'
+    RATIOS[f'memory_{_name}'] = f'{_label} peak / PFC0.1 peak'
+#: Sub-center ArcFace (K centers per identity) against ArcFace over as many
+#: rows (the PFC0.1 row of K x C identities); ``{k}`` is K.
+RATIOS['time_subcenter'] = 'PFC0.1 SubCenter{k} step / PFC0.1 step at {k} x C'
+RATIOS['memory_subcenter'] = ('PFC0.1 SubCenter{k} peak / PFC0.1 peak at '
+                              '{k} x C')
+SUBCENTER_ROW = re.compile(r'PFC0\.1 SubCenter(\d+)')
 
 
 def summarize_launch(ranks: Sequence[dict]) -> dict:
@@ -93,7 +108,8 @@ def _shard_mb(rec: dict) -> float:
 def ratio_checks(records: Sequence[dict], limits: Dict[str, float],
                  min_classes: int = 0) -> List[dict]:
     """The :data:`RATIOS` of every C whose head-only rows they need (MP,
-    PFC0.1, the :data:`COMPACT_ROWS`), each against ``limits[key]``; a
+    PFC0.1, the :data:`COMPACT_ROWS`, the :data:`MARGIN_ROWS`, sub-center
+    rows and the PFC0.1 row at K x C), each against ``limits[key]``; a
     ratio whose rows are missing is left out; C below ``min_classes`` gets
     the ratios without a verdict (``passed=None``)."""
     unknown = sorted(set(limits) - set(RATIOS))
@@ -123,11 +139,29 @@ def ratio_checks(records: Sequence[dict], limits: Dict[str, float],
             values[f'shard_{storage}'] = rec['peak_mb'] / _shard_mb(rec)
             if pfc is not None:
                 values[f'time_{storage}'] = rec['step_s'] / pfc['step_s']
+        for name, label in MARGIN_ROWS.items():
+            rec = found.get((classes, label))
+            if rec is not None and pfc is not None:
+                values[f'time_{name}'] = rec['step_s'] / pfc['step_s']
+                values[f'memory_{name}'] = rec['peak_mb'] / pfc['peak_mb']
+        names = {}
+        for label in sorted(lab for c, lab in found if c == classes):
+            match = SUBCENTER_ROW.fullmatch(label)
+            k = int(match.group(1)) if match else 0
+            ref = found.get((k * classes, 'PFC0.1'))
+            if ref is None or 'time_subcenter' in values:
+                continue  # no yardstick, or another K has the keys
+            rec = found[(classes, label)]
+            values.update(time_subcenter=rec['step_s'] / ref['step_s'],
+                          memory_subcenter=rec['peak_mb'] / ref['peak_mb'])
+            for key in ('time_subcenter', 'memory_subcenter'):
+                names[key] = RATIOS[key].format(k=k)
         for key, limit in limits.items():
             if values.get(key) is not None:
                 passed = values[key] <= limit \
                     if classes >= min_classes else None
-                checks.append(dict(num_classes=classes, target=RATIOS[key],
+                checks.append(dict(num_classes=classes,
+                                   target=names.get(key, RATIOS[key]),
                                    value=values[key], limit=limit,
                                    passed=passed, min_classes=min_classes))
     return checks
@@ -139,18 +173,24 @@ def verdict(check: dict) -> str:
     return 'PASS' if check['passed'] else 'FAIL'
 
 
+def _not_ok(rec: Optional[dict]) -> str:
+    """The cell of a row that has no figure: ``-`` (absent or does not
+    fit), ``n/a`` (not available in this version) or ``failed``."""
+    if rec is None or rec.get('status') == 'does not fit':
+        return '-'
+    return 'n/a' if rec.get('status') == 'not available' else 'failed'
+
+
 def _fmt_speed(rec: Optional[dict]) -> str:
     if rec is None or rec.get('status') != 'ok':
-        return '-' if rec is None or rec.get('status') == 'does not fit' \
-            else 'failed'
+        return _not_ok(rec)
     value = rec['samples_per_s']
     return f'{value:.0f}' if value >= 100 else f'{value:.3g}'
 
 
 def _fmt_mem(rec: Optional[dict]) -> str:
     if rec is None or rec.get('status') != 'ok':
-        return '-' if rec is None or rec.get('status') == 'does not fit' \
-            else 'failed'
+        return _not_ok(rec)
     return f"{rec['peak_mb']:.0f}"
 
 
@@ -170,7 +210,10 @@ def markdown(records: Sequence[dict], checks: Sequence[dict]) -> str:
         lines.append('| ' + ' | '.join(cells) + ' |')
     lines += ['', 'Speed: samples/s of the global batch (larger is better). '
               'Memory: peak MB per rank above the process baseline '
-              '(smaller is better); `-`: does not fit the memory budget.',
+              '(smaller is better); `-`: does not fit the memory budget.'
+              + (' `n/a`: not available in this version.' if any(
+                  r.get('status') == 'not available' for r in records)
+                 else ''),
               '', '| identities | method | samples/s | step ms | backbone ms '
               '| head ms | optimizer ms | peak MB | predicted MB | '
               'measured / predicted | 3 GEMMs ms |',
@@ -260,6 +303,8 @@ def status_text(rec: dict) -> str:
     if rec.get('status') == 'does not fit' and rec.get('max_classes') \
             is not None:
         return f"does not fit (fits <= {rec['max_classes']:,})"
+    if rec.get('status') == 'not available' and rec.get('error'):
+        return rec['error']
     return rec['status']
 
 

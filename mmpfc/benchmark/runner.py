@@ -9,6 +9,11 @@ Example (the 1M-identity head-only comparison)::
 The sharded methods (MP, PFC) run once per storage of ``cfg.storage``
 (center dtype / optimizer-state dtype pairs, e.g. ``('bfloat16', 'int8')``),
 labelled ``PFC0.1 bf16/int8`` when not fp32; DP always runs in fp32.
+They also run once per margin of ``cfg.margins`` (:mod:`.margins`),
+labelled ``PFC0.1 CurricularFace``; ArcFace, the default, keeps the plain
+label, and a sub-center row (``subcenter3``) brings an ArcFace row of
+K x C identities along, its yardstick (not run where the head has no
+sub-centers: the sub-center row is then "not available").
 Rows whose predicted memory (:mod:`.memory_model`) exceeds the per-rank
 budget are reported as "does not fit", with the most identities that would
 fit, and not started. With ``repeat > 1``
@@ -26,6 +31,8 @@ import torch
 from mmpfc.utils.proc_memory import proc_kb
 from mmpfc.utils.spawn import threads_per_rank
 from .launcher import RowFailed, launch
+from .margins import (DEFAULT_MARGIN, SUBCENTERS_MISSING, MarginSpec,
+                      parse_margin, subcenters_available)
 from .memory_model import (activation_bytes_per_sample, check_dtypes,
                            max_num_classes, predict_memory, shard_rows)
 from .report import merge_runs, summarize_launch
@@ -90,10 +97,12 @@ def storage_label(center_dtype: str, state_dtype: str) -> str:
 
 
 def row_label(method_label: str, center_dtype: str = 'float32',
-              state_dtype: str = 'float32') -> str:
-    """``'PFC0.1'`` for fp32, ``'PFC0.1 bf16/int8'`` otherwise."""
-    suffix = storage_label(center_dtype, state_dtype)
-    return f'{method_label} {suffix}' if suffix else method_label
+              state_dtype: str = 'float32', margin_label: str = '') -> str:
+    """``'PFC0.1'`` for fp32 ArcFace, else e.g. ``'PFC0.1 bf16/int8'``,
+    ``'PFC0.1 CurricularFace'``, ``'PFC0.1 bf16/int8 AdaFace'``."""
+    parts = [method_label, storage_label(center_dtype, state_dtype),
+             margin_label]
+    return ' '.join(p for p in parts if p)
 
 
 def parse_count(text: str) -> int:
@@ -114,6 +123,7 @@ class BenchmarkConfig:
     """What to run; see ``tools/benchmark.py --help`` for each field."""
     methods: Sequence[str] = ('dp', 'mp', 'pfc0.1')
     storage: Sequence[Tuple[str, str]] = (FP32_STORAGE, )
+    margins: Sequence[str] = (DEFAULT_MARGIN, )
     num_classes: Sequence[int] = (1_000_000, )
     world_size: int = 2
     batch_size: int = 128
@@ -166,52 +176,104 @@ def backbone_stats(cfg: BenchmarkConfig) -> dict:
 
 def memory_kwargs(row: dict, stats: dict) -> dict:
     """:func:`.memory_model.predict_memory` kwargs of a row but for C."""
-    return dict(method=row['method'], world_size=row['world_size'],
-                embedding_size=row['embedding_size'],
-                batch_size=row['batch_size'],
-                sample_rate=row['sample_rate'],
-                center_dtype=row.get('center_dtype', 'float32'),
-                state_dtype=row.get('state_dtype', 'float32'), **stats)
+    kwargs = dict(method=row['method'], world_size=row['world_size'],
+                  embedding_size=row['embedding_size'],
+                  batch_size=row['batch_size'],
+                  sample_rate=row['sample_rate'],
+                  center_dtype=row.get('center_dtype', 'float32'),
+                  state_dtype=row.get('state_dtype', 'float32'), **stats)
+    if row.get('modifies_non_target'):
+        kwargs.update(non_target_margin=True)
+    if row.get('num_subcenters', 1) != 1:
+        kwargs['num_subcenters'] = row['num_subcenters']
+    return kwargs
+
+
+def margin_fields(spec: MarginSpec) -> dict:
+    """What a row carries of its margin (the worker builds the head from
+    it); an ArcFace row gets its name only, and builds the default head."""
+    fields = dict(margin=spec.name)
+    if spec.loss is not None:
+        fields['loss'] = dict(spec.loss)
+    if spec.num_subcenters != 1:
+        fields['num_subcenters'] = spec.num_subcenters
+    if spec.embedding_norms is not None:
+        fields['embedding_norms'] = spec.embedding_norms
+    if spec.modifies_non_target:
+        fields['modifies_non_target'] = True
+    return fields
 
 
 def make_rows(cfg: BenchmarkConfig,
               stats: Optional[dict] = None) -> List[dict]:
-    """Every (identities, method, storage) row, with its predicted memory
-    (``stats``: :func:`backbone_stats`, computed when not given)."""
+    """Every (identities, method, storage, margin) row, with its predicted
+    memory (``stats``: :func:`backbone_stats`, computed when not given).
+
+    A sub-center row (K centers per identity) whose head exists brings the
+    ArcFace row of the same method and storage at K x C identities, unless
+    it is already there; where the head has no sub-centers the row says so
+    (``unavailable``) and brings nothing.
+    """
     if stats is None:
         stats = backbone_stats(cfg)
     storages = [tuple(s) for s in cfg.storage] or [FP32_STORAGE]
     for center, state in storages:
         check_dtypes(center, state)
-    rows = []
+    margins = [parse_margin(m) for m in cfg.margins] or [
+        parse_margin(DEFAULT_MARGIN)]
+    have_subcenters = None
+    rows, references = [], []
     for classes in cfg.num_classes:
         for spec in cfg.methods:
             method = parse_method(spec)
-            # DP replicates fp32 centers: one row whatever the storage
-            for center, state in (storages if method['method'] == 'pfc'
-                                  else [FP32_STORAGE]):
-                row = dict(method, num_classes=int(classes),
-                           label=row_label(method['label'], center, state),
-                           center_dtype=center, state_dtype=state,
-                           world_size=cfg.world_size,
-                           batch_size=cfg.batch_size,
-                           embedding_size=cfg.embedding_size,
-                           backbone=None if cfg.backbone in (None, 'none')
-                           else cfg.backbone, amp=cfg.amp, device=cfg.device,
-                           steps=cfg.steps, warmup=cfg.warmup,
-                           threads=cfg.resolved_threads(), seed=cfg.seed,
-                           gemm=cfg.gemm and method['method'] == 'pfc')
-                kwargs = memory_kwargs(row, stats)
-                estimate = predict_memory(num_classes=row['num_classes'],
-                                          **kwargs)
-                row.update(predicted_mb=estimate.peak / 2**20,
-                           predicted_parts_mb={k: v / 2**20 for k, v in
-                                               estimate.parts.items()},
-                           shard_mb=shard_rows(row['num_classes'],
-                                               cfg.world_size)
-                           * cfg.embedding_size * 4 / 2**20)
-                rows.append(row)
+            sharded = method['method'] == 'pfc'
+            # DP replicates fp32 centers with ArcFace: one row
+            for center, state in (storages if sharded else [FP32_STORAGE]):
+                for margin in (margins if sharded else
+                               [parse_margin(DEFAULT_MARGIN)]):
+                    row = _make_row(cfg, stats, method, int(classes), center,
+                                    state, margin)
+                    if margin.num_subcenters != 1:
+                        if have_subcenters is None:
+                            have_subcenters = subcenters_available()
+                        if not have_subcenters:
+                            row['unavailable'] = SUBCENTERS_MISSING
+                        else:
+                            references.append(_make_row(
+                                cfg, stats, method,
+                                margin.num_subcenters * int(classes), center,
+                                state, parse_margin(DEFAULT_MARGIN)))
+                    rows.append(row)
+    present = {(r['label'], r['num_classes']) for r in rows}
+    for ref in references:
+        if (ref['label'], ref['num_classes']) not in present:
+            present.add((ref['label'], ref['num_classes']))
+            rows.append(ref)
     return rows
+
+
+def _make_row(cfg: BenchmarkConfig, stats: dict, method: dict,
+              classes: int, center: str, state: str,
+              margin: MarginSpec) -> dict:
+    row = dict(method, num_classes=classes,
+               label=row_label(method['label'], center, state, margin.label),
+               center_dtype=center, state_dtype=state,
+               world_size=cfg.world_size, batch_size=cfg.batch_size,
+               embedding_size=cfg.embedding_size,
+               backbone=None if cfg.backbone in (None, 'none')
+               else cfg.backbone, amp=cfg.amp, device=cfg.device,
+               steps=cfg.steps, warmup=cfg.warmup,
+               threads=cfg.resolved_threads(), seed=cfg.seed,
+               gemm=cfg.gemm and method['method'] == 'pfc',
+               **margin_fields(margin))
+    estimate = predict_memory(num_classes=classes,
+                              **memory_kwargs(row, stats))
+    row.update(predicted_mb=estimate.peak / 2**20,
+               predicted_parts_mb={k: v / 2**20 for k, v in
+                                   estimate.parts.items()},
+               shard_mb=shard_rows(classes, cfg.world_size)
+               * margin.num_subcenters * cfg.embedding_size * 4 / 2**20)
+    return row
 
 
 def run_benchmark(cfg: BenchmarkConfig,
@@ -228,6 +290,13 @@ def run_benchmark(cfg: BenchmarkConfig,
     records = [dict(row, status='not run') for row in rows]
     for rnd in range(cfg.repeat):
         for i, row in enumerate(rows):
+            if row.get('unavailable'):
+                records[i].update(status='not available',
+                                  error=row['unavailable'])
+                if rnd == 0:
+                    log(f"{row['label']} C={row['num_classes']:,}: "
+                        f"{row['unavailable']}")
+                continue
             if row['predicted_mb'] * 2**20 > budget:
                 records[i]['status'] = 'does not fit'
                 if rnd == 0:
@@ -239,7 +308,7 @@ def run_benchmark(cfg: BenchmarkConfig,
                         + f' > budget {budget / 2**20:.0f} MB')
                 continue
             worker_row = {k: v for k, v in row.items()
-                          if k not in ('predicted_parts_mb', )}
+                          if k not in ('predicted_parts_mb', 'unavailable')}
             try:
                 ranks = launch(worker_row, cfg.world_size, cfg.timeout)
             except RowFailed as err:

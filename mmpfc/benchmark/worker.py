@@ -18,7 +18,11 @@ backward (DDP all-reduce), optimizer step (``PartialFCOptimWrapper`` or, with
 ``center_dtype`` (the head's ``center_dtype``) and ``state_dtype`` (the optim
 wrapper's ``center_state_dtype``) are passed on only when not
 ``'float32'``, so an fp32 row builds exactly what it did before compact
-storage existed.
+storage existed. Likewise a margin (:mod:`.margins`): ``loss`` (the head's
+margin config) and ``num_subcenters`` are passed on only when the row has
+them, so an ArcFace row builds the head's default; ``embedding_norms``
+(``(low, high)``) rescales the head-only embeddings to norms drawn
+uniformly in that range, for the margins that read the norms.
 """
 from __future__ import annotations
 
@@ -54,17 +58,53 @@ def backbone_config(name: Optional[str], embedding_size: int
 
 
 def build_head(row: dict) -> torch.nn.Module:
+    """The row's head, with only the options that differ from the
+    defaults (an fp32 ArcFace row builds the head it always did)."""
     from mmpfc.registry import MODELS
     common = dict(_scope_='mmpfc', num_classes=row['num_classes'],
                   in_channels=row['embedding_size'], seed=row['seed'])
     if row['method'] == 'dp':
         return MODELS.build(dict(type='MarginSoftmaxHead', **common))
-    storage = {}
+    options = {}
     if row.get('center_dtype', 'float32') != 'float32':
-        storage['center_dtype'] = row['center_dtype']
+        options['center_dtype'] = row['center_dtype']
+    if row.get('loss') is not None:
+        options['loss'] = dict(row['loss'])
+    if row.get('num_subcenters', 1) != 1:
+        from .margins import SUBCENTERS_MISSING, subcenters_available
+        if not subcenters_available():
+            raise RuntimeError(SUBCENTERS_MISSING)
+        options['num_subcenters'] = row['num_subcenters']
     return MODELS.build(dict(type='PartialFCHead',
                              sample_rate=row['sample_rate'], **common,
-                             **storage))
+                             **options))
+
+
+#: Added to a rank's seed for the norms of :func:`head_embeddings`: their
+#: directions stay those of the plain rows.
+NORM_SEED_OFFSET = 7777
+
+
+def head_embeddings(row: dict, rank: int,
+                    gen: torch.Generator) -> torch.Tensor:
+    """The (B, D) random embeddings of a head-only row.
+
+    Standard normal rows (norms close to ``sqrt(D)``); with
+    ``embedding_norms=(low, high)`` each is rescaled to a norm drawn
+    uniformly in that range from a generator of its own, so the directions
+    (and ``gen``'s later draws, the labels) are those of the plain row.
+    """
+    emb = torch.randn(row['batch_size'], row['embedding_size'],
+                      generator=gen)
+    norms = row.get('embedding_norms')
+    if norms is not None:
+        low, high = norms
+        norm_gen = torch.Generator().manual_seed(
+            row['seed'] + 1000 * rank + NORM_SEED_OFFSET)
+        target = torch.empty(emb.shape[0]).uniform_(low, high,
+                                                    generator=norm_gen)
+        emb = emb * (target / torch.linalg.vector_norm(emb, dim=1))[:, None]
+    return emb
 
 
 def build_optim_wrapper(params, row: dict, clip: bool):
@@ -132,7 +172,7 @@ def run_rank(rank: int, world_size: int, row: dict) -> dict:
                 broadcast_buffers=False)
         inputs = torch.randn(batch, *IMAGE_SHAPE, generator=gen).to(device)
     else:
-        inputs = torch.randn(batch, dim, generator=gen).to(device)
+        inputs = head_embeddings(row, rank, gen).to(device)
     head = build_head(row).to(device)
     params = list(head.parameters())
     if backbone is not None:
@@ -186,15 +226,19 @@ def run_rank(rank: int, world_size: int, row: dict) -> dict:
             dist.barrier()  # all ranks time their GEMMs together
         num = batch if row['method'] == 'dp' else batch * world_size
         weight = head.weight.detach()
+        weight = weight.reshape(-1, dim) if weight.shape[-1] != dim \
+            else weight  # sub-centers: (rows, K*D) -> (rows*K, D)
         result['gemm'] = time_gemms(num, result['rows_per_step'], dim, device,
                                     weight)
     return result
 
 
 def _rows_per_step(head, row: dict) -> int:
+    """Centers the step multiplies with (every sub-center counted)."""
+    subs = int(getattr(head, 'num_subcenters', 1))
     if row['method'] == 'dp' or row['sample_rate'] >= 1.0:
-        return int(head.weight.shape[0])
-    return int(head.sampler.num_sample)
+        return int(head.weight.shape[0]) * subs
+    return int(head.sampler.num_sample) * subs
 
 
 def _device_name(device: torch.device) -> str:

@@ -8,6 +8,7 @@ centers, not the runtime, dominate).
 import pytest
 import torch
 import torch.nn as nn
+from dist_utils import run_in_fresh_process
 
 from mmpfc.benchmark.memory_model import (RUNTIME_SLACK, MemoryEstimate,
                                           activation_bytes_per_sample,
@@ -101,7 +102,7 @@ def test_prediction_matches_measured_peak(method, rate):
                world_size=1, batch_size=128, embedding_size=512,
                backbone=None, amp=False, device='cpu', steps=2, warmup=1,
                threads=1, seed=0, gemm=False)
-    measured = run_rank(0, 1, row)['peak_mb'] * 2**20
+    measured = run_in_fresh_process(run_rank, row)['peak_mb'] * 2**20
     predicted = predict_memory(method, row['num_classes'], 1, 512, 128,
                                rate).peak
     print(f'{method} {rate}: measured {measured / 2**20:.0f} MB, '

@@ -10,6 +10,7 @@ import re
 
 import pytest
 import torch
+from dist_utils import run_in_fresh_process
 from helpers import load_tool
 
 from mmpfc.benchmark import make_rows
@@ -375,7 +376,7 @@ def test_compact_prediction_matches_measured_peak(rate, center, state):
                embedding_size=512, backbone=None, amp=False, device='cpu',
                steps=1, warmup=1, threads=1, seed=0, gemm=False,
                center_dtype=center, state_dtype=state)
-    measured = run_rank(0, 1, row)['peak_mb'] * 2**20
+    measured = run_in_fresh_process(run_rank, row)['peak_mb'] * 2**20
     predicted = predict_memory('pfc', 200_000, 1, 512, 128, rate,
                                center_dtype=center, state_dtype=state).peak
     print(f'{rate} {center}/{state}: measured {measured / 2**20:.0f} MB, '

@@ -21,8 +21,9 @@ cosine of every row of the global batch: the rank that holds a row's target
 contributes it to one all-reduce of N values. Its target logit (and, for a
 norm-based margin, the extra loss) is differentiated by autograd on those N
 values and the N raw norms; a non-target change is applied element by
-element to the buffer, and its slope is taken in backward from cosines
-recomputed chunk by chunk (one more matrix product, only for such margins).
+element to the buffer, and its slope, taken at the same time, is kept in
+one more (S, N) tensor for backward (only for such margins: four bytes per
+logit instead of a second matrix product of the centers).
 
 Nothing is read from the device on CUDA (no host-device synchronization):
 the targets are addressed with one (row, column) pair per column, columns
@@ -233,15 +234,6 @@ class _TargetTerms:
         return None if grad is None else grad * factor
 
 
-def _targets_in(target: Tuple[torch.Tensor, torch.Tensor],
-                has_target: torch.Tensor, start: int, stop: int):
-    """(row in block, column) of every target, and which of them lie in
-    rows ``[start, stop)`` of this rank."""
-    rows, cols = target
-    inside = has_target & (rows >= start) & (rows < stop)
-    return ((rows - start).clamp(0, stop - start - 1), cols), inside
-
-
 class FusedMarginSoftmax(torch.autograd.Function):
     """Mean margin-softmax loss of (N, D) embeddings over sharded centers."""
 
@@ -328,10 +320,18 @@ class FusedMarginSoftmax(torch.autograd.Function):
             if target is not None:  # the target column is never filtered
                 filtered.index_put_(target, filtered[target] & ~has_target)
             logits.masked_fill_(filtered, 0.0)
-        if margin.modifies_non_target:
+        non_target_slope = None
+        if margin.modifies_non_target and total:
+            # d logit / d cos of every non-target entry, for backward;
+            # the targets' own slope is the terms' (1 here: kept as is)
+            non_target_slope = torch.empty_like(logits)
             for start, stop in _spans(total, size):
-                block = logits[start:stop]
-                block.copy_(margin.non_target_logit(block, cos_t[None, :]))
+                margin.apply_non_target_(logits[start:stop], cos_t[None, :],
+                                         non_target_slope[start:stop])
+            if target is not None:
+                non_target_slope.index_put_(target, torch.where(
+                    has_target, torch.ones_like(cos_t),
+                    non_target_slope[target]))
         scale = margin.s
         if target is not None:
             logits.index_put_(target,
@@ -352,6 +352,7 @@ class FusedMarginSoftmax(torch.autograd.Function):
 
         ctx.buffer, ctx.clamped, ctx.filtered = buffer, clamped, filtered
         ctx.bits, ctx.need_w, ctx.arg = bits, need_w, arg
+        ctx.non_target_slope = non_target_slope
         ctx.target, ctx.has_target = target, has_target
         ctx.terms, ctx.size, ctx.margin = terms, size, margin
         ctx.row_sum, ctx.scale, ctx.index, ctx.record = (row_sum, scale,
@@ -409,9 +410,8 @@ class FusedMarginSoftmax(torch.autograd.Function):
             block = grad[start:stop]
             if bits is not None:  # clamped cosines: no gradient
                 zero_clamped(block, bits[start:stop])
-            if ctx.margin.modifies_non_target:
-                _non_target_slope_(block, rows, emb_n, inv_norm[start:stop],
-                                   ctx, start, stop)
+            if ctx.non_target_slope is not None:
+                block.mul_(ctx.non_target_slope[start:stop])
             if need_w:
                 overlap = (max(start * num, start * dim) <
                            min(stop * num, stop * dim))
@@ -428,6 +428,7 @@ class FusedMarginSoftmax(torch.autograd.Function):
                 if overlap:
                     grad_w[start:stop] = out
         ctx.buffer = ctx.filtered = ctx.record = ctx.bits = ctx.arg = None
+        ctx.non_target_slope = None
         ctx.margin = None
         grad_emb = None
         if need_e:
@@ -450,31 +451,6 @@ class FusedMarginSoftmax(torch.autograd.Function):
             record.grad = grad_w if record.grad is None else \
                 record.grad.add_(grad_w)
         return grad_emb, None, None, None, None, None, None, None
-
-
-def _non_target_slope_(block: torch.Tensor, rows: torch.Tensor,
-                       emb_n: torch.Tensor, inv_norm: torch.Tensor, ctx,
-                       start: int, stop: int,
-                       arg: Optional[torch.Tensor] = None) -> None:
-    """Multiply the gradient ``block`` of rows ``[start, stop)`` by the
-    margin's non-target slope, from the cosines recomputed for this block
-    (the logit buffer no longer holds them); targets keep theirs.
-
-    With sub-centers ``rows`` are the (chunk*K, D) sub-centers,
-    ``inv_norm`` their inverse norms and ``arg`` picks each class cosine.
-    """
-    bound = ctx.margin.cos_bound
-    cos = torch.mm(rows, emb_n.t()).mul_(inv_norm[:, None])
-    if arg is not None:
-        cos = cos.view(arg.shape[0], -1, arg.shape[1]).gather(
-            1, arg.long().unsqueeze(1)).squeeze(1)
-    cos.clamp_(-bound, bound)
-    slope = ctx.margin.non_target_slope(cos, ctx.terms.cos_t[None, :])
-    if ctx.target is not None:
-        where, inside = _targets_in(ctx.target, ctx.has_target, start, stop)
-        slope.index_put_(where, torch.where(inside, torch.ones_like(
-            slope[where]), slope[where]))
-    block.mul_(slope)
 
 
 def check_num_subcenters(value: object) -> int:
@@ -535,9 +511,8 @@ def _subcenter_backward_block(ctx, grad: torch.Tensor, rows: torch.Tensor,
         zero_clamped(block, ctx.bits[start:stop])
     sub = rows.reshape(count * subs, -1)
     inv = inv_norm[start:stop].reshape(-1)
-    if ctx.margin.modifies_non_target:
-        _non_target_slope_(block, sub, emb_n, inv, ctx, start, stop,
-                           arg[start:stop])
+    if ctx.non_target_slope is not None:
+        block.mul_(ctx.non_target_slope[start:stop])
     # d loss / d (w_k . e_n), zero for every sub-center but the arg-max
     routed = block.new_zeros(count, subs, block.shape[1])
     routed.scatter_(1, which.unsqueeze(1), block.unsqueeze(1))

@@ -165,6 +165,15 @@ class BaseMargin(nn.Module):
             slope, = torch.autograd.grad(out.sum(), cos, allow_unused=True)
         return torch.zeros_like(cos) if slope is None else slope
 
+    def apply_non_target_(self, cos: torch.Tensor, cos_t: torch.Tensor,
+                          slope_out: torch.Tensor) -> None:
+        """Turn the cosines ``cos`` into their non-target logits in place
+        and write their slopes into ``slope_out`` (what the fused step
+        calls, block by block; a margin may override it to share work
+        between the two)."""
+        slope_out.copy_(self.non_target_slope(cos, cos_t))
+        cos.copy_(self.non_target_logit(cos, cos_t))
+
     def extra_loss(self, norms: Optional[torch.Tensor]
                    ) -> Optional[torch.Tensor]:
         """(N,) loss added to each row's cross-entropy, or None."""
