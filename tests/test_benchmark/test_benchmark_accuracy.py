@@ -228,30 +228,38 @@ def test_compact_rows_are_checked_against_fp32_pfc():
 
 
 # ------------------------------------------------------------- smoke run
+def test_default_methods_include_the_compact_storages():
+    labels = [m.label for m in AccuracyConfig().method_specs()]
+    assert labels == ['DP', 'MP', 'PFC0.1', 'PFC0.3', 'PFC0.1 bf16',
+                      'PFC0.1 bf16/int8']
+
+
 def test_quick_run_two_ranks(tmp_path):
-    """The default methods on 2 gloo ranks, tiny sizes: one row each, sane
+    """Every kind of head on 2 gloo ranks, tiny sizes: one row each, sane
     accuracies and losses, the JSON per seed and the check lines (PFC0.1
-    against MP, each compact storage against fp32 PFC0.1)."""
+    against MP, the compact storage against fp32 PFC0.1)."""
     tool = _tool()
-    assert tool.main(['--quick', '--out-dir', str(tmp_path)]) == 0
+    methods = ('dp,mp,pfc0.1,pfc0.1:center_dtype=bfloat16:'
+               'optim.center_state_dtype=int8:label=PFC0.1 bf16/int8')
+    assert tool.main(['--quick', '--methods', methods,
+                      '--out-dir', str(tmp_path)]) == 0
     text = (tmp_path / 'accuracy.md').read_text()
     rows = re.findall(r'^\| ([^|]+?) \| ([\d.]+) \+- [\d.]+ \| ([\d.]+) '
                       r'\+-', text, re.M)
-    labels = ['DP', 'MP', 'PFC0.1', 'PFC0.3', 'PFC0.1 bf16',
-              'PFC0.1 bf16/int8']
+    labels = ['DP', 'MP', 'PFC0.1', 'PFC0.1 bf16/int8']
     assert [r[0] for r in rows] == labels
     for _, accuracy, loss in rows:
         assert 50.0 <= float(accuracy) <= 100.0
         assert 0 < float(loss) < 30
     assert re.search(r'^PFC0.1 within 0.5 points of model parallel: '
                      r'(PASS|FAIL) \(difference [+-]\d+\.\d\d\)$', text, re.M)
-    for label in labels[4:]:
+    for label in labels[3:]:
         assert re.search(rf'^{re.escape(label)} within 0.3 points of fp32 '
                          r'PFC0.1: (PASS|FAIL) \(difference [+-]\d+\.\d\d\)$',
                          text, re.M), text
     out = json.loads((tmp_path / 'accuracy.json').read_text())
     assert [r['label'] for r in out['runs']] == labels
-    assert [c['label'] for c in out['storage_checks']] == labels[4:]
+    assert [c['label'] for c in out['storage_checks']] == labels[3:]
     for run in out['runs']:
         assert 0.5 <= run['accuracy'] <= 1.0 and run['seed'] == 0
         # it learned: the loss fell during training
