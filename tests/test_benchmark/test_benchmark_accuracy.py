@@ -191,17 +191,17 @@ def test_summary_table_and_check():
     assert table[0].startswith('| method | verification accuracy % |')
     assert table[2] == ('| MP | 91.00 +- 1.41 | 3.000 +- 1.414 | '
                         '4.000 +- 1.414 | 10 |')
-    check = paired_difference(records, 'PFC0.1', 'MP')
+    check = paired_difference(records, 'PFC0.1', 'MP', 0.5)
     assert check['difference_points'] == pytest.approx(-0.7)
     assert not check['passed']
     assert check_line(check) == ('PFC0.1 within 0.5 points of model '
                                  'parallel: FAIL (difference -0.70)')
     close = [dict(r, accuracy=r['accuracy'] + 0.004)
              if r['label'] == 'PFC0.1' else r for r in records]
-    assert check_line(paired_difference(close, 'PFC0.1', 'MP')).endswith(
-        'PASS (difference -0.30)')
+    assert check_line(paired_difference(
+        close, 'PFC0.1', 'MP', 0.5)).endswith('PASS (difference -0.30)')
     assert 'not checked' in check_line(
-        paired_difference(records[:1], 'PFC0.1', 'MP'))
+        paired_difference(records[:1], 'PFC0.1', 'MP', 0.5))
 
 
 def test_compact_rows_are_checked_against_fp32_pfc():

@@ -9,14 +9,14 @@ identities. ``tools/benchmark_accuracy.py`` is the command line;
 from .data import (SyntheticIdentityDataset, VerificationPairs, build_pairs,
                    held_out)
 from .methods import MethodSpec, parse_method_spec, parse_methods
-from .report import (TOLERANCE_POINTS, check_line, compact_storage_labels,
+from .report import (check_line, compact_storage_labels,
                      markdown, paired_difference, summarize, write_json)
 from .runner import AccuracyConfig, check_methods, make_row, run_accuracy
 
 __all__ = [
     'SyntheticIdentityDataset', 'VerificationPairs', 'build_pairs',
     'held_out', 'MethodSpec', 'parse_method_spec', 'parse_methods',
-    'TOLERANCE_POINTS', 'check_line', 'compact_storage_labels', 'markdown',
+    'check_line', 'compact_storage_labels', 'markdown',
     'paired_difference',
     'summarize', 'write_json', 'AccuracyConfig', 'check_methods',
     'make_row', 'run_accuracy'
