@@ -73,7 +73,8 @@ else
 fi
 
 echo "== (a) tests marked cuda, device $MMPFC_TEST_DEVICE"
-"$PYTHON" -m pytest -m cuda tests/test_models/test_gpu.py -rs -p no:cacheprovider
+# -n 0: one process (the tests share the GPU and count its memory peaks)
+"$PYTHON" -m pytest -m cuda tests/test_models/test_gpu.py -rs -p no:cacheprovider -n 0
 
 echo "== (b) $CONFIG --amp, ${TRAIN_OPTIONS[0]}"
 # MemoryTableHook prints after the first logger interval and at the end; no
