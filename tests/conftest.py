@@ -25,3 +25,18 @@ def mmpfc_default_scope():
     DefaultScope.get_instance(f'mmpfc-test-{next(_scope_ids)}',
                               scope_name='mmpfc')
     yield
+
+
+@pytest.fixture(autouse=True)
+def fresh_visualizers():
+    """Forget MMEngine's visualizers after every test.
+
+    A Runner names its visualizer after its timestamp (one-second
+    resolution) and reuses an existing instance of that name, with that
+    instance's save_dir: two runners built in the same second of one
+    process (tests of different files on one pytest-xdist worker) would
+    write the second one's scalars into the first one's work dir.
+    """
+    yield
+    from mmengine.visualization import Visualizer
+    Visualizer._instance_dict.clear()
