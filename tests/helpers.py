@@ -41,3 +41,16 @@ class LogRecords(logging.Handler):
     def __exit__(self, *exc) -> None:
         from mmengine.logging import MMLogger
         MMLogger.get_current_instance().removeHandler(self)
+
+
+def benchmark_record(label: str, step: float, peak: float,
+                     classes: int = 10**6) -> dict:
+    """A head-only benchmark row of ``classes`` identities on 2 ranks as
+    the report merges it: one run of ``step`` s and ``peak`` MB."""
+    from mmpfc.benchmark.report import merge_runs
+    run = dict(step_s=step, phases_s=dict(head=step), peak_mb=peak,
+               steady_mb=peak, phase_peak_mb={}, loss=1.0, device='cpu',
+               num_local=classes // 2, rows_per_step=1)
+    return merge_runs(dict(label=label, num_classes=classes, world_size=2,
+                           batch_size=128, embedding_size=512, backbone=None,
+                           predicted_mb=peak), [run])

@@ -6,13 +6,13 @@ import re
 
 import pytest
 import torch
-from helpers import ROOT, load_tool
+from helpers import ROOT, benchmark_record, load_tool
 
 from mmpfc.benchmark import margins as margins_mod
 from mmpfc.benchmark import runner as runner_mod
 from mmpfc.benchmark import worker
 from mmpfc.benchmark.margins import NORM_RANGE, parse_margin, parse_margins
-from mmpfc.benchmark.report import markdown, merge_runs, ratio_checks
+from mmpfc.benchmark.report import markdown, ratio_checks
 from mmpfc.benchmark.runner import (BenchmarkConfig, make_rows, row_label,
                                     run_benchmark)
 
@@ -213,22 +213,14 @@ def test_head_embeddings():
     assert not torch.equal(torch.linalg.vector_norm(other, dim=1), norms)
 
 
-def fake(label, step, peak, classes=10**6):
-    run = dict(step_s=step, phases_s=dict(head=step), peak_mb=peak,
-               steady_mb=peak, phase_peak_mb={}, loss=1.0, device='cpu',
-               num_local=classes // 2, rows_per_step=1)
-    return merge_runs(dict(label=label, num_classes=classes, world_size=2,
-                           batch_size=128, embedding_size=512, backbone=None,
-                           predicted_mb=peak), [run])
-
-
 def test_margin_ratio_checks(tool):
-    records = [fake('PFC0.1', 0.70, 2092.0),
-               fake('PFC0.1 CurricularFace', 0.91, 2100.0),  # 1.30x: slow
-               fake('PFC0.1 AdaFace', 0.72, 2300.0),  # 1.10x: too big
-               fake('PFC0.1 MagFace', 0.75, 2093.0),
-               fake('PFC0.1 CurricularFace', 1.0, 10.0, classes=1000),
-               fake('PFC0.1', 1.0, 10.0, classes=1000)]
+    rec = benchmark_record
+    records = [rec('PFC0.1', 0.70, 2092.0),
+               rec('PFC0.1 CurricularFace', 0.91, 2100.0),  # 1.30x: slow
+               rec('PFC0.1 AdaFace', 0.72, 2300.0),  # 1.10x: too big
+               rec('PFC0.1 MagFace', 0.75, 2093.0),
+               rec('PFC0.1 CurricularFace', 1.0, 10.0, classes=1000),
+               rec('PFC0.1', 1.0, 10.0, classes=1000)]
     checks = {(c['num_classes'], c['target']): c for c in
               ratio_checks(records, tool.TARGET_LIMITS, 10**6)}
     big = {t: c for (n, t), c in checks.items() if n == 10**6}
@@ -251,9 +243,9 @@ def test_margin_ratio_checks(tool):
 
 
 def test_subcenter_ratio_checks(tool):
-    records = [fake('PFC0.1 SubCenter3', 2.2, 6300.0),
-               fake('PFC0.1', 2.0, 6210.0, classes=3 * 10**6),
-               fake('PFC0.1', 0.7, 2092.0)]
+    records = [benchmark_record('PFC0.1 SubCenter3', 2.2, 6300.0),
+               benchmark_record('PFC0.1', 2.0, 6210.0, classes=3 * 10**6),
+               benchmark_record('PFC0.1', 0.7, 2092.0)]
     checks = {c['target']: c for c in
               ratio_checks(records, tool.TARGET_LIMITS, 10**6)
               if 'SubCenter' in c['target']}

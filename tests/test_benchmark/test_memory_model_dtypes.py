@@ -11,14 +11,14 @@ import re
 import pytest
 import torch
 from dist_utils import run_in_fresh_process
-from helpers import load_tool
+from helpers import benchmark_record, load_tool
 
 from mmpfc.benchmark import make_rows
 from mmpfc.benchmark import capacity
 from mmpfc.benchmark.memory_model import (RUNTIME_SLACK, head_memory,
                                           max_num_classes, predict_memory,
                                           state_bytes)
-from mmpfc.benchmark.report import markdown, merge_runs, ratio_checks
+from mmpfc.benchmark.report import markdown, ratio_checks
 from mmpfc.benchmark.runner import (BenchmarkConfig, parse_storage,
                                     row_label, run_benchmark)
 
@@ -292,20 +292,12 @@ def test_does_not_fit_reports_the_largest_count():
     assert f'| PFC0.1 bf16/int8 | does not fit (fits <= {int8:,}) |' in table
 
 
-def fake(label, step, peak, classes=10**6):
-    run = dict(step_s=step, phases_s=dict(head=step), peak_mb=peak,
-               steady_mb=peak, phase_peak_mb={}, loss=1.0, device='cpu',
-               num_local=classes // 2, rows_per_step=1)
-    return merge_runs(dict(label=label, num_classes=classes, world_size=2,
-                           batch_size=128, embedding_size=512, backbone=None,
-                           predicted_mb=peak), [run])
-
-
 def test_compact_ratio_checks(tool):
     shard_mb = SHARD / 2**20
-    records = [fake('MP', 6.0, 3900.0), fake('PFC0.1', 0.70, 2.1 * shard_mb),
-               fake('PFC0.1 bf16/bf16', 0.84, 1.2 * shard_mb),
-               fake('PFC0.1 bf16/int8', 0.98, 0.95 * shard_mb)]
+    rec = benchmark_record
+    records = [rec('MP', 6.0, 3900.0), rec('PFC0.1', 0.70, 2.1 * shard_mb),
+               rec('PFC0.1 bf16/bf16', 0.84, 1.2 * shard_mb),
+               rec('PFC0.1 bf16/int8', 0.98, 0.95 * shard_mb)]
     checks = {c['target']: c for c in
               ratio_checks(records, tool.TARGET_LIMITS, 10**6)}
     assert len(checks) == 7  # no GEMM time in these records

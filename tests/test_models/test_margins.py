@@ -15,6 +15,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from margin_references import curricular_face
 
 import mmpfc  # noqa: F401
 from mmpfc.registry import MODELS
@@ -65,14 +66,8 @@ def reference(name, cfg, weight, emb, labels, state, margins=None):
     cos_t = cos[onehot]
     theta = torch.acos(cos_t)
     if name == 'curricular':
-        m, alpha = cfg['m'], cfg['t_alpha']
-        t = alpha * cos_t.detach().mean() + (1 - alpha) * state['t']
-        state['t'] = t
-        target = torch.where(cos_t > math.cos(math.pi - m),
-                             torch.cos(theta + m),
-                             cos_t - m * math.sin(math.pi - m))
-        hard = cos > torch.cos(theta + m).detach()[:, None]
-        other = torch.where(hard, cos * (t + cos), cos)
+        target, other, state['t'] = curricular_face(
+            cos, cos_t, state['t'], cfg['m'], cfg['t_alpha'])
     elif name == 'adaface':
         m, h, alpha = cfg['m'], cfg['h'], cfg['t_alpha']
         safe = e.detach().norm(dim=1).clip(0.001, 100)

@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 from dist_utils import run_distributed
+from margin_references import head_step
 from test_margins import (BATCH, DIM, MARGINS, NUM_CLASSES, START, STEPS,
                           batch, check_state, reference, rel_err)
 
@@ -33,18 +34,13 @@ def sharded_steps(rank, world_size, name, rate):
     for step in range(STEPS):
         emb, labels = step_batch(step, world_size)
         before = head.weight.detach().clone()
-        feats = emb[mine].clone().requires_grad_(True)
-        head.weight.grad = None
-        loss = head.loss_by_labels(feats, labels[mine])
-        loss.backward()
-        popped = head.pop_sampled_gradient()
-        index, wgrad = (None, head.weight.grad) if popped is None else popped
+        loss, feats_grad, index, wgrad = head_step(head, emb, labels, mine)
         margins = None
         if name.startswith('elastic'):
             margins = head.margin_loss.row_margins(
                 torch.zeros(world_size * BATCH, dtype=torch.float64))
         steps.append(dict(
-            loss=loss.item(), feats_grad=feats.grad, weight=before,
+            loss=loss.item(), feats_grad=feats_grad, weight=before,
             index=index, wgrad=wgrad.clone(), margins=margins,
             buffers={k: v.clone()
                      for k, v in head.margin_loss.state_dict().items()}))

@@ -12,13 +12,13 @@ model parallel and at sample rate 0.1 (dense over the sampled classes of
 every rank), with one spawn per world size. A short training run shows the
 loss falls and that a checkpoint re-splits by class id.
 """
-import math
 import os.path as osp
 
 import pytest
 import torch
 import torch.nn.functional as F
 from dist_utils import run_distributed
+from margin_references import curricular_face, head_step
 
 import mmpfc  # noqa: F401
 from mmpfc.models.heads import PartialFCHead
@@ -64,14 +64,9 @@ def reference(name, weight, emb, labels, state):
     theta = torch.acos(cos_t)
     state = dict(state)
     if name == 'curricular':
-        m, alpha = CURRICULAR['m'], CURRICULAR['t_alpha']
-        t = alpha * cos_t.detach().mean() + (1 - alpha) * state['t']
-        state['t'] = t
-        target = torch.where(cos_t > math.cos(math.pi - m),
-                             torch.cos(theta + m),
-                             cos_t - m * math.sin(math.pi - m))
-        hard = cos > torch.cos(theta + m).detach()[:, None]
-        other, s = torch.where(hard, cos * (t + cos), cos), CURRICULAR['s']
+        target, other, state['t'] = curricular_face(
+            cos, cos_t, state['t'], CURRICULAR['m'], CURRICULAR['t_alpha'])
+        s = CURRICULAR['s']
     else:
         target, other, s = torch.cos(theta + 0.5), cos, 64.0
     logits = torch.where(onehot, target[:, None], other) * s
@@ -99,13 +94,8 @@ def run_steps(head, steps, world_size, rank, rows_per_rank):
     out = []
     mine = slice(rank * rows_per_rank, (rank + 1) * rows_per_rank)
     for emb, labels in steps:
-        feats = emb[mine].clone().requires_grad_(True)
-        head.weight.grad = None
-        loss = head.loss_by_labels(feats, labels[mine])
-        loss.backward()
-        popped = head.pop_sampled_gradient()
-        index, wgrad = (None, head.weight.grad) if popped is None else popped
-        out.append(dict(loss=loss.item(), feats_grad=feats.grad,
+        loss, feats_grad, index, wgrad = head_step(head, emb, labels, mine)
+        out.append(dict(loss=loss.item(), feats_grad=feats_grad,
                         index=index, wgrad=wgrad.clone()))
     return out
 
