@@ -3,8 +3,10 @@
 The device type of mixed precision comes from the parameters, not from
 ``torch.cuda.is_available()``; the backend choice is explicit; the CUDA
 memory peak is per interval; face backbones give fp32 embeddings under
-autocast; the head's sync-free code paths (bit mask of clamped cosines,
-fixed-size center sampling) equal the plain ones; a sampler state from
+autocast; the head's sync-free code paths (the bit packing of clamped
+cosines, fixed-size center sampling) equal the plain ones (the bit-mask
+clamp path of the fused step is tested in test_fused_margin_softmax.py); a
+sampler state from
 another device type is reseeded with a warning; a sharded save's host
 copies are used once; the face preprocessor equals mmpretrain's.
 """
@@ -224,23 +226,6 @@ def test_bit_mask_round_trip():
                 assert bit == int(mask[r, j])
         unpacked = unpack_bits(bits, width)
         assert unpacked.dtype == torch.bool and torch.equal(unpacked, mask)
-
-
-def test_bit_mask_clamp_path_equals_the_plain_composition(monkeypatch):
-    """The CUDA way of remembering clamped cosines, run on the CPU."""
-    import test_fused_margin_softmax as plain_tests
-
-    from mmpfc.models.heads import fused_margin_softmax as fused
-    monkeypatch.setitem(fused.BIT_MASK_CLAMP, 'cpu', True)
-    monkeypatch.setitem(fused.CHUNK_BYTES, 'cpu', fused.CHUNK_BYTES['cpu'])
-    monkeypatch.setattr(fused, 'MASK_BLOCK', 8)  # masks in several blocks
-    for sample_rate, chunk_bytes in ((1.0, 64), (0.5, 96)):
-        results = plain_tests.compare_worker(0, 1, sample_rate, chunk_bytes)
-        for name, (got, want) in results.items():
-            assert got[0] == pytest.approx(want[0], rel=1e-12), name
-            for a, b in zip(got[1:], want[1:]):
-                assert torch.allclose(a, b, rtol=1e-9, atol=1e-13), name
-    plain_tests.test_cosine_rounded_above_one_is_clamped_without_gradient()
 
 
 def test_fill_up_sampling_matches_a_reference_draw():

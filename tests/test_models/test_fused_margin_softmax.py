@@ -242,3 +242,18 @@ def test_copies_of_a_head_do_not_copy_its_buffer():
         assert is_sharded(twin.weight) and sharded_owner(twin.weight) is twin
     assert sharded_owner(head.weight) is head
     assert isinstance(pickle.loads(pickle.dumps(Workspace())), Workspace)
+
+
+def test_bit_mask_clamp_path_equals_the_plain_composition(monkeypatch):
+    """The CUDA way of remembering clamped cosines, run on the CPU."""
+    from mmpfc.models.heads import fused_margin_softmax as fused
+    monkeypatch.setitem(fused.BIT_MASK_CLAMP, 'cpu', True)
+    monkeypatch.setitem(fused.CHUNK_BYTES, 'cpu', fused.CHUNK_BYTES['cpu'])
+    monkeypatch.setattr(fused, 'MASK_BLOCK', 8)  # masks in several blocks
+    for sample_rate, chunk_bytes in ((1.0, 64), (0.5, 96)):
+        results = compare_worker(0, 1, sample_rate, chunk_bytes)
+        for name, (got, want) in results.items():
+            assert got[0] == pytest.approx(want[0], rel=1e-12), name
+            for a, b in zip(got[1:], want[1:]):
+                assert torch.allclose(a, b, rtol=1e-9, atol=1e-13), name
+    test_cosine_rounded_above_one_is_clamped_without_gradient()
