@@ -18,6 +18,7 @@ import torch.nn as nn
 from mmengine.model import is_model_wrapper
 
 from mmpfc.models.utils import is_sharded, shard_range, sharded_owner
+from mmpfc.models.utils.sharding import split_state
 from mmpfc.models.utils.host_copies import (drop_host_copies,
                                             offer_host_copies)
 from .manifest import FORMAT, OptimizerLocation, ParamEntry, dtype_name
@@ -122,18 +123,6 @@ def put_row_state(optimizer_state: Optional[dict],
     state.pop(location[1], None)
     if rows or scalars:
         state[location[1]] = {**scalars, **rows}
-
-
-def split_state(state: dict, num_local: int) -> Tuple[dict, dict]:
-    """Optimizer state of a shard -> (tensors with one row per class, rest)."""
-    rows, scalars = {}, {}
-    for key, value in state.items():
-        if torch.is_tensor(value) and value.dim() >= 1 and \
-                value.shape[0] == num_local:
-            rows[key] = value
-        else:
-            scalars[key] = value
-    return rows, scalars
 
 
 def _cpu(value):

@@ -37,7 +37,8 @@ from mmpfc.models.utils.host_copies import take_host_copy
 from mmpfc.registry import OPTIM_WRAPPERS
 from mmpfc.utils.compat import (grad_scaler_found_inf, grad_scaler_scale,
                                 init_amp_optim_wrapper_anywhere)
-from .center_state import ROW_STATES, SCALE_SUFFIX, parse_state_dtype, to_form
+from mmpfc.models.utils.sharding import split_state
+from .center_state import ROW_STATES, parse_state_dtype, to_form
 from .sparse_step import SPARSE_RULES, sparse_rule, sparse_step
 
 SparseUpdate = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -140,15 +141,10 @@ class ShardAwareMixin:
         for index, param in enumerate(self._all_params()):
             if not is_sharded(param) or index not in state:
                 continue
-            entry = dict(state[index])
-            rows = {k: v for k, v in entry.items() if torch.is_tensor(v)
-                    and v.ndim >= 1 and v.shape[0] == param.shape[0]
-                    and (k in ROW_STATES or k.endswith(SCALE_SUFFIX)
-                         or k == 'row_step')}
+            rows, rest = split_state(state[index], param.shape[0])
             if rows:
                 kept[index] = rows
-                state[index] = {k: v for k, v in entry.items()
-                                if k not in rows}
+                state[index] = rest
         return kept
 
     def _clip_params(self) -> Optional[torch.Tensor]:

@@ -152,7 +152,7 @@ class PartialFCHead(BaseMarginHead):
 
         # Rank-dependent init so shards are not copies of each other.
         base_seed = torch.initial_seed() if seed is None else seed
-        self.center_dtype = parse_center_dtype(center_dtype)
+        storage = parse_center_dtype(center_dtype)
         if center_rounding not in CENTER_ROUNDINGS:
             raise ValueError(
                 f'center_rounding={center_rounding!r}: use one of '
@@ -162,13 +162,12 @@ class PartialFCHead(BaseMarginHead):
         # one row per class, its K sub-centers side by side
         self.weight = self.init_centers(
             self.num_local, subcenters * in_channels, init_std,
-            base_seed + 7919 * (self.class_start + 1), self.center_dtype)
+            base_seed + 7919 * (self.class_start + 1), storage)
         mark_sharded(self.weight, owner=self)
         # the stochastic rounding of a 16-bit shard: a stream per rank
         self.rounding = RankGenerator(
             (base_seed + ROUNDING_SEED_OFFSET + self.rank) % (2**63),
-            name='stochastic rounding') if is_compact(
-                self.center_dtype) else None
+            name='stochastic rounding') if is_compact(storage) else None
         self.sampler = CenterSampler(self.num_local, sample_rate,
                                      seed=(base_seed + self.rank) % (2**63))
         self.reuse_buffer = reuse_buffer
@@ -205,7 +204,6 @@ class PartialFCHead(BaseMarginHead):
         mark_sharded(self.weight, owner=self)
         # heads pickled before these attributes existed
         self.__dict__.setdefault('check_batch_size', None)
-        self.__dict__.setdefault('center_dtype', self.weight.dtype)
         self.__dict__.setdefault('rounding', None)
         self.__dict__.setdefault('center_rounding', 'stochastic')
         self.__dict__.setdefault('num_subcenters', 1)
@@ -230,9 +228,7 @@ class PartialFCHead(BaseMarginHead):
         from this rank's stream (``center_rounding='stochastic'``), or to
         nearest (``'nearest'``, to measure what the stream is for)."""
         dtype = self.weight.dtype
-        if not is_compact(dtype):
-            return values.to(dtype)
-        if self.center_rounding == 'nearest':
+        if not is_compact(dtype) or self.center_rounding == 'nearest':
             return values.to(dtype)
         return stochastic_round(values, dtype,
                                 self.rounding.get(values.device))

@@ -122,3 +122,19 @@ def refuse_replicating_ddp() -> None:
             "0's rows, and a stock MMEngine Runner saves rank 0's only. Add "
             f'these two lines to the config:\n    {fix}')
     _SAFE_DDPS.add(ddp)
+
+
+def split_state(state: dict, num_local: int) -> Tuple[dict, dict]:
+    """Optimizer state of a shard -> (tensors with one row per class, rest).
+
+    The rows are sharded, re-split and kept in their saved dtype like the
+    shard itself; the rest is the same on every rank.
+    """
+    rows, scalars = {}, {}
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.dim() >= 1 and \
+                value.shape[0] == num_local:
+            rows[key] = value
+        else:
+            scalars[key] = value
+    return rows, scalars
