@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
+from mmpfc.models.utils.low_precision import dtype_name as name_of_dtype
 from mmpfc.version import __version__
 from .io import CheckpointError
 
@@ -276,7 +277,7 @@ class Manifest:
 
 def dtype_name(tensor: torch.Tensor) -> str:
     """``'float32'`` for a float32 tensor: the ``dtype`` of a ParamEntry."""
-    return str(tensor.dtype).replace('torch.', '')
+    return name_of_dtype(tensor.dtype)
 
 
 def get_manifest(checkpoint: Any, path: str) -> Optional[Manifest]:

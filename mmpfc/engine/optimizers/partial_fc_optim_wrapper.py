@@ -37,6 +37,7 @@ from mmpfc.models.utils.host_copies import take_host_copy
 from mmpfc.registry import OPTIM_WRAPPERS
 from mmpfc.utils.compat import (grad_scaler_found_inf, grad_scaler_scale,
                                 init_amp_optim_wrapper_anywhere)
+from mmpfc.models.utils.low_precision import dtype_name
 from mmpfc.models.utils.sharding import split_state
 from .center_state import ROW_STATES, parse_state_dtype, to_form
 from .sparse_step import SPARSE_RULES, sparse_rule, sparse_step
@@ -284,12 +285,11 @@ class PartialFCAmpOptimWrapper(ShardAwareMixin, AmpOptimWrapper):
             return default
         cast = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
         if cast not in allowed:
-            names = ' or '.join(repr(str(d).replace('torch.', ''))
-                                for d in allowed)
+            names = ' or '.join(repr(dtype_name(d)) for d in allowed)
             raise ValueError(
                 f'dtype={dtype!r}: on the {self.device_type.upper()} mixed '
                 f'precision is {names} (dtype=None: '
-                f"{str(default).replace('torch.', '')!r}); on the CPU "
+                f'{dtype_name(default)!r}); on the CPU '
                 "bfloat16 needs no loss scaling and float16 is loss-scaled")
         return cast
 
