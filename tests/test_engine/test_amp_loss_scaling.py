@@ -88,3 +88,54 @@ def test_cpu_dtype_options():
     with pytest.raises(ValueError, match="dtype='float64': on the CPU"):
         PartialFCAmpOptimWrapper(dtype='float64',
                                  optimizer=torch.optim.SGD(params, lr=1))
+
+
+def head_only_steps(poison_step):
+    """Loss-scaled steps of a sampled head whose backbone is frozen: no
+    replicated parameter has a gradient, so ``unscale_`` records no flag."""
+    from mmpfc.engine.optimizers import PartialFCAmpOptimWrapper
+    from mmpfc.models.heads import PartialFCHead
+    torch.manual_seed(0)
+    backbone = torch.nn.Linear(6, DIM).requires_grad_(False)
+    head = PartialFCHead(NUM_CLASSES, DIM, sample_rate=0.5, seed=1)
+    wrapper = PartialFCAmpOptimWrapper(
+        dtype='float16', loss_scale=dict(init_scale=16.0, growth_interval=2),
+        optimizer=torch.optim.SGD(
+            [*backbone.parameters(), *head.parameters()], lr=0.1))
+    original = head.pop_sampled_gradient
+
+    def poisoned():
+        rows, grad = original()
+        if len(scales) == poison_step:
+            grad[0, 0] = float('nan')
+        return rows, grad
+    head.pop_sampled_gradient = poisoned
+    gen = torch.Generator().manual_seed(3)
+    scales, changed = [], []
+    for _ in range(3):
+        before = head.weight.detach().clone()
+        with wrapper.optim_context(backbone):
+            feats = backbone(torch.randn(BATCH, 6, generator=gen))
+        labels = torch.randint(0, NUM_CLASSES, (BATCH, ), generator=gen)
+        wrapper.backward(head.loss_by_labels(feats, labels))
+        assert all(p.grad is None for p in backbone.parameters())
+        wrapper.step()
+        wrapper.zero_grad()
+        scales.append(wrapper.loss_scaler.get_scale())
+        changed.append(not torch.equal(head.weight, before))
+    return scales, changed
+
+
+def test_head_only_training_is_loss_scaled():
+    """A frozen backbone (head-only fine-tuning) used to fail the AMP step
+    with GradScaler's "No inf checks were recorded prior to update"."""
+    scales, changed = head_only_steps(poison_step=None)
+    assert changed == [True, True, True]
+    # growth_interval=2: the scale doubles after two clean steps
+    assert scales == [16.0, 32.0, 32.0]
+
+
+def test_head_only_overflow_skips_the_step_and_backs_off():
+    scales, changed = head_only_steps(poison_step=1)
+    assert changed == [True, False, True]
+    assert scales == [16.0, 8.0, 8.0]

@@ -371,6 +371,10 @@ class PartialFCAmpOptimWrapper(ShardAwareMixin, AmpOptimWrapper):
         flag.clamp_(max=1.0)
         for value in found.values():
             value.copy_(flag.to(value.device).reshape(value.shape))
+        if not found:
+            # no replicated parameter had a gradient (a frozen backbone):
+            # unscale_ recorded no flag, and the scaler's update needs one
+            found[flag.device] = flag.clone()
         return flag
 
     def state_dict(self) -> dict:
