@@ -232,7 +232,8 @@ def predict_memory(method: str, num_classes: int, world_size: int,
                    input_bytes: int = 0, center_dtype: str = 'float32',
                    state_dtype: str = 'float32',
                    optimizer: str = 'sgd', non_target_margin: bool = False,
-                   num_subcenters: int = 1) -> MemoryEstimate:
+                   num_subcenters: int = 1, activation_fixed: int = 0,
+                   backbone_states: int = 1) -> MemoryEstimate:
     """Predicted peak memory per rank of one training step.
 
     Args:
@@ -244,14 +245,22 @@ def predict_memory(method: str, num_classes: int, world_size: int,
         largest_param: Elements of its largest parameter.
         activation_bytes: Saved activations per sample.
         input_bytes: Bytes of one input sample.
+        activation_fixed: Saved bytes whatever the batch (autocast's
+            16-bit copies of the weights).
+        backbone_states: fp32 optimizer states per backbone parameter
+            (SGD with momentum 1, Adam(W) 2, plain SGD 0).
     """
     parts = head_memory(method, num_classes, world_size, embedding_size,
                         batch_size, sample_rate, momentum, weight_decay,
                         center_dtype, state_dtype, optimizer,
                         non_target_margin, num_subcenters)
     if backbone_params:
-        parts['backbone'] = 4 * backbone_params * FP32 + largest_param * FP32
-        parts['activations'] = int(activation_bytes * batch_size)
+        # parameters, gradients, DDP's buckets, optimizer states, and the
+        # weight-decay temporary of the largest one
+        parts['backbone'] = ((3 + backbone_states) * backbone_params
+                             + largest_param) * FP32
+        parts['activations'] = int(activation_bytes * batch_size) + \
+            activation_fixed
         parts['inputs'] = input_bytes * batch_size
     parts['runtime'] = RUNTIME_SLACK
     return MemoryEstimate(peak=int(sum(parts.values())), parts=parts)
