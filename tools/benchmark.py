@@ -207,8 +207,13 @@ def build_config(args: argparse.Namespace) -> BenchmarkConfig:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.memory_table:
-        from mmpfc.benchmark.capacity import identities_table
-        print(identities_table())
+        from mmpfc.benchmark import capacity
+        figures = capacity.r50_figures()
+        print(capacity.memory_table(figures), '',
+              'Parts of mmpfc PFC0.1 at 125,000 identities (MB): '
+              + capacity.parts_line(capacity.predicted_peak(
+                  'PFC0.1', 125_000, figures)), '',
+              capacity.identities_table(figures), sep='\n')
         return 0
     cfg = build_config(args)
     os.makedirs(args.out_dir, exist_ok=True)

@@ -170,13 +170,15 @@ def predict_gpu_memory(figures: ModelFigures, batch_size: int,
                        **head) -> MemoryEstimate:
     """Predicted peak per GPU: the memory model's tensors for ``head``
     (:func:`.memory_model.predict_memory` kwargs) and the model's figures,
-    plus :data:`GPU_ALLOWANCES` and the allocator's overhead."""
+    plus :data:`GPU_ALLOWANCES` and the allocator's overhead. The peak is
+    where the backward begins: all activations saved, the backbone's
+    gradients not yet made (but the first)."""
     tensors = predict_memory(
         world_size=world_size, batch_size=batch_size,
         backbone_params=figures.params, largest_param=figures.largest_param,
         activation_bytes=figures.activations.per_sample,
         activation_fixed=figures.activations.fixed,
-        backbone_states=backbone_states,
+        backbone_states=backbone_states, backbone_grads_at_peak=False,
         input_bytes=FP32 * _elements(figures.image_shape), **head)
     return with_gpu_allowances(tensors, world_size)
 
@@ -192,7 +194,6 @@ def describe_allowances() -> str:
     """One line per allowance: name, MiB and source (for docs and tools)."""
     return '\n'.join(f'- {name}: {a.nbytes / MiB:.0f} MiB. {a.source}.'
                      for name, a in GPU_ALLOWANCES.items())
-
 
 
 #: Parts of :func:`.memory_model.predict_memory` that live from one step

@@ -75,7 +75,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -233,7 +233,8 @@ def predict_memory(method: str, num_classes: int, world_size: int,
                    state_dtype: str = 'float32',
                    optimizer: str = 'sgd', non_target_margin: bool = False,
                    num_subcenters: int = 1, activation_fixed: int = 0,
-                   backbone_states: int = 1) -> MemoryEstimate:
+                   backbone_states: int = 1,
+                   backbone_grads_at_peak: bool = True) -> MemoryEstimate:
     """Predicted peak memory per rank of one training step.
 
     Args:
@@ -249,6 +250,11 @@ def predict_memory(method: str, num_classes: int, world_size: int,
             16-bit copies of the weights).
         backbone_states: fp32 optimizer states per backbone parameter
             (SGD with momentum 1, Adam(W) 2, plain SGD 0).
+        backbone_grads_at_peak: Whether the backbone's gradients are live
+            at the peak. On a GPU the peak is where the backward begins:
+            every activation is saved, and of the gradients (set to None
+            by the last step) only the first one, of the embedding layer
+            (the largest parameter), exists yet.
     """
     parts = head_memory(method, num_classes, world_size, embedding_size,
                         batch_size, sample_rate, momentum, weight_decay,
@@ -256,9 +262,9 @@ def predict_memory(method: str, num_classes: int, world_size: int,
                         non_target_margin, num_subcenters)
     if backbone_params:
         # parameters, gradients, DDP's buckets, optimizer states, and the
-        # weight-decay temporary of the largest one
-        parts['backbone'] = ((3 + backbone_states) * backbone_params
-                             + largest_param) * FP32
+        # weight-decay temporary (or first gradient) of the largest one
+        copies = 2 + backbone_states + int(backbone_grads_at_peak)
+        parts['backbone'] = (copies * backbone_params + largest_param) * FP32
         parts['activations'] = int(activation_bytes * batch_size) + \
             activation_fixed
         parts['inputs'] = input_bytes * batch_size
@@ -279,11 +285,14 @@ def max_num_classes(budget_bytes: float, method: str, world_size: int,
     """
     if not math.isfinite(budget_bytes):
         raise ValueError(f'budget must be finite, got {budget_bytes}')
+    return largest_fitting(lambda classes: predict_memory(
+        method, classes, world_size, **kwargs).peak <= budget_bytes)
 
-    def fits(classes: int) -> bool:
-        return predict_memory(method, classes, world_size,
-                              **kwargs).peak <= budget_bytes
 
+def largest_fitting(fits: Callable[[int], bool]) -> int:
+    """The largest count ``n >= 1`` with ``fits(n)``, for a ``fits`` that
+    holds up to some count and fails beyond it (memory grows with the
+    count); 0 when ``fits(1)`` fails. Doubling, then bisection."""
     if not fits(1):
         return 0
     low, high = 1, 2

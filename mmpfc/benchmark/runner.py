@@ -157,21 +157,35 @@ class BenchmarkConfig:
 
 
 def backbone_stats(cfg: BenchmarkConfig) -> dict:
-    """Parameter count and saved activations per sample of the backbone."""
+    """Parameter count and saved activations per sample of the backbone.
+
+    A CUDA run's activations are measured on a virtual GPU under CUDA
+    autocast (fp16), a CPU run's by a CPU forward under CPU autocast
+    (bf16): the two keep different dtypes.
+    """
     bb_cfg = backbone_config(cfg.backbone, cfg.embedding_size)
     if bb_cfg is None:
         return {}
+    input_bytes = 4 * IMAGE_SHAPE[0] * IMAGE_SHAPE[1] * IMAGE_SHAPE[2]
+    if cfg.device == 'cuda':
+        from .gpu_memory import model_figures
+        figures = model_figures(
+            dict(type='FaceRecognizer', backbone=bb_cfg, head=None),
+            IMAGE_SHAPE, amp=cfg.amp)
+        return dict(backbone_params=figures.params,
+                    largest_param=figures.largest_param,
+                    activation_bytes=figures.activations.per_sample,
+                    activation_fixed=figures.activations.fixed,
+                    input_bytes=input_bytes)
     import mmpfc  # noqa: F401
     from mmpfc.registry import MODELS
     model = MODELS.build(bb_cfg)
-    amp_dtype = (torch.float16 if cfg.device == 'cuda' else torch.bfloat16) \
-        if cfg.amp else None
     return dict(
         backbone_params=sum(p.numel() for p in model.parameters()),
         largest_param=max(p.numel() for p in model.parameters()),
-        activation_bytes=activation_bytes_per_sample(model, IMAGE_SHAPE,
-                                                     amp_dtype),
-        input_bytes=4 * IMAGE_SHAPE[0] * IMAGE_SHAPE[1] * IMAGE_SHAPE[2])
+        activation_bytes=activation_bytes_per_sample(
+            model, IMAGE_SHAPE, torch.bfloat16 if cfg.amp else None),
+        input_bytes=input_bytes)
 
 
 def memory_kwargs(row: dict, stats: dict) -> dict:

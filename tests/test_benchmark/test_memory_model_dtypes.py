@@ -14,7 +14,6 @@ from dist_utils import run_in_fresh_process
 from helpers import benchmark_record, load_tool
 
 from mmpfc.benchmark import make_rows
-from mmpfc.benchmark import capacity
 from mmpfc.benchmark.memory_model import (RUNTIME_SLACK, head_memory,
                                           max_num_classes, predict_memory,
                                           state_bytes)
@@ -183,35 +182,6 @@ def test_max_num_classes_is_the_edge_for_partial_fc():
     per_row = 2 * 512 + 512 + 4 * 8 + 0.1 * 1024 * 4 + 4 + 1.2
     fixed = 4 * 1024 * 512 * 4 + RUNTIME_SLACK
     assert got == pytest.approx(8 * (budget - fixed) / per_row, rel=1e-4)
-
-
-def test_identities_table_figures():
-    # the predicted head at 125k on 8 GPUs, PFC0.1 fp32, written out:
-    # Cl = 15,625, S = 1,562 (positives ~128 < 10 %), N = 1024
-    cl, s = 15_625, 1_562
-    head = (2 * cl * 512 * 4 + s * 1024 * 4 + 4 * 1024 * 512 * 4 + cl * 4
-            + 12 * s + RUNTIME_SLACK)
-    assert capacity.head_peak('PFC0.1', 125_000) == head
-    assert capacity.backbone_share() == 4868 * 2**20 - head
-    fit = capacity.largest_fit('PFC0.1 bf16/int8', 32)
-    assert fit >= 100_000_000
-    per_row = 3 * 512 + 32 + 0.1 * 1024 * 4 + 4 + 1.2
-    room = 32 * 2**30 - capacity.backbone_share() - 4 * 1024 * 512 * 4 \
-        - RUNTIME_SLACK
-    assert fit == pytest.approx(8 * room / per_row, rel=1e-4)
-    order = [capacity.largest_fit(label, 32) for label in
-             ('DP', 'MP', 'PFC0.1', 'PFC0.1 bf16/bf16', 'PFC0.1 bf16/int8')]
-    assert order == sorted(order)
-    table = capacity.identities_table()
-    assert '| 29,000,000 | - | - | 32324 |' in table
-    assert f'| PFC0.1 bf16/int8 | {fit:,} ' in table
-
-
-def test_memory_table_command(tool, capsys):
-    assert tool.main(['--memory-table']) == 0
-    out = capsys.readouterr().out
-    assert out.startswith('| identities | reference DP |')
-    assert 'largest C on 8 x 80 GB' in out
 
 
 @pytest.mark.parametrize('argv,expected', [
