@@ -4,7 +4,9 @@
 
 The output's ``state_dict`` holds the full head weight (C rows, class order)
 under the head's key (e.g. ``head.weight``); it loads into any number of
-ranks with ``load_from`` or ``--resume``. See docs/checkpoints.md.
+ranks with ``load_from`` or ``--resume``. Every input file is verified
+against the checksum recorded when it was written, before anything is
+written; a damaged one is refused by name. See docs/checkpoints.md.
 """
 import argparse
 import os.path as osp
@@ -33,8 +35,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
     try:
-        merged = merge_checkpoint(args.src, args.dst, args.drop_optimizer,
-                                  args.overwrite, args.keep_dtype)
+        merged = merge_checkpoint(
+            args.src, args.dst, args.drop_optimizer, args.overwrite,
+            args.keep_dtype,
+            note=lambda message: print(f'note: {message}', file=sys.stderr))
     except CheckpointError as err:
         print(f'error: {err}', file=sys.stderr)
         return 1

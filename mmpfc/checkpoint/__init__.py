@@ -1,9 +1,12 @@
 """Checkpoints of models with sharded heads: format, reading, merging."""
 from .checkpointer import (LoadResult, MainFileWriter, ShardedCheckpointer,
                            check_shards_visible)
+from .checksum import (file_checksum, read_sidecar, sidecar_path,
+                       verify_checksum)
 from .compare import (StateDictDiff, check_optimizer_matches,
                       compare_state_dicts)
-from .io import CheckpointError, atomic_save, load_file
+from .io import (CheckpointError, SavedFile, atomic_save, load_file,
+                 replace_recorded)
 from .manifest import (FORMAT, FORMAT_VERSION, MANIFEST_KEY, Manifest,
                        ParamEntry, get_manifest, set_manifest)
 from .rows import CheckpointRows
@@ -15,8 +18,10 @@ from .sharded_state import (ShardedParam, collect_shard, find_sharded_params,
 
 __all__ = [
     'LoadResult', 'MainFileWriter', 'ShardedCheckpointer',
-    'check_shards_visible', 'StateDictDiff', 'check_optimizer_matches',
-    'compare_state_dicts', 'CheckpointError', 'atomic_save', 'load_file',
+    'check_shards_visible', 'file_checksum', 'read_sidecar', 'sidecar_path',
+    'verify_checksum', 'StateDictDiff', 'check_optimizer_matches',
+    'compare_state_dicts', 'CheckpointError', 'SavedFile', 'atomic_save',
+    'load_file', 'replace_recorded',
     'FORMAT', 'FORMAT_VERSION', 'MANIFEST_KEY', 'Manifest', 'ParamEntry',
     'get_manifest', 'set_manifest', 'CheckpointRows', 'check_shard_files',
     'remove_stale_shard_dirs', 'shard_dir_name', 'shard_file_name',

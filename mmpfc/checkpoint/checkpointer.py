@@ -23,9 +23,10 @@ from mmengine.dist import (all_gather_object, barrier, broadcast_object_list,
                            get_dist_info)
 from mmengine.runner.checkpoint import load_state_dict
 
+from .checksum import sync_and_checksum
 from .compare import compare_state_dicts
 from .fit import fit_rows, split_matches
-from .io import CheckpointError, atomic_save
+from .io import CheckpointError, SavedFile, atomic_save, replace_recorded
 from .manifest import Manifest
 from .rows import CheckpointRows
 from .shard_files import (new_token, remove_stale_shard_dirs, shard_dir_name,
@@ -109,16 +110,17 @@ class ShardedCheckpointer:
         payload, info = collect_shard(model, optim_wrapper, rank, world_size,
                                       token[0])
         samplers = tuple(sorted(payload['samplers']))
-        nbytes = atomic_save(payload, osp.join(
+        saved = atomic_save(payload, osp.join(
             out_dir, shard_dir, shard_file_name(rank, world_size)))
         del payload
-        gathered = all_gather_object((nbytes, info))
-        sizes = tuple(n for n, _ in gathered)
+        gathered = all_gather_object((saved, info))
+        sizes = tuple(s.size for s, _ in gathered)
         check_shards_visible(out_dir, shard_dir, sizes, rank)
         manifest = Manifest(
             layout='shards', world_size=world_size,
             params=manifest_params([i for _, i in gathered], world_size),
             shard_dir=shard_dir, token=token[0], shard_bytes=sizes,
+            shard_checksums=tuple(s.checksum for s, _ in gathered),
             samplers=samplers)
         if rank == 0:
             self._write_main_file(out_dir, filename, manifest, write_main)
@@ -136,13 +138,14 @@ class ShardedCheckpointer:
     @staticmethod
     def _write_main_file(out_dir: str, filename: str, manifest: Manifest,
                          write_main: MainFileWriter) -> None:
-        """Rank 0: the main file through a temp name, fsync, rename."""
+        """Rank 0: the main file through a temp name, fsync, rename, and
+        its checksum in a sidecar (MMEngine writes it: it is checksummed
+        when read back)."""
         tmp_name = temp_main_name(filename, manifest.token)
         write_main(tmp_name, manifest)
         tmp_path = osp.join(out_dir, tmp_name)
-        with open(tmp_path, 'rb') as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, osp.join(out_dir, filename))
+        saved = SavedFile(osp.getsize(tmp_path), sync_and_checksum(tmp_path))
+        replace_recorded(tmp_path, osp.join(out_dir, filename), saved)
 
     # ------------------------------------------------------------------ load
     def load(self,
@@ -162,6 +165,8 @@ class ShardedCheckpointer:
         manifest only if ``strict``).
         """
         source = CheckpointRows(filename, checkpoint)
+        for note in source.unverified():
+            self.logger.info(note)
         rank, world_size = get_dist_info()
         rows = fit_rows(model, optim_wrapper, source, checkpoint)
         matched = split_matches(source, rows, rank, world_size)

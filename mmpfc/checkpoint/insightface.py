@@ -159,5 +159,5 @@ def convert_insightface(files: InsightfaceFiles,
             num_classes=total, embedding_size=dim,
             class_ranges=((0, total), ), dtype=dtype_name(parts[0]))}))
         summary['head'] = (total, dim)
-    atomic_save(converted, dst)
+    atomic_save(converted, dst, sidecar=True)
     return summary

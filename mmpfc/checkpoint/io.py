@@ -3,26 +3,28 @@
 Every file a checkpoint consists of is written to a temporary name in the
 target folder, flushed to disk and renamed over the final name
 (``os.replace``), so a crash mid-save never leaves a half-written file under a
-name that a loader would trust.
+name that a loader would trust. Files are checksummed when they are
+written and verified before they are read (:mod:`.checksum`).
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import os.path as osp
 import pickle
 import struct
 import tempfile
 import zipfile
-from typing import Any, Optional
+from functools import partial
+from typing import Any, BinaryIO, Callable, NamedTuple, Optional
 
 import torch
 
 from mmpfc.utils.compat import torch_load
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used as asked; the message says why."""
+from .checksum import (file_checksum, sidecar_path, sync_and_checksum,
+                       verify_checksum, verify_main_file)
+from .errors import CheckpointError
 
 
 #: how the two formats of ``torch.save`` begin: a zip archive, or (before
@@ -35,39 +37,75 @@ _LOAD_ERRORS = (RuntimeError, OSError, EOFError, ValueError, KeyError,
                 IndexError, AttributeError, struct.error, zipfile.BadZipFile)
 
 
-def atomic_save(obj: Any, path: str, fsync: bool = True) -> int:
+class SavedFile(NamedTuple):
+    """What :func:`atomic_save` wrote."""
+    size: int  # bytes
+    checksum: str  # of those bytes (:mod:`.checksum`)
+
+
+def atomic_save(obj: Any, path: str, fsync: bool = True,
+                sidecar: bool = False) -> SavedFile:
     """``torch.save(obj)`` to ``path`` through a temp file and ``os.replace``.
 
-    Returns the size of the written file in bytes. The folder must exist.
+    Returns the size and checksum of the written file (read back from the
+    page cache while ``fsync`` flushes it to disk, which hides the cost).
+    With ``sidecar``, the checksum is also recorded next to the file
+    (``<path>.sum``): for a main file, which no manifest lists. The folder
+    must exist.
     """
+    return _write_atomically(path, partial(torch.save, obj), fsync, sidecar)
+
+
+def replace_recorded(tmp_path: str, path: str, saved: SavedFile) -> None:
+    """``os.replace(tmp_path, path)`` and record ``saved`` (its size and
+    checksum) in ``path``'s sidecar. An older sidecar is deleted first: a
+    crash in between leaves a file without one, never with a wrong one."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(sidecar_path(path))
+    os.replace(tmp_path, path)
+    record = json.dumps(dict(file=osp.basename(path), bytes=saved.size,
+                             checksum=saved.checksum)) + '\n'
+    _write_atomically(sidecar_path(path), lambda f: f.write(record.encode()))
+
+
+def _write_atomically(path: str, write: Callable[[BinaryIO], Any],
+                      fsync: bool = True,
+                      sidecar: bool = False) -> SavedFile:
+    """``write(file)`` to a temp file that is synced, checksummed and
+    renamed over ``path`` (see :func:`atomic_save`)."""
     folder = osp.dirname(osp.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f'.{osp.basename(path)}.',
                                suffix='.tmp', dir=folder)
     try:
         with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
+            write(f)
+        saved = SavedFile(osp.getsize(tmp), sync_and_checksum(tmp) if fsync
+                          else file_checksum(tmp))
+        if sidecar:
+            replace_recorded(tmp, path, saved)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
-    return osp.getsize(path)
+    return saved
 
 
 def load_file(path: str,
               what: str = 'checkpoint',
               map_location: Any = 'cpu',
               mmap: bool = False,
-              expected_size: Optional[int] = None) -> Any:
+              expected_size: Optional[int] = None,
+              checksum: Optional[str] = None) -> Any:
     """``torch.load`` with errors that name the file and the problem.
 
     Every failure is a :class:`CheckpointError` naming ``path``: missing,
     empty, not written by ``torch.save`` (with its first bytes), of another
-    size than recorded, truncated or corrupt, or holding objects that
-    ``weights_only`` loading refuses.
+    size or checksum than recorded, truncated or corrupt, or holding objects
+    that ``weights_only`` loading refuses. Without ``checksum``, a file
+    with a checksum sidecar (a main file, ``<path>.sum``) is verified
+    against it; one without is read unchecked.
 
     Args:
         path: File to read.
@@ -77,6 +115,8 @@ def load_file(path: str,
             used are then read from disk).
         expected_size: Size recorded when the file was written; a file of
             another size is refused as truncated or replaced.
+        checksum: Checksum recorded when the file was written (a shard's,
+            from the manifest); a file with another one is refused.
     """
     if not osp.isfile(path):
         raise CheckpointError(f'{what} {path} does not exist')
@@ -85,6 +125,10 @@ def load_file(path: str,
         raise CheckpointError(
             f'{what} {path} has {size} bytes but {expected_size} were '
             'written: the file is truncated or was replaced')
+    if checksum is not None:
+        verify_checksum(path, checksum, what)
+    else:
+        verify_main_file(path, what)
     _check_torch_format(what, path, size)
     try:
         return torch_load(path, map_location=map_location, mmap=mmap)

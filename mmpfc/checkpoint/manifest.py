@@ -4,8 +4,8 @@ It says how the sharded tensors of the checkpoint are stored: the format
 version, the mmpfc version, the layout (``'shards'``: one file per rank in a
 shard folder; ``'inline'``: the full (C, D) tensors are in ``state_dict`` and
 ``optimizer``, as in a merged or imported file), the world size, the shard
-folder, its token and file sizes, and for every sharded parameter a
-:class:`ParamEntry`.
+folder, its token, file sizes and checksums, and for every sharded parameter
+a :class:`ParamEntry`.
 
 On disk the manifest is a plain dict (``Manifest.to_dict``), so a checkpoint
 needs nothing of mmpfc to be read; :meth:`Manifest.from_dict` checks every
@@ -20,7 +20,8 @@ import torch
 
 from mmpfc.models.utils.low_precision import dtype_name as name_of_dtype
 from mmpfc.version import __version__
-from .io import CheckpointError
+from .checksum import is_checksum
+from .errors import CheckpointError
 
 FORMAT = 'mmpfc-sharded-checkpoint'
 FORMAT_VERSION = 1
@@ -188,6 +189,8 @@ class Manifest:
         shard_dir: Shard folder, relative to the main file's folder.
         token: Id written into every shard file of this checkpoint.
         shard_bytes: Size of every rank's shard file.
+        shard_checksums: Checksum of every rank's shard file
+            (:mod:`.checksum`); None in checkpoints written before them.
         samplers: Modules whose sampler RNG state the shards hold.
         format_version: Of the checkpoint format; newer ones are refused.
         mmpfc_version: Of the mmpfc that wrote the file.
@@ -198,6 +201,7 @@ class Manifest:
     shard_dir: Optional[str] = None
     token: Optional[str] = None
     shard_bytes: Optional[Tuple[int, ...]] = None
+    shard_checksums: Optional[Tuple[str, ...]] = None
     samplers: Tuple[str, ...] = ()
     format_version: int = FORMAT_VERSION
     mmpfc_version: Optional[str] = __version__
@@ -217,6 +221,8 @@ class Manifest:
             token=self.token,
             shard_bytes=None if self.shard_bytes is None else list(
                 self.shard_bytes),
+            shard_checksums=None if self.shard_checksums is None else list(
+                self.shard_checksums),
             params={k: v.to_dict() for k, v in self.params.items()},
             samplers=list(self.samplers))
 
@@ -250,6 +256,12 @@ class Manifest:
                 _is_list(v) and len(v) == world_size and
                 all(map(_is_count, v))),
             f'None or {world_size} sizes (one per rank)', None)
+        shard_checksums = fields.get(
+            'shard_checksums', lambda v: v is None or (
+                _is_list(v) and len(v) == world_size and
+                all(map(is_checksum, v))),
+            f"None or {world_size} checksums (one per rank, "
+            "'<algorithm>:<hex>')", None)
         raw_params = fields.get('params', lambda v: isinstance(v, Mapping),
                                 'a dict')
         manifest = cls(
@@ -261,6 +273,8 @@ class Manifest:
             token=fields.get('token', _is_str if shards else
                              _is_optional_str, 'a str', default),
             shard_bytes=None if shard_bytes is None else tuple(shard_bytes),
+            shard_checksums=None if shard_checksums is None else tuple(
+                shard_checksums),
             samplers=tuple(fields.get('samplers', _is_str_list,
                                       'a list of str', ())),
             format_version=version,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os.path as osp
 from dataclasses import replace
+from typing import Callable, Optional
 
 import torch
 
@@ -13,8 +14,8 @@ from .sharded_state import put_row_state
 
 
 def merge_checkpoint(src: str, dst: str, drop_optimizer: bool = False,
-                     overwrite: bool = False,
-                     keep_dtype: bool = False) -> dict:
+                     overwrite: bool = False, keep_dtype: bool = False,
+                     note: Optional[Callable[[str], None]] = None) -> dict:
     """Write ``dst``: ``src`` with every sharded tensor whole, in class order.
 
     ``state_dict[name]`` holds all C rows of each sharded parameter (e.g.
@@ -22,6 +23,10 @@ def merge_checkpoint(src: str, dst: str, drop_optimizer: bool = False,
     (momentum), and the manifest says ``layout='inline'``; message hub and
     schedulers are kept, so the file can be resumed from (on any number of
     ranks; the samplers are reseeded). Needs O(C x D) host memory.
+
+    Every file of ``src`` is verified against the checksum recorded when
+    it was written (a mismatch raises :class:`CheckpointError` naming the
+    file); ``dst`` gets its own (``<dst>.sum``).
 
     Args:
         src: Main file of a sharded (or merged) mmpfc checkpoint.
@@ -33,6 +38,8 @@ def merge_checkpoint(src: str, dst: str, drop_optimizer: bool = False,
             by default they are written in fp32 (exact), which any model
             and tool reads. Compact optimizer state is kept as saved either
             way (a run converts it on resume).
+        note: Called with a note for every file of ``src`` that carries no
+            checksum (saved before checksums), so was not verified.
 
     Returns:
         ``{name: (num_classes, embedding_size)}`` of the merged tensors.
@@ -48,6 +55,9 @@ def merge_checkpoint(src: str, dst: str, drop_optimizer: bool = False,
         raise CheckpointError(
             f'{src} has no mmpfc manifest (meta["mmpfc"]): it is not a '
             'sharded checkpoint, there is nothing to merge')
+    if note is not None:
+        for message in source.unverified():
+            note(message)
     optimizer_state = None if drop_optimizer else checkpoint.get('optimizer')
     params = dict(source.manifest.params)
     for name, entry in params.items():
@@ -61,6 +71,6 @@ def merge_checkpoint(src: str, dst: str, drop_optimizer: bool = False,
     if drop_optimizer:
         checkpoint.pop('optimizer', None)
     set_manifest(checkpoint, Manifest.inline(params))
-    atomic_save(checkpoint, dst)
+    atomic_save(checkpoint, dst, sidecar=True)
     return {name: (entry.num_classes, entry.embedding_size)
             for name, entry in params.items()}

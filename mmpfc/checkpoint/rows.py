@@ -7,10 +7,12 @@ those rows are read), or slices them out of a merged / plain checkpoint.
 """
 from __future__ import annotations
 
+import os.path as osp
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .checksum import sidecar_path
 from .io import CheckpointError, load_file
 from .manifest import (FORMAT, OptimizerLocation, ParamEntry, dtype_name,
                        get_manifest)
@@ -25,7 +27,9 @@ class CheckpointRows:
 
     On construction the manifest is checked and every shard file it lists
     must exist with the recorded size, so an incomplete checkpoint is
-    refused before anything is loaded, with the missing pieces named.
+    refused before anything is loaded, with the missing pieces named. A
+    shard file is verified against its recorded checksum when it is first
+    read (only the shards a rank reads are read in full).
 
     Args:
         path: The main checkpoint file.
@@ -42,6 +46,23 @@ class CheckpointRows:
         if self.layout == 'shards':
             self.shard_paths = check_shard_files(path, self.manifest)
         self._shards: Dict[int, dict] = {}
+
+    def unverified(self) -> List[str]:
+        """Notes on the files of this checkpoint that carry no checksum
+        (saved before checksums, or by another tool), so are not verified:
+        the main file without a sidecar, shard files checked by size only.
+        """
+        notes = []
+        if not osp.isfile(sidecar_path(self.path)):
+            notes.append(
+                f'{self.path} has no checksum file '
+                f'{osp.basename(sidecar_path(self.path))} (saved before '
+                'checksums, or by another tool): read unverified')
+        if self.layout == 'shards' and self.manifest.shard_checksums is None:
+            notes.append(
+                f'{self.path} records no checksums of its shard files '
+                '(saved before checksums): they are checked by size only')
+        return notes
 
     @property
     def world_size(self) -> int:
@@ -74,9 +95,12 @@ class CheckpointRows:
         """The (memory-mapped) shard file of ``rank``, checked and cached."""
         if rank not in self._shards:
             sizes = self.manifest.shard_bytes or [None] * self.world_size
+            checksums = self.manifest.shard_checksums or \
+                [None] * self.world_size
             path = self.shard_paths[rank]
             payload = load_file(path, f'shard of rank {rank}', mmap=True,
-                                expected_size=sizes[rank])
+                                expected_size=sizes[rank],
+                                checksum=checksums[rank])
             found = (payload.get('format'), payload.get('token'),
                      payload.get('rank'), payload.get('world_size'))
             wanted = (FORMAT, self.manifest.token, rank, self.world_size)

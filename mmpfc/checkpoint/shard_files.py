@@ -24,11 +24,14 @@ import uuid
 from collections import defaultdict
 from typing import List
 
+from .checksum import SIDECAR_SUFFIX
 from .io import CheckpointError, load_file
 from .manifest import Manifest, get_manifest
 
 _SHARD_DIR = re.compile(r'^(?P<main>.+)\.shards-(?P<token>[0-9a-f]{12})$')
-_TEMP_FILE = re.compile(r'^\..+\.pth\.[^.]+\.tmp$')
+# temp files of main files and of their checksum sidecars
+_TEMP_FILE = re.compile(
+    rf'^\..+\.pth({re.escape(SIDECAR_SUFFIX)})?\.[^.]+\.tmp$')
 
 
 def new_token() -> str:
@@ -77,8 +80,16 @@ def check_shard_files(main_path: str, manifest: Manifest) -> List[str]:
     return paths
 
 
+def _is_orphan_sidecar(path: str) -> bool:
+    """A checksum file whose main file is gone (``max_keep_ckpts`` and a
+    replaced best checkpoint remove the main file only)."""
+    return path.endswith('.pth' + SIDECAR_SUFFIX) and not osp.exists(
+        path[:-len(SIDECAR_SUFFIX)])
+
+
 def remove_stale_shard_dirs(folder: str) -> List[str]:
-    """Delete shard folders no main file refers to, and temp files.
+    """Delete shard folders no main file refers to, temp files, and
+    checksum files whose main file is gone.
 
     A shard folder is stale when its main file is gone (``max_keep_ckpts``
     or a replaced best checkpoint removed it), or when the main file's
@@ -92,7 +103,8 @@ def remove_stale_shard_dirs(folder: str) -> List[str]:
         match = _SHARD_DIR.match(name)
         if match and osp.isdir(path):
             groups[match['main']].append(name)
-        elif _TEMP_FILE.match(name) and osp.isfile(path):
+        elif osp.isfile(path) and (_TEMP_FILE.match(name) or
+                                   _is_orphan_sidecar(path)):
             os.remove(path)
             removed.append(name)
     for main, dirs in groups.items():

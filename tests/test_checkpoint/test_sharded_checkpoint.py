@@ -311,6 +311,9 @@ def _stored_manifest(trained):
     (lambda m: m.update(shard_bytes=[1, 2]),
      r"\['shard_bytes'\] must be None or 1 sizes \(one per rank\), got "
      r"\[1, 2\] \(list\)"),
+    (lambda m: m.update(shard_checksums=['crc']),
+     r"\['shard_checksums'\] must be None or 1 checksums \(one per rank, "
+     r"'<algorithm>:<hex>'\), got \['crc'\] \(list\)"),
     (lambda m: m.update(params=[]),
      r"\['params'\] must be a dict, got \[\] \(list\)"),
     (lambda m: m['params']['head.weight'].pop('num_classes'),
@@ -348,7 +351,8 @@ def test_a_checkpoint_with_a_broken_manifest_is_refused_by_name(trained,
     work_dir = _copy(trained[0], tmp_path / 'copy')
     checkpoint = load_file(str(work_dir / 'iter_4.pth'))
     del checkpoint['meta']['mmpfc']['params']['head.weight']['class_ranges']
-    torch.save(checkpoint, work_dir / 'iter_4.pth')
+    # changed on purpose: its checksum is recorded anew
+    atomic_save(checkpoint, str(work_dir / 'iter_4.pth'), sidecar=True)
     runner, before = _fresh_runner(tmp_path)
     with pytest.raises(CheckpointError, match=(
             r"checkpoint .*copy/iter_4\.pth: manifest field meta\['mmpfc'\]"

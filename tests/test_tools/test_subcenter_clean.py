@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from helpers import load_tool
 from tiny_training import NUM_CLASSES, CkptTinyFaces, build_runner, make_cfg
 
-from mmpfc.checkpoint import load_file
+from mmpfc.checkpoint import atomic_save, load_file
 from mmpfc.checkpoint.merge import merge_checkpoint
 from mmpfc.registry import DATASETS, MODELS
 
@@ -179,7 +179,7 @@ def test_mislabelled_samples_are_found(tool, trained, tmp_path):
     checkpoint = load_file(merged)
     weight = hand_set_centers(trained)
     checkpoint['state_dict']['head.weight'] = weight
-    torch.save(checkpoint, merged)
+    atomic_save(checkpoint, merged, sidecar=True)  # its checksum anew
     emb, labels = trained['emb'], trained['labels']
     angles = [math.degrees(math.acos(min(1.0, float(
         F.normalize(weight[c, :DIM], dim=0) @ F.normalize(e, dim=0)))))
