@@ -16,6 +16,10 @@ collective without moving a value. What the step does is recorded:
   value, no synchronization, reads as 1: a step count);
 * the dtype of every matrix product and convolution, with the line that
   ran it;
+* with ``count_work``, every operator's floating-point operations
+  (``torch.utils.flop_counter``'s formulas: products, convolutions,
+  attention), the dtype they run in and the bytes it reads and writes
+  (:class:`Work`), from which a step's time on a given GPU is estimated;
 * the bytes of live CUDA tensors (distinct storages) after each phase, and
   the peak within it. The Python backward keeps every saved tensor until
   the graph is freed at the end of the phase, where the engine frees them
@@ -37,7 +41,7 @@ from __future__ import annotations
 
 import gc
 import os
-import traceback
+import sys
 import weakref
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -49,11 +53,13 @@ import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry
 
 from mmpfc.models.utils.rank_generator import RankGenerator
 from .python_backward import record_function_inputs, run_backward, run_grad
 
-__all__ = ['Collective', 'HostRead', 'Kernel', 'VirtualGPU', 'virtual_rank']
+__all__ = ['Collective', 'HostRead', 'Kernel', 'VirtualGPU', 'Work',
+           'virtual_rank']
 
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -97,15 +103,36 @@ class Kernel:
     site: str
 
 
+@dataclass(frozen=True)
+class Work:
+    """What one operator does: ``flops`` floating-point operations in
+    ``dtype`` (0 for all but products, convolutions and attention) and
+    ``nbytes`` of tensors read and written."""
+    phase: str
+    op: str
+    dtype: torch.dtype
+    flops: int
+    nbytes: int
+    site: str
+
+
 def _site() -> str:
     """``path:line`` of the innermost mmpfc frame outside this package,
     relative to the repository ('' when mmpfc is not on the stack)."""
-    for frame in reversed(traceback.extract_stack()):
-        name = os.path.abspath(frame.filename)
+    frame = sys._getframe(1)
+    while frame is not None:
+        name = os.path.abspath(frame.f_code.co_filename)
         if name.startswith(_PACKAGE) and not name.startswith(_HERE):
             rel = os.path.relpath(name, os.path.dirname(_PACKAGE))
-            return f'{rel}:{frame.lineno}'
+            return f'{rel}:{frame.f_lineno}'
+        frame = frame.f_back
     return ''
+
+
+def _tensor_bytes(tree) -> int:
+    flat, _ = tree_flatten(tree)
+    return sum(t.numel() * t.element_size() for t in flat
+               if isinstance(t, torch.Tensor))
 
 
 class VirtualGPU(FakeTensorMode):
@@ -115,9 +142,11 @@ class VirtualGPU(FakeTensorMode):
     stubs in place; :meth:`phase` names the part of the step that runs.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, count_work: bool = False) -> None:
         super().__init__(allow_non_fake_inputs=True)
         self.current_phase = 'setup'
+        self.count_work = count_work
+        self.work: List[Work] = []
         self.collectives: List[Collective] = []
         self.host_reads: List[HostRead] = []
         self.kernels: List[Kernel] = []
@@ -169,7 +198,28 @@ class VirtualGPU(FakeTensorMode):
                                        args[0].dtype, _site()))
         out = super().__torch_dispatch__(func, types, args, kwargs)
         self._track(out)
+        if self.count_work and namespace == 'aten' and not func.is_view:
+            self._record_work(func, args, kwargs, out)
         return out
+
+    def _record_work(self, func, args, kwargs, out) -> None:
+        packet = func._overloadpacket
+        name = packet.__name__
+        if packet not in flop_registry and name.endswith('_'):
+            # an in-place product (addmm_) counts as its out-of-place one
+            packet = getattr(torch.ops.aten, name[:-1], packet)
+        flops = 0
+        if packet in flop_registry:
+            flops = int(flop_registry[packet](*args, **kwargs, out_val=out))
+        tensors = [t for t in tree_flatten((args, kwargs))[0]
+                   if isinstance(t, torch.Tensor)]
+        dtype = tensors[0].dtype if tensors else torch.float32
+        self.work.append(Work(
+            self.current_phase, name, dtype, flops,
+            _tensor_bytes((args, kwargs)) + _tensor_bytes(out), _site()))
+
+    def work_in(self, phase: str) -> List[Work]:
+        return [w for w in self.work if w.phase == phase]
 
     def _record_read(self, tensor: torch.Tensor):
         """Record a read of a CUDA value (one per run of reads of one
@@ -274,13 +324,15 @@ _STAND_INS: 'weakref.WeakKeyDictionary' = weakref.WeakKeyDictionary()
 
 
 @contextmanager
-def virtual_rank(rank: int, world_size: int) -> Iterator[VirtualGPU]:
+def virtual_rank(rank: int, world_size: int,
+                 count_work: bool = False) -> Iterator[VirtualGPU]:
     """Be rank ``rank`` of ``world_size`` GPUs, in this process.
 
     Creates the fake process group (destroyed on exit; refused while
     another group exists) and enters a :class:`VirtualGPU` with the stubs
     listed in the module doc. Build models on ``torch.device('meta')`` and
     move them with ``module.to_empty(device='cuda')`` inside.
+    ``count_work`` records every operator's :class:`Work`.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f'rank must be in [0, {world_size}), got {rank}')
@@ -289,7 +341,7 @@ def virtual_rank(rank: int, world_size: int) -> Iterator[VirtualGPU]:
                            'group; one is initialized already')
     from torch.testing._internal.distributed.fake_pg import FakeStore
     import torch.cuda.amp.common as amp_common
-    mode = VirtualGPU()
+    mode = VirtualGPU(count_work)
     dist.init_process_group('fake', store=FakeStore(), rank=rank,
                             world_size=world_size)
     try:

@@ -74,16 +74,17 @@ def build_on_virtual_gpu(model_cfg: Union[dict, ConfigDict]) -> nn.Module:
 
 def run_virtual_step(cfg: Union[Config, dict], rank: int, world_size: int,
                      batch_size: Optional[int] = None, steps: int = 2,
-                     image_shape: Sequence[int] = FACE_IMAGE
-                     ) -> VirtualStep:
+                     image_shape: Sequence[int] = FACE_IMAGE,
+                     count_work: bool = False) -> VirtualStep:
     """Run ``steps`` training steps of ``cfg`` as rank ``rank`` of
     ``world_size`` virtual GPUs; ``batch_size`` per GPU (default: the
-    config's train batch)."""
+    config's train batch); ``count_work``: record every operator's work
+    (:class:`.virtual_gpu.Work`)."""
     from mmengine.optim import build_optim_wrapper
     from mmengine.registry import DefaultScope
     model_cfg, optim_cfg, default_batch = _model_cfg(cfg)
     batch = batch_size or default_batch
-    with virtual_rank(rank, world_size) as gpu:
+    with virtual_rank(rank, world_size, count_work) as gpu:
         model = build_on_virtual_gpu(model_cfg)
         model.train()
         with DefaultScope.overwrite_default_scope('mmpfc'):

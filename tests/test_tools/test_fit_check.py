@@ -1,0 +1,103 @@
+"""tools/fit_check.py: the peak per GPU, what fits, the step estimate and
+the errors, for real configs (virtual GPUs, no GPU needed).
+
+Expected sizes are written out here: r50 at 3M identities on 8 GPUs holds
+375,000 fp32 centers of 512 values per GPU (768,000,000 bytes), as many
+momentum values, and 128 images of 3 x 112 x 112 fp32 inputs.
+"""
+import json
+import os
+
+import pytest
+from helpers import load_tool
+from mmengine.config import Config
+
+from mmpfc.benchmark.fit_check import check_fit, parse_size, predict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+R50_PFC = os.path.join(ROOT, 'configs/pfc/r50_pfc0.1_3m.py')
+GiB = 2**30
+
+
+@pytest.fixture(scope='module')
+def tool():
+    return load_tool('fit_check.py')
+
+
+def run_json(tool, capsys, *argv):
+    assert tool.main([R50_PFC, '--no-timing', '--json', *argv]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_json_report_of_r50_pfc_3m(tool, capsys):
+    out = run_json(tool, capsys, '--gpus', '8', '--gpu-memory', '32GB')
+    assert out['parts']['centers'] == 375_000 * 512 * 4
+    assert out['parts']['momentum'] == 375_000 * 512 * 4
+    assert out['parts']['inputs'] == 128 * 3 * 112 * 112 * 4
+    assert out['peak_bytes'] == sum(out['parts'].values())
+    assert out['fits'] is True and out['gpu_memory'] == 32 * GiB
+    # the centers and momentum grow by 2 x 2,048 bytes per identity and
+    # GPU: 24 GiB of headroom hold tens of millions more
+    assert 30_000_000 < out['max_num_classes'] < 60_000_000
+    assert out['max_batch_size'] > 128
+
+
+def test_too_small_gpu_gets_what_would_fit(tool, capsys):
+    out = run_json(tool, capsys, '--gpus', '8', '--gpu-memory', '7.5GiB')
+    assert out['fits'] is False and out['peak_bytes'] > 7.5 * GiB
+    assert out['max_batch_size'] < 128
+    assert out['max_num_classes'] < 3_000_000
+    # bf16 centers and state halve 1.5 GB of the shard: that fits
+    assert out['fitting_storage'] in (['bfloat16', 'bfloat16'],
+                                      ['bfloat16', 'int8'])
+
+
+def test_largest_counts_are_edges():
+    cfg = Config.fromfile(R50_PFC)
+    report = check_fit(cfg, 8, 12 * GiB, timing=False)
+    from mmpfc.benchmark.fit_check import head_setup
+    from mmpfc.benchmark.gpu_memory import model_figures
+    setup = head_setup(cfg, 8)
+    figures = model_figures(dict(cfg.model, head=None))
+    peak = predict(figures, setup, 8, batch_size=report.max_batch_size)
+    assert peak.peak <= 12 * GiB
+    over = predict(figures, setup, 8, batch_size=report.max_batch_size + 1)
+    assert over.peak > 12 * GiB
+
+
+def test_step_estimate_and_speed_ratio(tool, capsys):
+    """The head's share and the PFC0.1 / MP ratio: model parallel computes
+    and steps all 375,000 local centers per GPU, Partial FC 0.1 a tenth."""
+    mbf = os.path.join(ROOT, 'configs/pfc/mbf_pfc0.1_demo_cpu.py')
+    assert tool.main([mbf, '--gpus', '8', '--gpu', 'a100', '--json',
+                      '--cfg-options', 'model.head.num_classes=3000000',
+                      'train_dataloader.batch_size=32']) == 0
+    out = json.loads(capsys.readouterr().out)
+    times = out['step_seconds']
+    assert times['total'] == pytest.approx(
+        times['forward'] + times['backward'] + times['step'])
+    assert out['samples_per_second'] == pytest.approx(
+        8 * 32 / times['total'])
+    assert 0 < out['head_share'] < 1
+    assert out['pfc_over_mp'] > 1.5
+    assert out['gpu'].startswith('A100')
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--gpus', '8', '--gpu', 'P100'], "unknown GPU 'P100'"),
+    (['--gpus', '8', '--gpu-memory', '32 bananas'],
+     "GPU memory '32 bananas' is not a size"),
+    (['--gpus', '0'], '--gpus must be a positive integer, got 0'),
+    (['--gpus', '8', '--cfg-options', 'model.backbone.type=NoSuchNet'],
+     'cannot be built: KeyError'),
+])
+def test_bad_input_is_named(tool, capsys, argv, message):
+    assert tool.main([R50_PFC, '--no-timing', *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('text,expected', [
+    ('32GB', 32 * GiB), ('24 GiB', 24 * GiB), ('16000MB', 16000 * 2**20),
+    ('80', 80 * GiB), ('1.5g', int(1.5 * GiB))])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
