@@ -50,6 +50,10 @@ GPUS: Dict[str, GPU] = {
                 495 * TERA, 3350 * GIGA, 450 * GIGA,
                 'NVIDIA H100 datasheet (SXM, dense); NVLink 4, nccl-tests '
                 'on a DGX H100'),
+    'H200': GPU('H200-SXM-141GB', 141 * 10**9, 989 * TERA, 67 * TERA,
+                495 * TERA, 4800 * GIGA, 450 * GIGA,
+                'NVIDIA H200 datasheet (SXM, dense: the H100 SXM\'s '
+                'arithmetic with HBM3e); NVLink 4 as the H100'),
 }
 #: Fractions of peak that tuned kernels reach (assumed): tensor-core and
 #: fp32 products, memory-bound kernels, NCCL.
@@ -68,10 +72,16 @@ _CONVOLUTIONS = {'convolution', 'convolution_backward', '_convolution',
 
 
 def gpu_by_name(name: str) -> GPU:
-    """The :data:`GPUS` entry of ``name`` (case-insensitive)."""
+    """The :data:`GPUS` entry of ``name`` (case-insensitive): a key such
+    as ``H100``, or a device name holding one, as
+    ``torch.cuda.get_device_name()`` gives it (``NVIDIA H100 80GB HBM3``)."""
+    wanted = str(name).lower()
     for key, gpu in GPUS.items():
-        if key.lower() == str(name).lower():
+        if key.lower() == wanted:
             return gpu
+    named = [gpu for key, gpu in GPUS.items() if key.lower() in wanted]
+    if len(named) == 1:
+        return named[0]
     raise ValueError(f'unknown GPU {name!r}: the step-time table knows '
                      f'{", ".join(GPUS)}')
 

@@ -51,3 +51,10 @@ def test_unknown_gpu():
     with pytest.raises(ValueError, match="unknown GPU 'K80'.*V100, A100, "
                        'H100'):
         gpu_by_name('K80')
+
+
+def test_gpu_from_a_device_name():
+    # as torch.cuda.get_device_name() names them
+    assert gpu_by_name('NVIDIA H100 80GB HBM3').fp16 == 989e12
+    assert gpu_by_name('Tesla V100-SXM2-32GB').bandwidth == 900e9
+    assert gpu_by_name('NVIDIA H200').bandwidth == 4.8e12

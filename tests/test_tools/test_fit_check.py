@@ -101,3 +101,52 @@ def test_bad_input_is_named(tool, capsys, argv, message):
     ('80', 80 * GiB), ('1.5g', int(1.5 * GiB))])
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
+
+
+RUN_LOG = """\
+12/06 10:00:01 - mmengine - INFO - Training: Speed 1201.50 samples/sec   Loss 40.1000   LearningRate 0.2000   Epoch: 0   Global Step: 20   Fp16 Grad Scale: 65536
+12/06 10:00:01 - mmengine - INFO - Memory per rank after step 20, device memory (used/total of the GPU; peak = max allocated by the process since the previous table):
+[0] gpu1 cuda:0 |  20000 /  81559 MB | peak  15000 MB | reserved  17000 MB
+12/06 10:00:09 - mmengine - INFO - Training: Speed 3000.00 samples/sec   Loss 39.0000   LearningRate 0.2000   Epoch: 0   Global Step: 40
+12/06 10:00:17 - mmengine - INFO - Training: Speed 3100.00 samples/sec   Loss 38.0000   LearningRate 0.2000   Epoch: 0   Global Step: 60
+12/06 10:00:17 - mmengine - INFO - Memory per rank after step 60, device memory (used/total of the GPU; peak = max allocated by the process since the previous table):
+[0] gpu1 cuda:0 |  21000 /  81559 MB | peak  14000 MB | reserved  18000 MB
+"""
+
+
+def test_run_log_beside_the_prediction(tool, capsys, tmp_path):
+    log = tmp_path / 'run.log'
+    log.write_text(RUN_LOG)
+    assert tool.main([R50_PFC, '--no-timing', '--json', '--gpus', '1',
+                      '--gpu', 'NVIDIA H100 80GB HBM3', '--run-log',
+                      str(log)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    # the first interval (warm-up) left out: median of 3000 and 3100
+    assert out['run']['steady_speed'] == 3050.0
+    assert out['run']['speeds'] == [1201.5, 3000.0, 3100.0]
+    assert (out['run']['used_mb'], out['run']['peak_mb'],
+            out['run']['reserved_mb']) == (21000, 15000, 18000)
+    assert out['gpu'].startswith('H100')
+
+    assert tool.main([R50_PFC, '--no-timing', '--gpus', '1', '--run-log',
+                      str(log)]) == 0
+    text = capsys.readouterr().out
+    # one GPU holds all 3M fp32 centers and their momentum: the tensors
+    # predicted are at least those 2 x 3e6 x 512 x 4 bytes
+    row = next(line for line in text.splitlines()
+               if line.startswith('| tensors at the peak'))
+    measured, predicted, ratio = row.split('|')[2:5]
+    assert float(measured) == 15000
+    assert float(predicted) > 2 * 3e6 * 512 * 4 / 2**20
+    assert float(ratio) == pytest.approx(15000 / float(predicted), abs=0.01)
+    assert '| samples/s (median past the first interval) | 3050 | - | - |' \
+        in text
+
+
+def test_run_log_without_figures_is_named(tool, capsys, tmp_path):
+    log = tmp_path / 'empty.log'
+    log.write_text('nothing here\n')
+    assert tool.main([R50_PFC, '--no-timing', '--gpus', '1', '--run-log',
+                      str(log)]) == 2
+    err = capsys.readouterr().err
+    assert 'empty.log: no speed line' in err
