@@ -223,10 +223,14 @@ class VirtualGPU(FakeTensorMode):
 
     def _record_read(self, tensor: torch.Tensor):
         """Record a read of a CUDA value (one per run of reads of one
-        storage: ``tolist``) and return 0; a host value (a CPU tensor,
-        e.g. Adam's step count) is no synchronization and reads as 1."""
+        storage: ``tolist``) and return 0. A host value (a CPU tensor) is
+        no synchronization: a floating one (Adam's step count) reads 1,
+        never a zero divisor; an integer one (the label check's smallest
+        and largest label, copied to pinned memory) reads 0, in range of
+        any head."""
         if tensor.device.type != 'cuda':
-            return _value(tensor.dtype, 1)
+            return _value(tensor.dtype,
+                          1 if tensor.dtype.is_floating_point else 0)
         key = (StorageWeakRef(tensor.untyped_storage()).cdata, _site())
         if key == self._last_read:
             self.host_reads[-1].values += 1

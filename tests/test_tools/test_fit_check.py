@@ -150,3 +150,16 @@ def test_run_log_without_figures_is_named(tool, capsys, tmp_path):
                       str(log)]) == 2
     err = capsys.readouterr().err
     assert 'empty.log: no speed line' in err
+
+
+def test_step_estimate_on_one_gpu(tool, capsys):
+    """One GPU (what tools/check_gpu.sh asks): the head-less step uses a
+    head of one identity, whose label check must pass on the virtual GPU."""
+    mbf = os.path.join(ROOT, 'configs/pfc/mbf_pfc0.1_demo_cpu.py')
+    assert tool.main([mbf, '--gpus', '1', '--gpu', 'H100', '--json',
+                      '--cfg-options', 'model.head.num_classes=300000',
+                      'train_dataloader.batch_size=32']) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out['samples_per_second'] == pytest.approx(
+        32 / out['step_seconds']['total'])
+    assert 0 < out['head_share'] < 1
