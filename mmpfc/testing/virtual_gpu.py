@@ -1,4 +1,4 @@
-"""Virtual GPU ranks: run rank r of W on CUDA tensors, on a machine without one.
+"""Virtual GPU ranks: rank r of W on CUDA tensors, on a machine without one.
 
 Why: mmpfc is written for NCCL training on GPUs, and the code only a GPU
 takes (CUDA fp16 autocast, the loss scaler's CUDA path, pinned copies, the
@@ -129,6 +129,14 @@ def _site() -> str:
     return ''
 
 
+#: Indexed reads and in-place indexed writes touch the rows they address,
+#: not the whole tensor they index (a shard of millions of centers).
+_ROW_GATHERS = {'index_select', 'gather', 'index', 'embedding', 'take'}
+_ROW_SCATTERS = {'index_copy_', 'index_add_', 'index_put_', '_index_put_impl_',
+                 'scatter_', 'scatter_add_', 'scatter_reduce_',
+                 'index_fill_', 'index_reduce_'}
+
+
 def _tensor_bytes(tree) -> int:
     flat, _ = tree_flatten(tree)
     return sum(t.numel() * t.element_size() for t in flat
@@ -214,9 +222,15 @@ class VirtualGPU(FakeTensorMode):
         tensors = [t for t in tree_flatten((args, kwargs))[0]
                    if isinstance(t, torch.Tensor)]
         dtype = tensors[0].dtype if tensors else torch.float32
-        self.work.append(Work(
-            self.current_phase, name, dtype, flops,
-            _tensor_bytes((args, kwargs)) + _tensor_bytes(out), _site()))
+        if name in _ROW_GATHERS:  # reads only the rows it returns
+            nbytes = _tensor_bytes((args[1:], kwargs)) + \
+                2 * _tensor_bytes(out)
+        elif name in _ROW_SCATTERS:  # reads and writes only the rows given
+            nbytes = 2 * _tensor_bytes((args[1:], kwargs))
+        else:
+            nbytes = _tensor_bytes((args, kwargs)) + _tensor_bytes(out)
+        self.work.append(Work(self.current_phase, name, dtype, flops,
+                              nbytes, _site()))
 
     def work_in(self, phase: str) -> List[Work]:
         return [w for w in self.work if w.phase == phase]

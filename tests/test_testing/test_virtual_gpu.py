@@ -68,3 +68,27 @@ def test_a_rank_outside_the_world_is_refused():
     with pytest.raises(ValueError, match=r'rank must be in \[0, 4\), got 4'):
         with virtual_rank(4, 4):
             pass
+
+
+def test_work_counts_flops_and_the_bytes_kernels_touch():
+    """A product's FLOPs are 2 m n k; an elementwise kernel moves its
+    inputs and output; an indexed read or in-place write of 10 rows of a
+    million-row table moves those rows (and the index), not the table."""
+    with virtual_rank(0, 8, count_work=True) as gpu:
+        with gpu.phase('work'):
+            a = torch.empty(64, 32, device='cuda', dtype=torch.float16)
+            b = torch.empty(32, 16, device='cuda', dtype=torch.float16)
+            a @ b
+            c = torch.empty(64, 32, device='cuda') + 1
+            table = torch.empty(10**6, 64, device='cuda')
+            rows = torch.empty(10, dtype=torch.long, device='cuda')
+            table.index_select(0, rows)
+            table.index_copy_(0, rows, torch.empty(10, 64, device='cuda'))
+    work = {w.op: w for w in gpu.work_in('work')}
+    assert (work['mm'].flops, work['mm'].dtype) == (2 * 64 * 16 * 32,
+                                                    torch.float16)
+    assert work['mm'].nbytes == (64 * 32 + 32 * 16 + 64 * 16) * 2
+    assert work['add'].nbytes == 2 * 64 * 32 * 4
+    assert work['index_select'].nbytes == 10 * 8 + 2 * 10 * 64 * 4
+    assert work['index_copy_'].nbytes == 2 * (10 * 8 + 10 * 64 * 4)
+    assert c.shape == (64, 32)
