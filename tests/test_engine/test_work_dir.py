@@ -9,6 +9,7 @@ from tiny_training import build_runner, make_cfg
 
 import mmpfc  # noqa: F401
 from mmpfc.engine.runners.work_dir import (WorkDirInUseError,
+                                           existing_checkpoints,
                                            resolve_last_checkpoint)
 
 
@@ -114,3 +115,89 @@ def test_last_checkpoint_naming_a_missing_file(tmp_path):
     (tmp_path / 'iter_9.pth').write_bytes(b'')
     assert resolve_last_checkpoint(str(tmp_path)) == str(
         tmp_path / 'iter_9.pth')
+
+
+HOLDER = '''
+import sys, time
+from mmpfc.engine.runners.work_dir import WorkDirLock
+lock = WorkDirLock(sys.argv[1]).acquire()
+print('locked', flush=True)
+time.sleep(600)
+'''
+
+
+def hold_lock(work_dir):
+    """Another process training in ``work_dir`` (as far as the lock
+    goes); returns it once it holds the lock."""
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, '-c', HOLDER, str(work_dir)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == 'locked'
+    return proc
+
+
+@pytest.mark.parametrize('resume', [False, True])
+def test_second_run_in_a_live_work_dir_is_refused(tmp_path, resume):
+    import signal
+    import socket
+    import time
+
+    from mmpfc.engine.runners.work_dir import WorkDirLockedError
+    holder = hold_lock(tmp_path)
+    try:
+        cfg = make_cfg(str(tmp_path), max_iters=2, resume=resume)
+        runner = build_runner(cfg)
+        start = time.monotonic()
+        with pytest.raises(WorkDirLockedError) as info:
+            runner.train()
+        assert time.monotonic() - start < 5
+        message = str(info.value)
+        assert f'PID {holder.pid} on host {socket.gethostname()}' in message
+        assert '--work-dir' in message and '.mmpfc-train.lock' in message
+        assert runner.iter == 0 and not existing_checkpoints([tmp_path])
+        # the holder killed without a chance to clean up: its lock goes
+        # with it, and a new run starts without any manual step
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+        train(tmp_path, max_iters=2)
+        assert osp.isfile(osp.join(tmp_path, 'iter_2.pth'))
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+
+
+def test_lock_is_released_when_the_run_ends(tmp_path):
+    from mmpfc.engine.runners.work_dir import WorkDirLock
+    train(tmp_path, max_iters=2)
+    # the finished run holds nothing: the lock can be taken again
+    with WorkDirLock(str(tmp_path)) as lock:
+        assert lock.supported
+        with open(lock.path) as f:
+            assert f'"pid": {os.getpid()}' in f.read()
+
+
+def _train_expecting_lock_error(rank, world_size, work_dir):
+    from mmpfc.engine.runners.work_dir import WorkDirLockedError
+    runner = build_runner(make_cfg(work_dir, world_size=world_size,
+                                   max_iters=2))
+    try:
+        runner.train()
+    except WorkDirLockedError as err:
+        return str(err)
+    return None
+
+
+def test_every_rank_refuses_a_live_work_dir(tmp_path):
+    """Rank 0 holds the lock for the run; the others must raise too
+    instead of waiting for it in the first collective."""
+    from dist_utils import run_distributed
+    holder = hold_lock(tmp_path)
+    try:
+        messages = run_distributed(_train_expecting_lock_error, 2,
+                                   str(tmp_path), timeout=120)
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert messages[0] == messages[1]
+    assert f'PID {holder.pid}' in messages[1]

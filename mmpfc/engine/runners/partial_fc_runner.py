@@ -25,8 +25,8 @@ from mmpfc.utils.compat import (init_process_group_for_device,
                                 scoped_registry_name, warn_if_loop_sleeps)
 from mmpfc.utils.logging import quiet_console
 from .sharded_checkpoint import ShardedCheckpointMixin
-from .work_dir import (existing_checkpoints, refuse_used_work_dir,
-                       resolve_last_checkpoint)
+from .work_dir import (WorkDirLock, WorkDirLockedError, existing_checkpoints,
+                       refuse_used_work_dir, resolve_last_checkpoint)
 
 
 class _RunComplete(Exception):
@@ -58,6 +58,8 @@ class PartialFCRunner(ShardedCheckpointMixin, Runner):
       head all-gathers equal batches) fail before training;
     * checkpoints keep every rank's shard (:class:`ShardedCheckpointMixin`)
       and are never written with non-finite weights;
+    * a training run holds a lock on its work dir, and a second run there
+      is refused at the start of ``train`` naming the first;
     * a fresh run refuses a work dir that holds checkpoints (unless
       ``resume`` or ``overwrite=True``), ``last_checkpoint`` is resolved in
       the work dir itself, and resuming a finished run says so and trains
@@ -122,14 +124,39 @@ class PartialFCRunner(ShardedCheckpointMixin, Runner):
                     type=scoped_registry_name(MODEL_WRAPPERS, wrapper_cls))
 
     def train(self) -> nn.Module:
-        """MMEngine's ``train`` behind the work-dir guard; a resumed run
-        that is already complete returns at once."""
-        self._refuse_other_runs_checkpoints()
+        """MMEngine's ``train`` holding the work dir's lock, behind the
+        work-dir guard; a resumed run that is already complete returns at
+        once."""
+        lock = self._lock_work_dir()
         try:
+            self._refuse_other_runs_checkpoints()
             return super().train()
         except _RunComplete:
             self.call_hook('after_run')
             return self.model
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _lock_work_dir(self) -> Optional[WorkDirLock]:
+        """Rank 0 takes the work dir's lock; every rank raises if another
+        run holds it (:class:`WorkDirLock`)."""
+        lock, box = None, [None]
+        if self.rank == 0:
+            try:
+                lock = WorkDirLock(self.work_dir).acquire()
+                if not lock.supported:
+                    self.logger.warning(
+                        f'{self.work_dir}: its filesystem does not support '
+                        'flock, so no lock keeps a second run out of this '
+                        'work dir; start one run per work dir')
+            except WorkDirLockedError as err:
+                box = [str(err)]
+        if self.distributed:
+            broadcast_object_list(box)
+        if box[0] is not None:
+            raise WorkDirLockedError(box[0])
+        return lock
 
     def _refuse_other_runs_checkpoints(self) -> None:
         """A fresh run must not overwrite checkpoints it did not write."""

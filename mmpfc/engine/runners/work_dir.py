@@ -1,23 +1,107 @@
-"""What a run may do with the checkpoints already in its work dir.
+"""What a run may do with its work dir and the checkpoints already in it.
 
 MMEngine starts a new run in a work dir that holds another run's checkpoints
 and overwrites them (their shard folders go too) with a note at INFO level,
 afterwards; ``last_checkpoint`` stores an absolute path, so a copied work dir
-resumes from the original and a moved one fails. Here a fresh run refuses
-such a dir unless asked, and ``last_checkpoint`` is resolved in its own dir.
+resumes from the original and a moved one fails; two runs in one work dir
+write checkpoints into the same folder and delete each other's. Here a
+training run holds a lock on its work dir (:class:`WorkDirLock`), a fresh run
+refuses a dir with checkpoints unless asked, and ``last_checkpoint`` is
+resolved in its own dir.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
+import json
 import os
 import os.path as osp
+import socket
+import sys
+import time
 from typing import Iterable, List, Optional
 
 LAST_CHECKPOINT = 'last_checkpoint'
+#: The lock file of a training run, in its work dir.
+LOCK_FILE = '.mmpfc-train.lock'
 _SHARD_DIR_MARK = '.shards-'
 
 
 class WorkDirInUseError(FileExistsError):
     """A fresh run would overwrite checkpoints it did not write."""
+
+
+class WorkDirLockedError(WorkDirInUseError):
+    """Another run is training in this work dir."""
+
+
+class WorkDirLock:
+    """An exclusive ``flock`` on ``<work_dir>/.mmpfc-train.lock`` while a run
+    trains, with the holder (host, PID, start, command) written inside.
+
+    The kernel drops the lock when the holding process ends, however it
+    ends (``kill -9`` included), so a dead run never blocks the next; the
+    file itself stays and blocks nothing. A filesystem without ``flock``
+    support leaves the run unlocked (:attr:`supported` False).
+    """
+
+    def __init__(self, work_dir: str) -> None:
+        self.path = osp.join(osp.abspath(work_dir), LOCK_FILE)
+        self._fd: Optional[int] = None
+        self.supported = True
+
+    def acquire(self) -> 'WorkDirLock':
+        """Take the lock, or raise :class:`WorkDirLockedError` naming the
+        run that holds it."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise WorkDirLockedError(self._held_message()) from None
+            if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS,
+                             errno.EINVAL):
+                self.supported = False  # e.g. NFS mounted with nolock
+                return self
+            raise
+        holder = dict(host=socket.gethostname(), pid=os.getpid(),
+                      started=time.strftime('%Y-%m-%d %H:%M:%S %z'),
+                      command=' '.join(sys.argv))
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + '\n').encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Drop the lock (closing the file drops it)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _held_message(self) -> str:
+        work_dir = osp.dirname(self.path)
+        try:
+            with open(self.path) as f:
+                holder = json.loads(f.read() or '{}')
+        except (OSError, ValueError):
+            holder = {}
+        who = (f"PID {holder.get('pid', '?')} on host "
+               f"{holder.get('host', '?')}, started "
+               f"{holder.get('started', '?')}"
+               + (f" ({holder['command']})" if holder.get('command') else ''))
+        return (f'{work_dir} is in use: another run is training there '
+                f'({who}; it holds {self.path}). Two runs in one work dir '
+                "would write and delete each other's checkpoints. Wait for "
+                'it to finish or stop it (its checkpoints stay; resume it '
+                'with --resume), or start this run in another folder with '
+                '--work-dir.')
+
+    def __enter__(self) -> 'WorkDirLock':
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def existing_checkpoints(dirs: Iterable[str]) -> List[str]:
