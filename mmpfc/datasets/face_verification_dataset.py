@@ -9,6 +9,8 @@ import numpy as np
 from mmengine.dataset import BaseDataset, force_full_init
 
 from mmpfc.registry import DATASETS
+from mmpfc.utils.arg_checks import (PIPELINE, AnyOf, Bool, Opt, Seq, Str,
+                                    arg_specs)
 from .transforms.builder import build_transforms
 from .transforms.loading import FlipIfRequested
 
@@ -98,6 +100,9 @@ def _describe(value: object) -> str:
 
 
 @DATASETS.register_module()
+@arg_specs(ann_file=AnyOf(Str(empty=False), Seq(Str(empty=False))),
+           data_root=Str(), names=Opt(Seq(Str(empty=False))),
+           flip_test=Bool(), pipeline=Opt(PIPELINE), lazy_init=Bool())
 class FaceVerificationDataset(BaseDataset):
     """Every image of one or more pair files, as is and mirrored.
 

@@ -7,12 +7,14 @@ from mmengine.fileio import list_from_file
 from mmpretrain.datasets import CustomDataset
 
 from mmpfc.registry import DATASETS
+from mmpfc.utils.arg_checks import Int, Opt, arg_specs
 
 #: an ``ann_file`` line as ``CustomDataset`` splits it: path, space, label
 _ANN_LINE = re.compile(r'.+ [+-]?\d+')
 
 
 @DATASETS.register_module()
+@arg_specs(num_classes=Opt(Int(low=1)))
 class FaceImageFolder(CustomDataset):
     """mmpretrain's ``CustomDataset`` plus the ``num_classes`` check.
 

@@ -9,6 +9,8 @@ import numpy as np
 from mmengine.dataset import BaseDataset, force_full_init
 
 from mmpfc.registry import DATASETS
+from mmpfc.utils.arg_checks import (PIPELINE, AnyOf, Bool, Int, Opt, Seq,
+                                    Str, arg_specs)
 from .recordio import IndexedRecordReader, RecordIOError
 from .transforms.builder import build_transforms
 
@@ -31,6 +33,11 @@ def read_property(path: str) -> tuple[int, int, int]:
 
 
 @DATASETS.register_module()
+@arg_specs(data_root=Str(), ann_file=Str(empty=False),
+           idx_file=Opt(Str(empty=False)), num_classes=Opt(Int(low=1)),
+           property_file=Opt(Str()), pipeline=PIPELINE,
+           indices=Opt(AnyOf(Int(low=0), Seq(Int(low=0)))),
+           test_mode=Bool(), lazy_init=Bool(), max_refetch=Int(low=0))
 class MXFaceDataset(BaseDataset):
     """Images and class ids of a ``train.rec`` / ``train.idx`` pair.
 

@@ -9,10 +9,17 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from mmpfc.registry import DATASETS
+from mmpfc.utils.arg_checks import (PIPELINE, AnyOf, Bool, Int, Opt, Real,
+                                    Seq, arg_specs)
 from .transforms.builder import build_transforms
 
 
 @DATASETS.register_module()
+@arg_specs(num_classes=Int(low=1), num_samples=Int(low=1),
+           image_size=AnyOf(Int(low=1), Seq(Int(low=1), length=2)),
+           learnable=Bool(), noise_std=Real(low=0.0),
+           prototype_grid=Int(low=1), bank_size=Int(low=1), seed=Int(),
+           pipeline=Opt(PIPELINE))
 class SyntheticFaceDataset(Dataset):
     """Random uint8 "faces" with labels spread over all identities.
 
@@ -76,20 +83,9 @@ class SyntheticFaceDataset(Dataset):
                  seed: int = 0,
                  pipeline: Optional[Sequence[Union[dict, Callable]]] = None
                  ) -> None:
-        if num_classes < 1:
-            raise ValueError(f'num_classes must be >= 1, got {num_classes}')
-        if num_samples < 1:
-            raise ValueError(f'num_samples must be >= 1, got {num_samples}')
         if isinstance(image_size, int):
             image_size = (image_size, image_size)
         image_size = tuple(int(s) for s in image_size)
-        if len(image_size) != 2 or min(image_size) < 1:
-            raise ValueError(f'image_size must be an int or (height, width) '
-                             f'of positive ints, got {image_size}')
-        if prototype_grid < 1 or bank_size < 1 or noise_std < 0:
-            raise ValueError(
-                'prototype_grid and bank_size must be >= 1 and noise_std >= '
-                f'0, got {prototype_grid}, {bank_size}, {noise_std}')
         self.num_classes = int(num_classes)
         self.num_samples = int(num_samples)
         self.image_size: Tuple[int, int] = image_size

@@ -271,7 +271,8 @@ def test_copies_of_a_replicated_head_stay_replicated():
 
 @pytest.mark.parametrize('kwargs, match', [
     (dict(num_classes=0, in_channels=DIM), 'num_classes must be an int >= 1'),
-    (dict(num_classes=4, in_channels=0), 'in_channels must be > 0'),
+    (dict(num_classes=4, in_channels=0),
+     'in_channels must be an int >= 1, got 0'),
 ])
 def test_both_heads_check_their_arguments(kwargs, match):
     import mmpfc  # noqa: F401

@@ -32,9 +32,18 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from mmpfc.registry import DATASETS
+from mmpfc.utils.arg_checks import Int, Real, arg_specs
+
+_AMOUNT = Real(low=0.0)  # a std, an angle or a fraction of variation
 
 
 @DATASETS.register_module()
+@arg_specs(num_classes=Int(low=1), num_samples=Int(low=1),
+           identity_offset=Int(low=0), image_size=Int(low=8),
+           grid=Int(low=1), jitter_std=_AMOUNT, rotate_deg=_AMOUNT,
+           scale=_AMOUNT, shift=_AMOUNT, contrast=_AMOUNT,
+           brightness=_AMOUNT, noise_std=_AMOUNT, occlusion_p=Real(0.0, 1.0),
+           seed=Int())
 class SyntheticIdentityDataset(Dataset):
     """Samples of ``num_classes`` synthetic identities (see the module doc).
 
@@ -78,24 +87,6 @@ class SyntheticIdentityDataset(Dataset):
                  noise_std: float = 20.0,
                  occlusion_p: float = 0.3,
                  seed: int = 0) -> None:
-        for name, value, low in (('num_classes', num_classes, 1),
-                                 ('num_samples', num_samples, 1),
-                                 ('image_size', image_size, 8),
-                                 ('grid', grid, 1),
-                                 ('identity_offset', identity_offset, 0)):
-            if int(value) != value or value < low:
-                raise ValueError(f'{name} must be an integer >= {low}, got '
-                                 f'{value!r}')
-        for name, value in (('jitter_std', jitter_std),
-                            ('rotate_deg', rotate_deg), ('scale', scale),
-                            ('shift', shift), ('contrast', contrast),
-                            ('brightness', brightness),
-                            ('noise_std', noise_std)):
-            if not value >= 0:
-                raise ValueError(f'{name} must be >= 0, got {value!r}')
-        if not 0 <= occlusion_p <= 1:
-            raise ValueError(f'occlusion_p must be in [0, 1], got '
-                             f'{occlusion_p!r}')
         self.num_classes, self.num_samples = int(num_classes), int(
             num_samples)
         self.identity_offset, self.image_size = int(identity_offset), int(

@@ -7,9 +7,11 @@ import os
 
 import mmcv
 import numpy as np
+from mmcv.image.io import imread_flags
 from mmcv.transforms import BaseTransform
 
 from mmpfc.registry import TRANSFORMS
+from mmpfc.utils.arg_checks import Bool, OneOf, Str, arg_specs
 
 #: ``backend`` values of ``mmcv.imfrombytes``
 DECODE_BACKENDS = ('cv2', 'turbojpeg', 'pillow', 'tifffile')
@@ -59,6 +61,10 @@ def read_image_file(path: str, channel_order: str = 'rgb') -> np.ndarray:
 
 
 @TRANSFORMS.register_module()
+# (an unknown flag or backend would fail every image as "cannot decode")
+@arg_specs(key=Str(empty=False), channel_order=OneOf('rgb', 'bgr'),
+           color_type=OneOf(*imread_flags),
+           imdecode_backend=OneOf(*DECODE_BACKENDS), to_float32=Bool())
 class LoadImageFromBytes(BaseTransform):
     """Decode ``results['img_bytes']`` into ``results['img']``.
 
@@ -93,13 +99,6 @@ class LoadImageFromBytes(BaseTransform):
                  color_type: str = 'color',
                  imdecode_backend: str = 'cv2',
                  to_float32: bool = False) -> None:
-        if channel_order not in ('rgb', 'bgr'):
-            raise ValueError(f"channel_order={channel_order!r}: expected "
-                             "'rgb' or 'bgr'")
-        if imdecode_backend not in DECODE_BACKENDS:
-            # else every image would fail as "cannot decode"
-            raise ValueError(f'imdecode_backend={imdecode_backend!r}: '
-                             f'expected one of {DECODE_BACKENDS}')
         self.key = key
         self.channel_order = channel_order
         self.color_type = color_type

@@ -10,6 +10,7 @@ from mmengine.dist import all_gather_object
 from mmengine.hooks import Hook
 
 from mmpfc.registry import HOOKS
+from mmpfc.utils.arg_checks import Int, Opt, arg_specs
 from mmpfc.utils.proc_memory import proc_kb
 from .speed_log_hook import logger_interval
 
@@ -77,6 +78,7 @@ def format_memory_table(rows: Sequence[dict], step: int) -> str:
 
 
 @HOOKS.register_module()
+@arg_specs(interval=Int(low=1), first=Opt(Int(low=1)))
 class MemoryTableHook(Hook):
     """Logs every rank's memory as a table on rank 0, like ``gpustat -i``.
 
@@ -112,9 +114,6 @@ class MemoryTableHook(Hook):
 
     def __init__(self, interval: int = 1000,
                  first: Optional[int] = None) -> None:
-        if interval < 1 or (first is not None and first < 1):
-            raise ValueError(f'interval and first must be >= 1, got '
-                             f'{interval}, {first}')
         self.interval = interval
         self.first = first
 

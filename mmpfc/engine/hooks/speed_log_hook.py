@@ -9,6 +9,7 @@ from mmengine.hooks import Hook, LoggerHook
 from mmengine.runner import EpochBasedTrainLoop
 
 from mmpfc.registry import HOOKS
+from mmpfc.utils.arg_checks import Int, Opt, arg_specs
 
 SPEED_LINE = ('Training: Speed {speed:.2f} samples/sec   Loss {loss:.4f}   '
               'LearningRate {lr}   Epoch: {epoch:d}   Global Step: {step:d}')
@@ -78,6 +79,7 @@ def logger_interval(runner, default: int = 50) -> int:
 
 
 @HOOKS.register_module()
+@arg_specs(interval=Opt(Int(low=1)))
 class SpeedLogHook(Hook):
     """Every ``interval`` iterations rank 0 logs the reference's speed line::
 
@@ -117,8 +119,6 @@ class SpeedLogHook(Hook):
     priority = 'NORMAL'
 
     def __init__(self, interval: Optional[int] = None) -> None:
-        if interval is not None and interval < 1:
-            raise ValueError(f'interval must be >= 1 or None, got {interval}')
         self.interval = interval
         self.clock = time.perf_counter  # replaceable in tests
 

@@ -16,6 +16,7 @@ from mmengine.hooks import Hook
 
 from mmpfc.checkpoint import unwrap_model
 from mmpfc.registry import HOOKS
+from mmpfc.utils.arg_checks import Int, OneOf, Opt, Real, arg_specs
 
 ACTIONS = ('stop', 'warn')
 LIKELY_CAUSES = (
@@ -75,6 +76,8 @@ def gather_floats(value: float, device: torch.device) -> List[float]:
 
 
 @HOOKS.register_module()
+@arg_specs(patience=Int(low=1), action=OneOf(*ACTIONS),
+           min_loss_scale=Opt(Real(low=0.0, low_open=True)))
 class TrainingHealthHook(Hook):
     """Stop training on every rank when it stops being finite.
 
@@ -109,14 +112,6 @@ class TrainingHealthHook(Hook):
 
     def __init__(self, patience: int = 1, action: str = 'stop',
                  min_loss_scale: Optional[float] = 1e-4) -> None:
-        if not isinstance(patience, int) or patience < 1:
-            raise ValueError(f'patience must be an int >= 1, got {patience!r}')
-        if action not in ACTIONS:
-            raise ValueError(f'action must be one of {ACTIONS}, got '
-                             f'{action!r}')
-        if min_loss_scale is not None and not min_loss_scale > 0:
-            raise ValueError(
-                f'min_loss_scale must be > 0 or None, got {min_loss_scale!r}')
         self.patience = patience
         self.action = action
         self.min_loss_scale = min_loss_scale

@@ -8,10 +8,13 @@ from mmengine.model import MMDistributedDataParallel
 
 from mmpfc.models.utils import sharded_names
 from mmpfc.registry import MODEL_WRAPPERS
+from mmpfc.utils.arg_checks import Bool, Instance, Int, Opt, Seq, arg_specs
 from mmpfc.utils.compat import ddp_arguments, ddp_ignore
 
 
 @MODEL_WRAPPERS.register_module()
+@arg_specs(module=Instance(nn.Module), device_ids=Opt(Seq(Int(low=0))),
+           detect_anomalous_params=Bool())
 class PartialFCDistributedDataParallel(MMDistributedDataParallel):
     """``MMDistributedDataParallel`` for models with a sharded head.
 

@@ -35,6 +35,8 @@ from mmpfc.models.utils import (get_rank_and_world_size, is_sharded,
 from mmpfc.models.heads.sharded_head import ShardedHead
 from mmpfc.models.utils.host_copies import take_host_copy
 from mmpfc.registry import OPTIM_WRAPPERS
+from mmpfc.utils.arg_checks import (AnyOf, Instance, OneOf, Opt, Parsed,
+                                    Real, Str, arg_specs)
 from mmpfc.utils.compat import (grad_scaler_found_inf, grad_scaler_scale,
                                 init_amp_optim_wrapper_anywhere)
 from mmpfc.models.utils.low_precision import dtype_name
@@ -43,6 +45,8 @@ from .center_state import ROW_STATES, parse_state_dtype, to_form
 from .sparse_step import SPARSE_RULES, sparse_rule, sparse_step
 
 SparseUpdate = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+#: The form of the centers' optimizer state, for both wrappers.
+CENTER_STATE_DTYPE = Parsed(parse_state_dtype, wrong=['fp8', 8])
 
 
 class ShardAwareMixin:
@@ -51,12 +55,15 @@ class ShardAwareMixin:
     center_state_dtype = 'float32'
 
     def _init_center_state(self, center_state_dtype: str) -> None:
-        """Check and keep the form of the centers' optimizer state."""
+        """Check and keep the form of the centers' optimizer state; a
+        compact form needs an optimizer that updates by rows, which only
+        the built optimizer can tell."""
         self.center_state_dtype = parse_state_dtype(center_state_dtype)
         if (self.center_state_dtype != 'float32'
                 and sparse_rule(self.optimizer) is None):
             names = ', '.join(cls.__name__ for cls, _ in SPARSE_RULES)
             raise ValueError(
+                f'{type(self).__name__}: '
                 f'center_state_dtype={center_state_dtype!r} needs an '
                 f'optimizer with a row rule ({names}), got '
                 f'{type(self.optimizer).__name__}: use one of those or '
@@ -193,6 +200,7 @@ class ShardAwareMixin:
 
 
 @OPTIM_WRAPPERS.register_module()
+@arg_specs(center_state_dtype=CENTER_STATE_DTYPE)
 class PartialFCOptimWrapper(ShardAwareMixin, OptimWrapper):
     """fp32 optim wrapper for models with a sharded / sampled head.
 
@@ -228,6 +236,10 @@ class PartialFCOptimWrapper(ShardAwareMixin, OptimWrapper):
 
 
 @OPTIM_WRAPPERS.register_module()
+@arg_specs(loss_scale=AnyOf(OneOf('dynamic'), Real(low=0.0, low_open=True),
+                            Instance(dict)),
+           dtype=Opt(AnyOf(Str(), Instance(torch.dtype))),
+           center_state_dtype=CENTER_STATE_DTYPE)
 class PartialFCAmpOptimWrapper(ShardAwareMixin, AmpOptimWrapper):
     """Mixed precision for a sharded head, on the device of its parameters.
 
@@ -287,25 +299,23 @@ class PartialFCAmpOptimWrapper(ShardAwareMixin, AmpOptimWrapper):
         if cast not in allowed:
             names = ' or '.join(repr(dtype_name(d)) for d in allowed)
             raise ValueError(
-                f'dtype={dtype!r}: on the {self.device_type.upper()} mixed '
+                f'{type(self).__name__}: dtype={dtype!r}: on the '
+                f'{self.device_type.upper()} mixed '
                 f'precision is {names} (dtype=None: '
                 f'{dtype_name(default)!r}); on the CPU '
                 "bfloat16 needs no loss scaling and float16 is loss-scaled")
         return cast
 
     def _build_loss_scaler(self, loss_scale) -> torch.amp.GradScaler:
-        """``AmpOptimWrapper``'s ``loss_scale`` forms, on this device."""
+        """``AmpOptimWrapper``'s ``loss_scale`` forms, on this device:
+        'dynamic', a number or a dict of ``GradScaler`` arguments."""
         device = self.device_type
         if loss_scale == 'dynamic':
             return torch.amp.GradScaler(device)
-        if isinstance(loss_scale, (int, float)):
-            self._scale_update_param = float(loss_scale)
-            return torch.amp.GradScaler(device, init_scale=float(loss_scale))
         if isinstance(loss_scale, dict):
             return torch.amp.GradScaler(device, **loss_scale)
-        raise TypeError(
-            "loss_scale must be 'dynamic', a number or a dict of "
-            f'GradScaler arguments, got {loss_scale!r}')
+        self._scale_update_param = float(loss_scale)
+        return torch.amp.GradScaler(device, init_scale=float(loss_scale))
 
     @contextmanager
     def optim_context(self, model: nn.Module):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from mmpfc.utils.arg_checks import Flags, Int, arg_specs
+
 #: distance thresholds of the protocol: 0, 0.01, ..., 3.99
 DEFAULT_THRESHOLDS = np.arange(0, 4, 0.01)
 #: how far from 1 the norm of an embedding :func:`evaluate_pairs` takes may
@@ -16,6 +18,7 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
 
 
+@arg_specs(issame=Flags(), nrof_folds=Int(low=1))
 def evaluate_pairs(emb1: np.ndarray,
                    emb2: np.ndarray,
                    issame: np.ndarray,
@@ -41,7 +44,8 @@ def evaluate_pairs(emb1: np.ndarray,
 
     Args:
         emb1, emb2 (np.ndarray): (P, D) embeddings of the two sides.
-        issame (np.ndarray): (P,) bools, ``True`` for a genuine pair.
+        issame (np.ndarray): (P,) bools (or 0/1 integers), ``True`` for a
+            genuine pair; other dtypes raise (``'False'`` would be true).
         nrof_folds (int): Number of folds. Defaults to 10.
         thresholds (np.ndarray, optional): Candidate thresholds.
 

@@ -9,12 +9,15 @@ import torch
 from mmengine.evaluator import BaseMetric
 
 from mmpfc.registry import METRICS
+from mmpfc.utils.arg_checks import Int, OneOf, Opt, Str, arg_specs
 from ..functional.verification import evaluate_pairs, l2_normalize
 
 _NEEDED = ('dataset_name', 'image_idx', 'is_same', 'flip')
 
 
 @METRICS.register_module()
+@arg_specs(nrof_folds=Int(low=1), feat_key=Str(empty=False),
+           collect_device=OneOf('cpu', 'gpu'), prefix=Opt(Str()))
 class FaceVerificationMetric(BaseMetric):
     """Pair accuracy of the insightface verification protocol.
 

@@ -14,6 +14,8 @@ import torch.nn as nn
 from mmengine.model import BaseModule
 
 from mmpfc.registry import MODELS
+from mmpfc.utils.arg_checks import (INIT_CFG, Bool, Int, Parsed, Real,
+                                    arg_specs)
 
 # Blocks per stage; the stage widths are always 64, 128, 256, 512.
 IRESNET_ARCHS: Dict[int, Tuple[int, int, int, int]] = {
@@ -25,6 +27,15 @@ IRESNET_ARCHS: Dict[int, Tuple[int, int, int, int]] = {
 }
 STAGE_WIDTHS = (64, 128, 256, 512)
 BN_EPS = 1e-5  # insightface's value; momentum stays at PyTorch's 0.1
+
+
+def check_depth(depth: int) -> int:
+    """``depth`` if IResNet has that depth; ValueError otherwise."""
+    if isinstance(depth, bool) or not isinstance(depth, int) or \
+            depth not in IRESNET_ARCHS:
+        raise ValueError(f'depth {depth!r} is not supported; choose one of '
+                         f'{sorted(IRESNET_ARCHS)}')
+    return depth
 
 
 def autocast_if(enabled: bool, device_type: str) -> ContextManager:
@@ -94,6 +105,9 @@ class IBasicBlock(nn.Module):
 
 
 @MODELS.register_module()
+@arg_specs(depth=Parsed(check_depth, wrong=[42, '50', 50.0, [50]]),
+           embedding_size=Int(low=1), dropout=Real(0.0, 1.0, high_open=True),
+           fp16=Bool(), zero_init_residual=Bool(), init_cfg=INIT_CFG)
 class IResNet(BaseModule):
     """IResNet-18/34/50/100/200 for 112x112 faces, giving one embedding.
 
@@ -134,9 +148,6 @@ class IResNet(BaseModule):
                  zero_init_residual: bool = False,
                  init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg=init_cfg)
-        if depth not in IRESNET_ARCHS:
-            raise ValueError(f'IResNet depth {depth!r} is not supported; '
-                             f'choose one of {sorted(IRESNET_ARCHS)}')
         self.depth = depth
         self.embedding_size = embedding_size
         self.fp16 = fp16

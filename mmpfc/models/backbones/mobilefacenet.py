@@ -13,6 +13,7 @@ import torch.nn as nn
 from mmengine.model import BaseModule
 
 from mmpfc.registry import MODELS
+from mmpfc.utils.arg_checks import INIT_CFG, Bool, Int, Seq, arg_specs
 from .iresnet import autocast_if, run_full_precision
 
 
@@ -69,6 +70,8 @@ def residual_stage(channels: int, blocks: int, mid_channels: int) -> _Layers:
 
 
 @MODELS.register_module()
+@arg_specs(embedding_size=Int(low=1), blocks=Seq(Int(low=1), length=4),
+           scale=Int(low=1), fp16=Bool(), init_cfg=INIT_CFG)
 class MobileFaceNet(BaseModule):
     """MobileFaceNet (~0.45 GFLOPs at ``scale=2``) with a GDC head.
 
@@ -101,9 +104,6 @@ class MobileFaceNet(BaseModule):
                  fp16: bool = False,
                  init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg=init_cfg)
-        if len(blocks) != 4 or min(blocks) < 1:
-            raise ValueError(f'blocks must be 4 positive stage lengths, '
-                             f'got {blocks!r}')
         self.embedding_size = embedding_size
         self.fp16 = fp16
         c1, c2 = 64 * scale, 128 * scale

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from mmengine.model import BaseModule
 
 from mmpfc.registry import MODELS
+from mmpfc.utils.arg_checks import INIT_CFG, Instance, Int, Opt, Real, \
+    arg_specs
 from .label_check import LabelRangeCheck
 
 #: fp32 elements drawn at a time when initializing 16-bit centers.
@@ -27,6 +29,10 @@ def build_margin_loss(loss: Union[dict, nn.Module]) -> nn.Module:
     return MODELS.build({'_scope_': 'mmpfc', **loss})
 
 
+@arg_specs(num_classes=Int(low=1), in_channels=Int(low=1),
+           loss=Instance(dict, nn.Module), init_cfg=INIT_CFG,
+           # not taken here, but by every head that draws its centers
+           init_std=Real(low=0.0, low_open=True), seed=Opt(Int()))
 class BaseMarginHead(BaseModule):
     """Class centers, a margin and the mmpretrain head interface.
 
@@ -47,11 +53,6 @@ class BaseMarginHead(BaseModule):
                  loss: Union[dict, nn.Module],
                  init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg=init_cfg)
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(
-                f'num_classes must be an int >= 1, got {num_classes!r}')
-        if not isinstance(in_channels, int) or in_channels <= 0:
-            raise ValueError(f'in_channels must be > 0, got {in_channels}')
         self.num_classes = num_classes
         self.in_channels = in_channels
         self.margin_loss = build_margin_loss(loss)

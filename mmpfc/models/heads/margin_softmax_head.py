@@ -7,12 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from mmpfc.registry import MODELS
+from mmpfc.utils.arg_checks import Parsed, arg_specs
 from ..losses import BaseMargin
 from ..utils.low_precision import parse_center_dtype
 from .base_margin_head import BaseMarginHead
 
 
 @MODELS.register_module()
+@arg_specs(center_dtype=Parsed(parse_center_dtype, wrong=['int8', 1]))
 class MarginSoftmaxHead(BaseMarginHead):
     """Every rank holds all C centers; DDP all-reduces their gradients.
 

@@ -10,18 +10,19 @@ import torch.nn.functional as F
 from mmengine.logging import print_log
 
 from mmpfc.registry import MODELS
+from mmpfc.utils.arg_checks import Bool, Int, Opt, Parsed, Real, arg_specs
 from ..utils import (all_gather_with_grad, distributed_cross_entropy,
                      get_rank_and_world_size, mark_sharded,
                      refuse_replicating_ddp, shard_range)
 from ..utils.distributed import all_gather_no_grad
 from ..utils.host_copies import drop_host_copies, take_host_copy
-from ..utils.low_precision import (CENTER_ROUNDINGS, check_representable,
-                                   dtype_name, is_compact,
-                                   parse_center_dtype, stochastic_round)
+from ..utils.low_precision import (check_representable, dtype_name,
+                                   is_compact, parse_center_dtype,
+                                   parse_center_rounding, stochastic_round)
 from ..utils.rank_generator import RankGenerator
 from .base_margin_head import BaseMarginHead, build_margin_loss
 from .center_sampler import CenterSampler
-from .fused_margin_softmax import (Workspace, check_num_subcenters,
+from .fused_margin_softmax import (MAX_SUBCENTERS, Workspace,
                                    fused_margin_softmax, supports_fused)
 from .label_check import LabelRangeCheck
 from .sampled_gradients import SampledGradients, SampledRows
@@ -33,6 +34,11 @@ ROUNDING_SEED_OFFSET = 0x5EED_0F_B16
 
 
 @MODELS.register_module()
+@arg_specs(sample_rate=Real(0.0, 1.0), reuse_buffer=Opt(Bool()),
+           check_batch_size=Opt(Bool()),
+           center_dtype=Parsed(parse_center_dtype, wrong=['int8', 1]),
+           center_rounding=Parsed(parse_center_rounding, wrong=['up']),
+           num_subcenters=Int(1, MAX_SUBCENTERS))
 class PartialFCHead(BaseMarginHead):
     """Margin softmax over class centers sharded across ranks (Partial FC).
 
@@ -140,10 +146,6 @@ class PartialFCHead(BaseMarginHead):
                  center_rounding: str = 'stochastic',
                  num_subcenters: int = 1,
                  init_cfg: Optional[dict] = None) -> None:
-        if not 0.0 <= sample_rate <= 1.0:
-            raise ValueError(
-                f'sample_rate must be in [0, 1], got {sample_rate}')
-        subcenters = check_num_subcenters(num_subcenters)
         super().__init__(num_classes, in_channels, loss, init_cfg=init_cfg)
         self.rank, self.world_size = get_rank_and_world_size()
         self.sample_rate = sample_rate
@@ -153,15 +155,11 @@ class PartialFCHead(BaseMarginHead):
         # Rank-dependent init so shards are not copies of each other.
         base_seed = torch.initial_seed() if seed is None else seed
         storage = parse_center_dtype(center_dtype)
-        if center_rounding not in CENTER_ROUNDINGS:
-            raise ValueError(
-                f'center_rounding={center_rounding!r}: use one of '
-                f'{list(CENTER_ROUNDINGS)}')
         self.center_rounding = center_rounding
-        self.num_subcenters = subcenters
+        self.num_subcenters = num_subcenters
         # one row per class, its K sub-centers side by side
         self.weight = self.init_centers(
-            self.num_local, subcenters * in_channels, init_std,
+            self.num_local, num_subcenters * in_channels, init_std,
             base_seed + 7919 * (self.class_start + 1), storage)
         mark_sharded(self.weight, owner=self)
         # the stochastic rounding of a 16-bit shard: a stream per rank

@@ -7,12 +7,14 @@ from typing import Optional
 import torch
 
 from mmpfc.registry import MODELS
-from .base_margin import BaseMargin, MarginBatch, check_value
+from mmpfc.utils.arg_checks import arg_specs
+from .base_margin import ANGLE, NON_NEGATIVE, UNIT, BaseMargin, MarginBatch
 
 EPS = 1e-3  # the authors' stability bound on cosines, angles and the std
 
 
 @MODELS.register_module()
+@arg_specs(m=ANGLE, h=NON_NEGATIVE, t_alpha=UNIT)
 class AdaFaceLoss(BaseMargin):
     """Target ``cos(clip(theta - m g, eps, pi - eps)) - (m + m g)``.
 
@@ -36,7 +38,7 @@ class AdaFaceLoss(BaseMargin):
 
     Args:
         s: Scale applied to every logit.
-        m: Margin, >= 0.
+        m: Margin, in [0, pi).
         h: Concentration of the norm scaler, >= 0 (0: CosFace).
         t_alpha: Momentum of the norm statistics, in [0, 1].
     """
@@ -47,9 +49,6 @@ class AdaFaceLoss(BaseMargin):
     def __init__(self, s: float = 64.0, m: float = 0.4, h: float = 0.333,
                  t_alpha: float = 0.01) -> None:
         super().__init__(s)
-        check_value('m', m, m >= 0.0, '>= 0')
-        check_value('h', h, h >= 0.0, '>= 0')
-        check_value('t_alpha', t_alpha, 0.0 <= t_alpha <= 1.0, 'in [0, 1]')
         self.m, self.h, self.t_alpha = m, h, t_alpha
         self.register_buffer('batch_mean', torch.full((), 20.0))
         self.register_buffer('batch_std', torch.full((), 100.0))

@@ -21,6 +21,7 @@ the statistics of the global batch, so that every rank holds the same value.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -29,13 +30,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mmpfc.utils.arg_checks import Real, arg_specs
 from ..utils.distributed import all_reduce_, get_rank_and_world_size
 
-
-def check_value(name: str, value: float, ok: bool, expected: str) -> None:
-    """Raise ``ValueError`` naming ``name`` and ``value`` unless ``ok``."""
-    if not ok:
-        raise ValueError(f'{name} must be {expected}, got {value!r}')
+#: An additive angular margin: in [0, pi) (past pi the angle wraps around).
+ANGLE = Real(0.0, math.pi, high_open=True)
+#: A momentum or a fraction.
+UNIT = Real(0.0, 1.0)
+NON_NEGATIVE = Real(low=0.0)
 
 
 def safe_acos(cos: torch.Tensor) -> torch.Tensor:
@@ -99,6 +101,7 @@ class MarginBatch:
         return sums[0], sums[1]
 
 
+@arg_specs(s=Real(low=0.0, low_open=True, what='scale'))
 class BaseMargin(nn.Module):
     """A margin on cosine logits that the heads, fused or not, can apply.
 
@@ -129,8 +132,6 @@ class BaseMargin(nn.Module):
 
     def __init__(self, s: float = 64.0) -> None:
         super().__init__()
-        if s <= 0:
-            raise ValueError(f'scale s must be > 0, got {s}')
         self.s = s
         self._norms_checked = False
 

@@ -7,7 +7,8 @@ from typing import Optional
 import torch
 
 from mmpfc.registry import MODELS
-from .base_margin import BaseMargin
+from mmpfc.utils.arg_checks import Real, arg_specs
+from .base_margin import ANGLE, NON_NEGATIVE, BaseMargin
 
 
 def psi(angle: torch.Tensor) -> torch.Tensor:
@@ -24,6 +25,8 @@ def psi(angle: torch.Tensor) -> torch.Tensor:
 
 
 @MODELS.register_module()
+@arg_specs(m1=Real(low=1.0), m2=ANGLE, m3=NON_NEGATIVE,
+           interclass_filtering_threshold=Real(0.0, 1.0, high_open=True))
 class CombinedMarginLoss(BaseMargin):
     """Target logit ``psi(m1 * theta + m2) - m3``, every logit times ``s``.
 
@@ -38,7 +41,8 @@ class CombinedMarginLoss(BaseMargin):
 
     Args:
         s: Scale applied to every logit.
-        m1, m2, m3: Margins as above; (1, 0, 0) is the plain normalized softmax.
+        m1, m2, m3: Margins as above, ``m1 >= 1``, ``m2`` in [0, pi),
+            ``m3 >= 0``; (1, 0, 0) is the plain normalized softmax.
         interclass_filtering_threshold: If > 0, non-target cosines above it
             are set to zero and get no gradient (filters noisy duplicates).
     """
@@ -47,13 +51,6 @@ class CombinedMarginLoss(BaseMargin):
                  m3: float = 0.0,
                  interclass_filtering_threshold: float = 0.0) -> None:
         super().__init__(s)
-        if m1 < 1.0 or m2 < 0 or m3 < 0:
-            raise ValueError(
-                f'margins must satisfy m1 >= 1, m2 >= 0, m3 >= 0, got '
-                f'm1={m1}, m2={m2}, m3={m3}')
-        if not 0.0 <= interclass_filtering_threshold < 1.0:
-            raise ValueError('interclass_filtering_threshold must be in '
-                             f'[0, 1), got {interclass_filtering_threshold}')
         self.m1, self.m2, self.m3 = m1, m2, m3
         self.interclass_filtering_threshold = interclass_filtering_threshold
 

@@ -8,10 +8,12 @@ from typing import Optional
 import torch
 
 from mmpfc.registry import MODELS
-from .base_margin import BaseMargin, MarginBatch, check_value, safe_acos
+from mmpfc.utils.arg_checks import arg_specs
+from .base_margin import ANGLE, UNIT, BaseMargin, MarginBatch, safe_acos
 
 
 @MODELS.register_module()
+@arg_specs(m=ANGLE, t_alpha=UNIT)
 class CurricularFaceLoss(BaseMargin):
     """Target ``cos(theta + m)``; hard non-targets ``cos * (t + cos)``.
 
@@ -41,8 +43,6 @@ class CurricularFaceLoss(BaseMargin):
     def __init__(self, s: float = 64.0, m: float = 0.5,
                  t_alpha: float = 0.01) -> None:
         super().__init__(s)
-        check_value('m', m, 0.0 <= m < math.pi, 'in [0, pi)')
-        check_value('t_alpha', t_alpha, 0.0 <= t_alpha <= 1.0, 'in [0, 1]')
         self.m, self.t_alpha = m, t_alpha
         self.threshold = math.cos(math.pi - m)
         self.fallback = math.sin(math.pi - m) * m

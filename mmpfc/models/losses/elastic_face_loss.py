@@ -8,13 +8,17 @@ import torch.distributed as dist
 
 from mmpfc.registry import MODELS
 from ..utils.distributed import get_rank_and_world_size
-from .base_margin import BaseMargin, MarginBatch, check_value, safe_acos
+from mmpfc.utils.arg_checks import Bool, Int, OneOf, Opt, arg_specs
+from .base_margin import ANGLE, NON_NEGATIVE, BaseMargin, MarginBatch, \
+    safe_acos
 from .counter_rng import counter_normal
 
 KINDS = ('arc', 'cos')
 
 
 @MODELS.register_module()
+@arg_specs(m=ANGLE, std=NON_NEGATIVE, kind=OneOf(*KINDS), plus=Bool(),
+           seed=Opt(Int()))
 class ElasticFaceLoss(BaseMargin):
     """Target ``cos(theta + m_i)`` (``kind='arc'``) or ``cos - m_i``
     (``kind='cos'``) with ``m_i ~ N(m, std)`` drawn per row and step.
@@ -37,7 +41,7 @@ class ElasticFaceLoss(BaseMargin):
 
     Args:
         s: Scale applied to every logit.
-        m: Mean margin, >= 0.
+        m: Mean margin, in [0, pi).
         std: Standard deviation of the margin, >= 0.
         kind: ``'arc'`` (angular margin) or ``'cos'`` (cosine margin).
         plus: Sort the margins against the target cosines (ElasticFace+).
@@ -50,9 +54,6 @@ class ElasticFaceLoss(BaseMargin):
                  kind: str = 'arc', plus: bool = False,
                  seed: Optional[int] = None) -> None:
         super().__init__(s)
-        check_value('m', m, m >= 0.0, '>= 0')
-        check_value('std', std, std >= 0.0, '>= 0')
-        check_value('kind', kind, kind in KINDS, f'one of {KINDS}')
         self.m, self.std, self.kind, self.plus = m, std, kind, plus
         seed = torch.initial_seed() if seed is None else seed
         self.register_buffer('seed', torch.tensor(seed % 2**63))

@@ -9,10 +9,15 @@ from typing import Optional
 import torch
 
 from mmpfc.registry import MODELS
-from .base_margin import BaseMargin, check_value, safe_acos
+from mmpfc.utils.arg_checks import Arg, Bool, Real, arg_specs
+from .base_margin import ANGLE, NON_NEGATIVE, BaseMargin, safe_acos
 
 
 @MODELS.register_module()
+@arg_specs(l_a=Real(low=0.0, low_open=True),
+           u_a=Real(low=Arg('l_a'), low_open=True), l_m=ANGLE,
+           u_m=Real(Arg('l_m'), math.pi, high_open=True),
+           lambda_g=NON_NEGATIVE, easy_margin=Bool())
 class MagFaceLoss(BaseMargin):
     """Target ``cos(theta + m(a))`` with ``a = clamp(|x|, l_a, u_a)``.
 
@@ -46,12 +51,6 @@ class MagFaceLoss(BaseMargin):
                  u_a: float = 110.0, l_m: float = 0.45, u_m: float = 0.8,
                  lambda_g: float = 35.0, easy_margin: bool = True) -> None:
         super().__init__(s)
-        check_value('l_a', l_a, l_a > 0, '> 0')
-        check_value('u_a', u_a, u_a > l_a, f'> l_a={l_a}')
-        check_value('l_m', l_m, l_m >= 0, '>= 0')
-        check_value('u_m', u_m, l_m <= u_m < math.pi,
-                    f'in [l_m={l_m}, pi)')
-        check_value('lambda_g', lambda_g, lambda_g >= 0, '>= 0')
         self.l_a, self.u_a, self.l_m, self.u_m = l_a, u_a, l_m, u_m
         self.lambda_g, self.easy_margin = lambda_g, easy_margin
         if lambda_g < self.min_lambda_g():

@@ -9,6 +9,7 @@ import torch.nn as nn
 from mmengine.model import BaseModel
 
 from mmpfc.registry import MODELS
+from mmpfc.utils.arg_checks import INIT_CFG, Instance, Opt, arg_specs
 
 # insightface's input convention: RGB, (x / 255 - 0.5) / 0.5, i.e. [-1, 1];
 # ClsDataPreprocessor's maths with one asynchronous copy per batch.
@@ -26,6 +27,11 @@ def _build(cfg: Union[dict, nn.Module]) -> nn.Module:
 
 
 @MODELS.register_module()
+@arg_specs(backbone=Instance(dict, nn.Module),
+           head=Opt(Instance(dict, nn.Module)),
+           neck=Opt(Instance(dict, nn.Module)),
+           data_preprocessor=Opt(Instance(dict, nn.Module)),
+           init_cfg=INIT_CFG)
 class FaceRecognizer(BaseModel):
     """Embedding model trained with a (Partial FC) margin-softmax head.
 
@@ -72,9 +78,6 @@ class FaceRecognizer(BaseModel):
             data_preprocessor = {**DEFAULT_PREPROCESSOR, **data_preprocessor}
         if isinstance(data_preprocessor, dict):
             data_preprocessor = MODELS.build(data_preprocessor)
-        elif not isinstance(data_preprocessor, nn.Module):
-            raise TypeError('data_preprocessor must be a dict or an '
-                            f'nn.Module, got {type(data_preprocessor)}')
         super().__init__(data_preprocessor=data_preprocessor,
                          init_cfg=init_cfg)
         self.backbone = _build(backbone)

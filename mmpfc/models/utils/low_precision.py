@@ -46,6 +46,15 @@ def parse_center_dtype(value: Union[str, torch.dtype],
         f'{sorted(CENTER_DTYPES)}')
 
 
+def parse_center_rounding(value: str) -> str:
+    """``value`` if it names a rounding of 16-bit centers; ValueError
+    naming it otherwise."""
+    if value not in CENTER_ROUNDINGS:
+        raise ValueError(f'center_rounding={value!r}: use one of '
+                         f'{list(CENTER_ROUNDINGS)}')
+    return value
+
+
 def is_compact(dtype: torch.dtype) -> bool:
     """True for a storage dtype narrower than fp32."""
     return dtype in (torch.bfloat16, torch.float16)
