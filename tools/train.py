@@ -99,9 +99,19 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     import mmpfc  # noqa: F401  (registers every component)
     from mmpfc.registry import RUNNERS
+    from mmpfc.engine.hooks import PREEMPTED_EXIT_CODE, TrainingPreempted
     cfg = build_cfg(args)
     runner = RUNNERS.build(cfg)
-    runner.train()
+    try:
+        runner.train()
+    except TrainingPreempted as stop:
+        # saved and stopped on SIGTERM / SIGUSR1: exit "resume me"
+        print(f'train.py: {stop}', file=sys.stderr)
+        if not stop.agreed:  # peers gone: no collective may wait for them
+            sys.stderr.flush()
+            os._exit(PREEMPTED_EXIT_CODE)
+        close_process_group()
+        sys.exit(PREEMPTED_EXIT_CODE)
     close_process_group()
 
 

@@ -19,6 +19,11 @@ default_hooks = dict(
         type='CheckpointHook', by_epoch=False, interval=10000,
         max_keep_ckpts=3),
     sampler_seed=dict(type='DistSamplerSeedHook'),
+    # On SIGTERM / SIGUSR1 (preemption, a time limit ahead) every rank
+    # finishes its iteration, the ranks save that iteration together and the
+    # run exits with status 75: resume it with --resume. (A default hook, so
+    # a config that replaces custom_hooks keeps it.)
+    preemption=dict(type='PreemptionHook'),
 )
 # `Training: Speed ... samples/sec   Loss ...` every LoggerHook interval, and
 # a `gpustat -i`-like table of every rank's memory (device memory on GPUs,

@@ -80,6 +80,22 @@ def _logged(runner, text):
     return False
 
 
+def test_ranks_restarted_by_torchrun_resume_by_themselves(
+        finished, tmp_path, monkeypatch):
+    """torchrun --max-restarts: the restarted ranks find their own run's
+    checkpoints and resume from the latest instead of refusing them."""
+    work_dir = tmp_path / 'run'
+    shutil.copytree(finished, work_dir)
+    monkeypatch.setenv('TORCHELASTIC_RESTART_COUNT', '1')
+    runner = train(work_dir, max_iters=4)  # no --resume
+    assert runner.captured['iter'] == 2  # started from iter_2.pth
+    assert runner.iter == 4 and osp.isfile(work_dir / 'iter_4.pth')
+    # a first start (restart count 0) still refuses
+    monkeypatch.setenv('TORCHELASTIC_RESTART_COUNT', '0')
+    with pytest.raises(WorkDirInUseError):
+        train(work_dir, max_iters=6)
+
+
 def test_moved_work_dir_resumes_from_itself(finished, tmp_path):
     moved = tmp_path / 'moved'
     shutil.copytree(finished, tmp_path / 'original')

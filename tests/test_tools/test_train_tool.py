@@ -107,4 +107,57 @@ def test_a_failing_rank_closes_the_torchrun_report(tmp_path):
     out = proc.stdout + proc.stderr
     report = out[out.rindex('Root Cause'):]
     assert 'error_file: <N/A>' not in report
-    assert 'ValueError: sample_rate must be in [0, 1], got 2.0' in report
+    assert ('ValueError: PartialFCHead: sample_rate must be in [0, 1], '
+            'got 2.0') in report
+
+
+def test_sigterm_to_the_whole_job_saves_and_resumes(tmp_path):
+    """What Slurm does at preemption: SIGTERM to every process of the job
+    (torchrun, both ranks, their loader workers). torchrun forwards it to
+    the ranks once more; the ranks finish their iteration, save it
+    together and exit with status 75; --resume continues from there."""
+    import signal
+    import time
+    env = dict(os.environ, PORT=str(free_port()), PYTHON=sys.executable,
+               OMP_NUM_THREADS='1')
+    options = ['--work-dir', str(tmp_path), '--cfg-options',
+               'train_cfg.max_iters=12', 'train_dataloader.batch_size=2',
+               'train_dataloader.num_workers=1',
+               'default_hooks.logger.interval=1',
+               'default_hooks.checkpoint.interval=100', 'log_level=INFO']
+    cmd = ['bash', osp.join(ROOT, 'tools', 'dist_train.sh'), DEMO, '2',
+           *options]
+    proc = subprocess.Popen(cmd, cwd=str(tmp_path), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    out, deadline = [], time.monotonic() + 240
+    try:
+        for line in proc.stdout:
+            out.append(line)
+            if 'Global Step: 3' in line:
+                os.killpg(proc.pid, signal.SIGTERM)
+                break
+            assert time.monotonic() < deadline, ''.join(out[-40:])
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = ''.join(out) + rest
+    saved = re.findall(r'Preempted \(SIGTERM\): saved (\S+) at iteration '
+                       r'(\d+)', text)
+    assert saved, text[-3000:]
+    path, stop = saved[0][0], int(saved[0][1])
+    assert 3 <= stop < 12 and osp.basename(path) == f'iter_{stop}.pth'
+    assert 'exited unexpectedly' not in text  # the loader workers lived
+    assert re.search(r'exitcode\s*:\s*75', text) or \
+        'train.py: preempted by SIGTERM' in text, text[-3000:]
+    with open(osp.join(str(tmp_path), 'last_checkpoint')) as f:
+        assert osp.basename(f.read().strip()) == f'iter_{stop}.pth'
+
+    env['PORT'] = str(free_port())
+    proc = subprocess.run(cmd + ['--resume'], cwd=str(tmp_path), env=env,
+                          capture_output=True, text=True, timeout=300)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-3000:]
+    steps = [int(s) for s in re.findall(r'Global Step: (\d+)', text)]
+    assert steps == list(range(stop + 1, 13)), steps

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import os.path as osp
 from typing import Dict, Optional, Union
 
@@ -16,6 +17,7 @@ from mmengine.runner.base_loop import BaseLoop
 from torch.nn.parallel import DistributedDataParallel
 
 from mmpfc.checkpoint import unwrap_model
+from mmpfc.engine.hooks.preemption_hook import PreemptionHook, WorkerSignals
 from mmpfc.engine.hooks.training_health_hook import (TrainingDivergedError,
                                                      nonfinite_weights)
 from mmpfc.engine.model_wrappers import PartialFCDistributedDataParallel
@@ -60,6 +62,8 @@ class PartialFCRunner(ShardedCheckpointMixin, Runner):
       and are never written with non-finite weights;
     * a training run holds a lock on its work dir, and a second run there
       is refused at the start of ``train`` naming the first;
+    * a :class:`PreemptionHook` gets its signal handlers for the time of
+      ``train``; workers restarted by torchrun resume by themselves;
     * a fresh run refuses a work dir that holds checkpoints (unless
       ``resume`` or ``overwrite=True``), ``last_checkpoint`` is resolved in
       the work dir itself, and resuming a finished run says so and trains
@@ -128,13 +132,18 @@ class PartialFCRunner(ShardedCheckpointMixin, Runner):
         work-dir guard; a resumed run that is already complete returns at
         once."""
         lock = self._lock_work_dir()
+        preemption = [h for h in self.hooks if isinstance(h, PreemptionHook)]
         try:
+            for hook in preemption:
+                hook.install_signal_handlers()
             self._refuse_other_runs_checkpoints()
             return super().train()
         except _RunComplete:
             self.call_hook('after_run')
             return self.model
         finally:
+            for hook in preemption:
+                hook.restore_signal_handlers()
             if lock is not None:
                 lock.release()
 
@@ -159,15 +168,27 @@ class PartialFCRunner(ShardedCheckpointMixin, Runner):
         return lock
 
     def _refuse_other_runs_checkpoints(self) -> None:
-        """A fresh run must not overwrite checkpoints it did not write."""
+        """A fresh run must not overwrite checkpoints it did not write.
+
+        Workers that torchrun restarted (``--max-restarts``) after a rank
+        failed find their own run's checkpoints: they resume from the
+        latest instead."""
         if self._resume or self.cfg.get('overwrite', False):
             return
         dirs = [self.work_dir, *self._checkpoint_dirs()]
         box = [existing_checkpoints(dirs) if self.rank == 0 else None]
         if self.distributed:
             broadcast_object_list(box)
-        if box[0]:
-            refuse_used_work_dir(self.work_dir, dirs, box[0])
+        if not box[0]:
+            return
+        restart = int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0) or 0)
+        if restart > 0:
+            self.logger.warning(
+                f'Restarted by torchrun (restart {restart}): resuming from '
+                f'the latest checkpoint in {self.work_dir}')
+            self._resume, self._load_from = True, None
+            return
+        refuse_used_work_dir(self.work_dir, dirs, box[0])
 
     def _checkpoint_dirs(self) -> list:
         """Where the CheckpointHooks will write (MMEngine's rule for
@@ -226,6 +247,17 @@ class PartialFCRunner(ShardedCheckpointMixin, Runner):
         for name, tensor in model.state_dict().items():
             if name not in local:
                 broadcast(tensor)
+
+    def build_dataloader(self, dataloader, *args, **kwargs):
+        """MMEngine's loader; with a :class:`PreemptionHook`, its workers
+        ignore the hook's signals (:class:`WorkerSignals`)."""
+        loader = Runner.build_dataloader(dataloader, *args, **kwargs)
+        signals = [n for h in getattr(self, '_hooks', [])
+                   if isinstance(h, PreemptionHook) for n in h.signals]
+        if signals and getattr(loader, 'num_workers', 0) > 0:
+            loader.worker_init_fn = WorkerSignals(signals,
+                                                  loader.worker_init_fn)
+        return loader
 
     def build_train_loop(self, loop: Union[BaseLoop, Dict]) -> BaseLoop:
         """MMEngine's train loop, after checking its data against the model."""
