@@ -134,7 +134,8 @@ def encode(values: torch.Tensor, levels: int, power: int,
            signed: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """fp32 (R, D) -> codes (R, D) and fp32 absmax (R, blocks)."""
     blocks, dim = _blocks(values.float())
-    absmax = blocks.abs().amax(dim=2)
+    # max |x| without an |x| temporary of the rows' size
+    absmax = torch.maximum(blocks.amax(dim=2), blocks.amin(dim=2).neg_())
     inverse = absmax.clamp_min(torch.finfo(torch.float32).tiny).reciprocal()
     if power == 1:  # linear: the sign comes with the value
         code = blocks.mul(inverse[:, :, None].mul_(levels)).round_()
@@ -150,6 +151,10 @@ def encode(values: torch.Tensor, levels: int, power: int,
 def decode(codes: torch.Tensor, absmax: torch.Tensor, levels: int,
            power: int) -> torch.Tensor:
     """Codes (R, D) and absmax (R, blocks) -> fp32 (R, D)."""
+    rows, dim = codes.shape
+    if power == 1 and dim % BLOCK == 0:  # one pass: int8 x fp32 -> fp32
+        return torch.mul(codes.view(rows, -1, BLOCK),
+                         (absmax / levels)[:, :, None]).view(rows, dim)
     blocks, dim = _blocks(codes.float())
     if power == 1:
         values = blocks.mul_((absmax / levels)[:, :, None])

@@ -108,8 +108,15 @@ def _round_bfloat16(values: torch.Tensor,
     finite); values above bf16's largest may round up to inf.
     """
     bits = values.contiguous().view(torch.int32)
-    # random_() fills [0, 2^31): its low 16 bits are uniform
-    noise = torch.empty_like(bits).random_(generator=generator)
+    count = bits.numel()
+    # 16 random bits per element, four elements per 64-bit draw: random_
+    # over the whole int64 range makes every bit uniform, and a quarter of
+    # the draws of one per element is the cheaper part of the rounding
+    draws = torch.empty((count + 3) // 4, dtype=torch.int64,
+                        device=bits.device).random_(-2**63, None,
+                                                    generator=generator)
+    noise = draws.view(torch.int16)[:count].view(bits.shape).to(
+        torch.int32)
     rounded = noise.bitwise_and_(0xFFFF).add_(bits).bitwise_and_(-65536)
     return rounded.view(torch.float32).to(torch.bfloat16)  # exact
 
