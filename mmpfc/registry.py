@@ -1,12 +1,13 @@
 """Child registries of MMEngine's roots, scope ``mmpfc``.
 
-Every registry names the package that fills it (``locations``), so a config from
-any OpenMMLab project can say ``type='mmpfc.PartialFCHead'`` after
+Every registry names the package that fills it (``locations``), so a config
+from any OpenMMLab project can say ``type='mmpfc.PartialFCHead'`` after
 ``custom_imports=dict(imports=['mmpfc'])`` and the class is found.
 """
 from mmengine.registry import DATA_SAMPLERS as MMENGINE_DATA_SAMPLERS
 from mmengine.registry import DATASETS as MMENGINE_DATASETS
 from mmengine.registry import EVALUATOR as MMENGINE_EVALUATOR
+from mmengine.registry import FUNCTIONS as MMENGINE_FUNCTIONS
 from mmengine.registry import HOOKS as MMENGINE_HOOKS
 from mmengine.registry import LOG_PROCESSORS as MMENGINE_LOG_PROCESSORS
 from mmengine.registry import LOOPS as MMENGINE_LOOPS
@@ -53,6 +54,11 @@ DATASETS = Registry('dataset', parent=MMENGINE_DATASETS, scope=_SCOPE,
                     locations=['mmpfc.datasets'])
 DATA_SAMPLERS = Registry('data sampler', parent=MMENGINE_DATA_SAMPLERS,
                          scope=_SCOPE, locations=['mmpfc.datasets'])
+# collate functions: a config names them with the scope, e.g.
+# collate_fn=dict(type='mmpfc.face_collate') (MMEngine's Runner looks an
+# unscoped name up in its own root registry only)
+FUNCTIONS = Registry('function', parent=MMENGINE_FUNCTIONS, scope=_SCOPE,
+                     locations=['mmpfc.datasets'])
 TRANSFORMS = Registry('transform', parent=MMENGINE_TRANSFORMS, scope=_SCOPE,
                       locations=['mmpfc.datasets'])
 METRICS = Registry('metric', parent=MMENGINE_METRICS, scope=_SCOPE,

@@ -53,7 +53,8 @@ class MXFaceDataset(BaseDataset):
     seconds. Each worker opens its own file descriptor. ``get_data_info``
     returns ``gt_label`` (int), the encoded image ``img_bytes`` and
     ``img_source`` (``"<rec>, key <k>"``, for errors); decode it with
-    :class:`LoadImageFromBytes`.
+    :class:`LoadImageFromBytes`. The example is the lean pipeline of the
+    dataset configs (docs/data.md, "Choosing the pipeline").
 
     ``num_classes`` is checked against the ``property`` file next to the
     record (when it exists) and against every label read; a mismatch raises
@@ -64,12 +65,12 @@ class MXFaceDataset(BaseDataset):
         train_dataloader = dict(
             batch_size=128, num_workers=4, persistent_workers=True,
             sampler=dict(type='InfiniteSampler', shuffle=True),
+            collate_fn=dict(type='mmpfc.face_collate'),
             dataset=dict(
                 type='MXFaceDataset', data_root='data/ms1m-retinaface-t1',
                 num_classes=93431,
                 pipeline=[dict(type='LoadImageFromBytes'),
-                          dict(type='mmpretrain.RandomFlip', prob=0.5),
-                          dict(type='mmpretrain.PackInputs')]))
+                          dict(type='RandomFlipInPlace', prob=0.5)]))
 
     Args:
         data_root (str): Folder of the record files and ``property``.

@@ -129,6 +129,13 @@ class IndexedRecordReader:
         if len(self.keys) and np.any(np.diff(self.keys) == 0):
             dup = self.keys[:-1][np.diff(self.keys) == 0][0]
             raise RecordIOError(f'{self.idx_path}: key {dup} appears twice')
+        # Shortcuts for the usual file (keys 0..N-1 or 1..N, records in key
+        # order): a key's position is key - first key, and a record ends
+        # where the next key's begins, so one pread reads it whole.
+        n = len(self.keys)
+        self._dense = bool(n and self.keys[-1] - self.keys[0] == n - 1)
+        self._in_order = bool(n and np.all(np.diff(self._offsets) > 0))
+        self._size = os.path.getsize(rec_path)
         self._fd, self._pid = None, None
 
     def _check_offsets(self, keys: np.ndarray, offsets: np.ndarray) -> None:
@@ -163,15 +170,40 @@ class IndexedRecordReader:
         pos = np.searchsorted(self.keys, key)
         return bool(pos < len(self.keys) and self.keys[pos] == key)
 
+    def _position(self, key: int) -> int:
+        """Index of ``key`` in ``self.keys``; ``KeyError`` if absent."""
+        if self._dense:
+            pos = key - int(self.keys[0])
+            if 0 <= pos < len(self.keys):
+                return pos
+        else:
+            pos = int(np.searchsorted(self.keys, key))
+            if pos < len(self.keys) and self.keys[pos] == key:
+                return pos
+        raise KeyError(f'key {key} is not in {self.idx_path}')
+
     def offset(self, key: int) -> int:
-        pos = int(np.searchsorted(self.keys, key))
-        if pos == len(self.keys) or self.keys[pos] != key:
-            raise KeyError(f'key {key} is not in {self.idx_path}')
-        return int(self._offsets[pos])
+        return int(self._offsets[self._position(key)])
 
     def read(self, key: int) -> bytes:
         """The payload of record ``key`` with continuation parts joined."""
-        pos = self.offset(key)
+        pos = self._position(key)
+        start = int(self._offsets[pos])
+        if self._in_order:  # one pread up to the next record
+            end = int(self._offsets[pos + 1]) if pos + 1 < len(self.keys) \
+                else self._size
+            data = os.pread(self.fd, end - start, start)
+            if len(data) >= _WORD.size:
+                magic, lrec = _WORD.unpack_from(data)
+                length = lrec & _LEN_MASK
+                if magic == MAGIC and lrec >> 29 == 0 and \
+                        _WORD.size + length <= len(data):
+                    return data[_WORD.size:_WORD.size + length]
+        return self._read_parts(key, start)
+
+    def _read_parts(self, key: int, pos: int) -> bytes:
+        """Record ``key`` at offset ``pos``, header by header: joins
+        continuation parts and names what is wrong with a bad record."""
         parts = []
         while True:
             word = os.pread(self.fd, _WORD.size, pos)

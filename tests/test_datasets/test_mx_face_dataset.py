@@ -7,14 +7,18 @@ import numpy as np
 import pytest
 import torch
 from face_files import converter, make_faces
+from mmengine.dataset import pseudo_collate
 from mmengine.registry import init_default_scope
 
-from mmpfc.datasets import MXFaceDataset, RecordIOError
+from mmpfc.datasets import MXFaceDataset, RecordIOError, face_collate
 from mmpfc.registry import DATASETS
 
 PIPELINE = [dict(type='LoadImageFromBytes'),
             dict(type='mmpretrain.RandomFlip', prob=0.5),
             dict(type='mmpretrain.PackInputs')]
+#: the lean pipeline of configs/_base_/datasets/ms1mv3.py (+ face_collate)
+LEAN_PIPELINE = [dict(type='LoadImageFromBytes'),
+                 dict(type='RandomFlipInPlace', prob=0.5)]
 
 
 @pytest.fixture(scope='module')
@@ -50,7 +54,9 @@ def test_num_classes_must_match_property_and_labels(faces):
         ds.get_data_info(5)
 
 
-def test_corrupt_record_names_file_and_key(faces, tmp_path):
+@pytest.mark.parametrize('pipeline', [(), PIPELINE, LEAN_PIPELINE],
+                         ids=['no pipeline', 'mmpretrain', 'lean'])
+def test_corrupt_record_names_file_and_key(faces, tmp_path, pipeline):
     root, _ = faces
     for name in ('train.rec', 'train.idx', 'property'):
         data = open(root / 'meta' / name, 'rb').read()
@@ -59,10 +65,17 @@ def test_corrupt_record_names_file_and_key(faces, tmp_path):
     with open(tmp_path / 'train.rec', 'r+b') as f:
         f.seek(offset + 3)
         f.write(b'\x00')
-    ds = MXFaceDataset(data_root=str(tmp_path))
+    ds = MXFaceDataset(data_root=str(tmp_path), pipeline=pipeline)
     assert ds.get_data_info(1)['gt_label'] == 0
     with pytest.raises(RecordIOError, match=r'train\.rec, key 3 .*magic'):
         ds.get_data_info(2)
+    if pipeline:  # through the loader and its collate, as in training
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=3, collate_fn=face_collate
+            if pipeline is LEAN_PIPELINE else pseudo_collate)
+        with pytest.raises(RecordIOError, match=r'train\.rec, key 3 '
+                           r'\(offset \d+\): magic'):
+            list(loader)
 
 
 def test_pipeline_from_registry_packs_label(faces):
@@ -136,12 +149,20 @@ def png(size=4) -> bytes:
 
 def test_undecodable_image_names_file_and_key(tmp_path):
     write_rec(tmp_path, {0: (0, png()), 1: (1, b'garbage!!')})
+    message = (r"train\.rec, key 1: cannot decode the image bytes \(9 "
+               r"bytes, starts with b'garbage!'\): not an image, or corrupt")
     ds = MXFaceDataset(data_root=str(tmp_path), pipeline=PIPELINE)
     assert ds[0]['inputs'].shape == (3, 4, 4)
-    with pytest.raises(ValueError, match=r"train\.rec, key 1: cannot decode "
-                       r"the image bytes \(9 bytes, starts with "
-                       r"b'garbage!'\): not an image, or corrupt"):
+    with pytest.raises(ValueError, match=message):
         ds[1]
+    lean = MXFaceDataset(data_root=str(tmp_path), pipeline=LEAN_PIPELINE)
+    assert lean[0]['img'].shape == (4, 4, 3)
+    with pytest.raises(ValueError, match=message):
+        lean[1]
+    loader = torch.utils.data.DataLoader(lean, batch_size=2,
+                                         collate_fn=face_collate)
+    with pytest.raises(ValueError, match=message):
+        list(loader)
     from mmpfc.datasets import LoadImageFromBytes
     with pytest.raises(ValueError, match=r'sample 7: cannot decode the image '
                        r'bytes \(0 bytes'):  # no source given: the key

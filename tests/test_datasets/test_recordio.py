@@ -141,3 +141,28 @@ def test_offset_outside_the_record_file_is_refused_at_open(tmp_path, offset):
     with pytest.raises(RecordIOError, match=rf'x\.idx: key 5 has offset '
                        rf'{offset}, outside .*x\.rec \(36 bytes'):
         IndexedRecordReader(rec)
+
+
+def test_one_read_per_record_agrees_with_the_header_walk(tmp_path):
+    """Dense keys in file order are read with one pread up to the next
+    record; any other index takes the header-by-header path. Both give the
+    bytes written."""
+    records = {k: pack_record(k, bytes([k]) * (k * 7 % 23)) for k in range(8)}
+    records[3] += MAGIC_BYTES + b'tail'  # split into continuation parts
+    rec = write(tmp_path, records)
+    reader = IndexedRecordReader(rec)
+    assert reader._dense and reader._in_order
+    for key, payload in records.items():
+        assert reader.read(key) == payload
+        assert reader._read_parts(key, reader.offset(key)) == payload
+    idx = rec[:-4] + '.idx'
+    lines = open(idx).read().splitlines()
+    with open(idx, 'w') as f:  # keys reversed, record 3 left out
+        f.write('\n'.join(f'{7 - int(k)}\t{o}' for k, o in
+                          (line.split('\t') for line in lines)
+                          if k != '3') + '\n')
+    other = IndexedRecordReader(rec)
+    assert not other._dense and not other._in_order
+    for key, payload in records.items():
+        if key != 3:
+            assert other.read(7 - key) == payload

@@ -168,6 +168,13 @@ BAD_INPUT = {
             drop_last=True,
             sampler=dict(type='DefaultSampler', round_up=False),
             dataset=dict(num_samples=11)))),
+    'collate_without_face_preprocessor': (
+        ValueError, r'collate_fn is face_collate, .* data_preprocessor is '
+        r'ClsDataPreprocessor', dict(
+            model=dict(data_preprocessor=dict(
+                type='mmpretrain.ClsDataPreprocessor')),
+            train_dataloader=dict(
+                collate_fn=dict(type='mmpfc.face_collate')))),
     'empty_loader': (ValueError, 'yields no batch', dict(
         train_dataloader=dict(batch_size=8, drop_last=True,
                               sampler=dict(type='DefaultSampler'),

@@ -20,11 +20,14 @@ SETS = ('lfw', 'cfp_fp', 'agedb_30')
 
 class ToyFaceModel(BaseModel):
     """Linear embedding + classifier; ``predict`` sets ``raw_feat`` and
-    ``pred_feat`` (normalized) like ``PartialFCHead.predict``."""
+    ``pred_feat`` (normalized) like ``PartialFCHead.predict``. The face
+    models' preprocessor, which takes the lean pipeline's label tensor (the
+    dataset config's default) as well as data samples."""
 
     def __init__(self, num_classes: int, size: int = 12) -> None:
         super().__init__(data_preprocessor=dict(
-            type='ImgDataPreprocessor', mean=[127.5] * 3, std=[127.5] * 3))
+            type='mmpfc.FaceDataPreprocessor', mean=[127.5] * 3,
+            std=[127.5] * 3))
         self.embed = nn.Linear(3 * size * size, 8)
         self.cls = nn.Linear(8, num_classes)
 

@@ -465,3 +465,46 @@ def test_embedding_is_fp32_under_the_devices_autocast(device):
     with torch.no_grad():
         expected = model.features(model.fc(kept['body'].float()))
     torch.testing.assert_close(embedding, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_jpeg_batch_decodes_on_the_device_like_opencv(device):
+    """nvJPEG (CUDA) against OpenCV on the CPU: JPEG decoders may differ by
+    a few levels (IDCT and upsampling choices); the mean stays close. On
+    the CPU the device path is OpenCV itself. Prints the rate."""
+    import time
+
+    import cv2
+    import numpy as np
+
+    from mmpfc.datasets.encoded_batch import encoded_face_collate
+    from mmpfc.models.recognizers.jpeg_decode import JpegDecoder
+    rng = np.random.default_rng(0)
+    encoded, expected = [], []
+    for i in range(128):
+        img = cv2.GaussianBlur(rng.integers(0, 256, (112, 112, 3),
+                                            dtype=np.uint8), (5, 5), 0)
+        data = cv2.imencode('.jpg', img, [cv2.IMWRITE_JPEG_QUALITY, 95])[1]
+        encoded.append(dict(img_bytes=data.tobytes(), gt_label=i,
+                            flip=bool(i % 2), img_source=f'key {i}'))
+        rgb = cv2.cvtColor(cv2.imdecode(data, cv2.IMREAD_COLOR),
+                           cv2.COLOR_BGR2RGB)
+        expected.append(rgb[:, ::-1] if i % 2 else rgb)
+    batch = encoded_face_collate(encoded)['inputs']
+    decoder = JpegDecoder()
+    out = decoder(batch, device)  # warm-up (nvJPEG handles)
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(5):
+        out = decoder(batch, device)
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    rate = 5 * len(batch) / (time.perf_counter() - start)
+    print(f'\n{device.type} JPEG decode of 112x112 q95 batches of 128: '
+          f'{rate:.0f} images/s, {decoder.fallbacks} CPU fallbacks')
+    reference = torch.from_numpy(np.stack(expected)).permute(0, 3, 1, 2)
+    diff = (out.cpu().int() - reference.int()).abs()
+    assert out.shape == (128, 3, 112, 112) and out.device == device
+    assert decoder.fallbacks == 0
+    assert diff.max() <= 8 and diff.float().mean() < 1.0, (
+        diff.max(), diff.float().mean())

@@ -29,6 +29,9 @@ NO_CHECKABLE_ARGS = {
     'FlipIfRequested': 'takes no arguments',
     'PartialFCRunner': "no __init__: MMEngine Runner's arguments (mmpfc's "
                        'overwrite option is a config key, read in train)',
+    'face_collate': 'a collate function: its one argument is the batch',
+    'encoded_face_collate': 'a collate function: its one argument is the '
+                            'batch',
 }
 #: Registered by work in progress whose author adds its specs.
 PENDING = {}

@@ -19,10 +19,9 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from mmpfc.datasets.recordio import IndexedRecordWriter, pack_record
+from mmpfc.datasets.face_record_writer import FaceRecordWriter
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
-MAX_EXACT_FLOAT32 = 2**24  # labels are float32: larger ids lose precision
 
 
 def scan_folder(root: str, extensions: Sequence[str] = IMAGE_EXTENSIONS
@@ -51,30 +50,17 @@ def folder_to_rec(root: str, out_dir: str, prefix: str = 'train',
     """
     names, samples = scan_folder(root)
     num_classes, num_images = len(names), len(samples)
-    if num_classes > MAX_EXACT_FLOAT32:
-        raise ValueError(f'{num_classes} identities: RecordIO float32 labels '
-                         f'are exact only up to {MAX_EXACT_FLOAT32}')
     first = cv2.imdecode(np.fromfile(samples[0][0], np.uint8),
                          cv2.IMREAD_COLOR)
     if first is None:
         raise ValueError(f'cannot decode {samples[0][0]}')
     os.makedirs(out_dir, exist_ok=True)
     rec_path = os.path.join(out_dir, f'{prefix}.rec')
-    offset = 0 if plain else 1
-    with IndexedRecordWriter(rec_path) as writer:
-        if not plain:
-            writer.write(0, pack_record(
-                [num_images + 1, num_images + 1 + num_classes], b''))
-        ranges = np.zeros((num_classes, 2), np.int64)
-        for i, (path, label) in enumerate(samples):
-            key = i + offset
+    with FaceRecordWriter(rec_path, num_images, num_classes,
+                          plain) as writer:
+        for path, label in samples:
             with open(path, 'rb') as f:
-                writer.write(key, pack_record(label, f.read(), id=key))
-            ranges[label] = (ranges[label][0] or key, key + 1)
-        if not plain:
-            for label, (start, end) in enumerate(ranges):
-                key = num_images + 1 + label
-                writer.write(key, pack_record([start, end], b'', id=key))
+                writer.add(f.read(), label)
     height, width = first.shape[:2]
     with open(os.path.join(out_dir, 'property'), 'w') as f:
         f.write(f'{num_classes},{height},{width}')

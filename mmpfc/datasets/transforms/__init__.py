@@ -1,4 +1,6 @@
 from .builder import build_transforms
+from .lean import RandomFlipInPlace
 from .loading import FlipIfRequested, LoadImageFromBytes
 
-__all__ = ['FlipIfRequested', 'LoadImageFromBytes', 'build_transforms']
+__all__ = ['FlipIfRequested', 'LoadImageFromBytes', 'RandomFlipInPlace',
+           'build_transforms']

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import cv2
 import mmcv
 import numpy as np
 from mmcv.image.io import imread_flags
@@ -15,6 +16,7 @@ from mmpfc.utils.arg_checks import Bool, OneOf, Str, arg_specs
 
 #: ``backend`` values of ``mmcv.imfrombytes``
 DECODE_BACKENDS = ('cv2', 'turbojpeg', 'pillow', 'tifffile')
+_IMREAD_COLOR_RGB = getattr(cv2, 'IMREAD_COLOR_RGB', None)
 
 
 def decode_image(data: bytes,
@@ -33,8 +35,12 @@ def decode_image(data: bytes,
     """
     cause = None
     try:
-        img = mmcv.imfrombytes(data, flag=flag, channel_order=channel_order,
-                               backend=backend)
+        if backend == 'cv2' and flag == 'color':
+            img = _cv2_color(data, channel_order)
+        else:
+            img = mmcv.imfrombytes(data, flag=flag,
+                                   channel_order=channel_order,
+                                   backend=backend)
     except Exception as err:  # the backend's own error: chained below
         img, cause = None, err
     if img is None:
@@ -43,6 +49,20 @@ def decode_image(data: bytes,
             f'starts with {bytes(data[:8])!r}): not an image, or corrupt'
         ) from cause
     return img
+
+
+def _cv2_color(data: bytes, channel_order: str) -> np.ndarray | None:
+    """``mmcv.imfrombytes(data, 'color', channel_order, 'cv2')``, decoding
+    straight into RGB where OpenCV can (``IMREAD_COLOR_RGB``, OpenCV >= 4.10)
+    instead of converting BGR afterwards: the same pixels, one pass less."""
+    buf = np.frombuffer(data, np.uint8)
+    if channel_order != 'rgb':
+        return cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    if _IMREAD_COLOR_RGB is not None:
+        return cv2.imdecode(buf, _IMREAD_COLOR_RGB)
+    img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    return None if img is None else cv2.cvtColor(img, cv2.COLOR_BGR2RGB,
+                                                 img)
 
 
 def read_image_file(path: str, channel_order: str = 'rgb') -> np.ndarray:

@@ -301,6 +301,7 @@ def check_train_data(model: nn.Module, dataloader) -> None:
     all-gathers equal batches, so either would fail mid-training.
     """
     dataset = dataloader.dataset
+    check_collate_fits_preprocessor(model, dataloader)
     head = getattr(model, 'head', None)
     head_classes = getattr(head, 'num_classes', None)
     data_classes = getattr(dataset, 'num_classes', None)
@@ -347,6 +348,29 @@ def check_train_data(model: nn.Module, dataloader) -> None:
             'every rank at every step; set train_dataloader.drop_last=True '
             "(and the sampler's round_up=True), or sampler=dict(type="
             "'InfiniteSampler')")
+
+
+def check_collate_fits_preprocessor(model: nn.Module, dataloader) -> None:
+    """The batches of ``face_collate`` (a label tensor) and
+    ``encoded_face_collate`` (encoded images) need ``FaceDataPreprocessor``;
+    another preprocessor would fail on the first batch, far from the
+    cause."""
+    from mmpfc.datasets import encoded_face_collate, face_collate
+    from mmpfc.models.recognizers.data_preprocessor import \
+        FaceDataPreprocessor
+    collate = dataloader.collate_fn
+    collate = getattr(collate, 'func', collate)  # functools.partial
+    preprocessor = getattr(model, 'data_preprocessor', None)
+    if collate in (face_collate, encoded_face_collate) and \
+            not isinstance(preprocessor, FaceDataPreprocessor):
+        raise ValueError(
+            f'train_dataloader.collate_fn is {collate.__name__}, whose '
+            'batches (a label tensor, or encoded images) only '
+            "FaceDataPreprocessor reads, but the model's data_preprocessor "
+            f'is {type(preprocessor).__name__}: use model.data_'
+            "preprocessor=dict(type='FaceDataPreprocessor', ...) or "
+            "collate_fn=dict(type='pseudo_collate') with mmpretrain's "
+            'pipeline (docs/data.md, "Choosing the pipeline")')
 
 
 def samples_per_rank(num_samples: int, world_size: int,

@@ -1,0 +1,105 @@
+"""The lean pipeline's collate: packs decoded images straight into one batch
+tensor, and the labels into another, instead of a tensor and a
+``DataSample`` per image (``PackInputs``) gathered in lists
+(``pseudo_collate``)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import get_worker_info
+
+from mmpfc.registry import FUNCTIONS
+
+
+def _split_writes_in_place() -> bool:
+    """Whether ``cv2.split(img, planes)`` fills the given arrays (the Python
+    binding of OpenCV 4 and 5 does; were a version to return new arrays
+    instead, the collate copies through numpy)."""
+    img = np.arange(12, dtype=np.uint8).reshape(2, 2, 3)
+    planes = np.zeros((3, 2, 2), np.uint8)
+    cv2.split(img, list(planes))
+    return bool(np.array_equal(planes, img.transpose(2, 0, 1)))
+
+
+_SPLIT_WRITES_IN_PLACE = _split_writes_in_place()
+#: dtypes OpenCV splits (others are copied by numpy)
+_CV_DTYPES = tuple(np.dtype(t) for t in (np.uint8, np.int8, np.uint16,
+                                         np.int16, np.int32, np.float32,
+                                         np.float64))
+
+
+@FUNCTIONS.register_module()
+def face_collate(data_batch: Sequence[dict]) -> dict:
+    """Pack the pipeline's ``img`` (H, W[, C] arrays) into ``inputs``, one
+    contiguous (B, C, H, W) tensor, and ``gt_label`` into
+    ``data_samples``, a (B,) int64 tensor.
+
+    The images' values are those ``mmpretrain.PackInputs`` would give
+    (same dtype, channels first); the batch is the only copy made of them:
+    each image's channels are written into their planes with ``cv2.split``.
+    In a DataLoader worker the batch is allocated in shared memory, as
+    torch's ``default_collate`` does, so sending it copies nothing more.
+    ``FaceDataPreprocessor`` (``FaceRecognizer``'s default) accepts the
+    labels tensor: it copies it to the device and gives the head one
+    ``DataSample`` per row with its ``gt_label``, as for ``pseudo_collate``
+    batches; a model with another preprocessor needs ``pseudo_collate``
+    and ``mmpretrain.PackInputs``.
+
+    Example::
+
+        train_dataloader = dict(
+            collate_fn=dict(type='mmpfc.face_collate'),
+            dataset=dict(type='MXFaceDataset', pipeline=[
+                dict(type='LoadImageFromBytes'),
+                dict(type='RandomFlipInPlace', prob=0.5)]))
+    """
+    if not data_batch:
+        raise ValueError('face_collate: empty batch')
+    first = data_batch[0]
+    if not (isinstance(first, dict) and 'gt_label' in first and
+            isinstance(first.get('img'), np.ndarray)):
+        found = sorted(first) if isinstance(first, dict) else type(first)
+        raise TypeError(
+            'face_collate packs pipeline results holding "img" (a numpy '
+            f'image) and "gt_label", got {found}; end the pipeline before '
+            'packing (no PackInputs), or with mmpretrain.PackInputs use '
+            "collate_fn=dict(type='pseudo_collate')")
+    images = [sample['img'] for sample in data_batch]
+    shape, dtype = first['img'].shape, first['img'].dtype
+    for i, img in enumerate(images):
+        if img.shape != shape or img.dtype != dtype:
+            raise ValueError(
+                f'face_collate: sample {i} of the batch is a {img.dtype} '
+                f'image of shape {img.shape}, sample 0 a {dtype} one of '
+                f'shape {shape}; give every image one size in the pipeline')
+    if len(shape) not in (2, 3):
+        raise ValueError(f'face_collate: expected (H, W) or (H, W, C) '
+                         f'images, got shape {shape}')
+    channels = shape[2] if len(shape) == 3 else 1
+    out = _batch_tensor((len(images), channels, *shape[:2]), dtype)
+    batch = out.numpy()
+    planes = list(batch.reshape(-1, *shape[:2]))  # (H, W) views
+    split = _SPLIT_WRITES_IN_PLACE and channels > 1 and dtype in _CV_DTYPES
+    for i, img in enumerate(images):
+        if split:
+            cv2.split(np.ascontiguousarray(img),
+                      planes[i * channels:(i + 1) * channels])
+        else:
+            batch[i] = img.reshape(*shape[:2], channels).transpose(2, 0, 1)
+    labels = torch.tensor([sample['gt_label'] for sample in data_batch],
+                          dtype=torch.int64)
+    return dict(inputs=out, data_samples=labels)
+
+
+def _batch_tensor(shape: tuple, dtype: np.dtype) -> torch.Tensor:
+    """An uninitialized contiguous tensor; in a DataLoader worker in shared
+    memory (the allocation of torch's ``default_collate``: a tensor
+    outside it would be copied there to be sent to the main process)."""
+    out = torch.empty(0, dtype=torch.from_numpy(np.empty(0, dtype)).dtype)
+    if get_worker_info() is None:
+        return out.new_empty(shape)
+    storage = out._typed_storage()._new_shared(int(np.prod(shape)))
+    return out.new(storage).resize_(*shape)

@@ -1,0 +1,79 @@
+"""Batches of still-encoded images, for decoding on the GPU.
+
+Decoding JPEGs is most of a data loader worker's time. With
+``collate_fn=dict(type='mmpfc.encoded_face_collate')`` the workers only
+read the bytes and draw the flips; ``FaceDataPreprocessor`` decodes the
+batch on the model's device (nvJPEG through ``torchvision.io.decode_jpeg``
+on CUDA) and flips it there (:mod:`mmpfc.models.recognizers.jpeg_decode`).
+All bytes of a batch travel in one tensor, so a worker sends one
+shared-memory block per batch, not one per image.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Sequence
+
+import numpy as np
+import torch
+
+from mmpfc.registry import FUNCTIONS
+
+
+@dataclass
+class EncodedBatch:
+    """Encoded images of one batch and what the device needs of them.
+
+    Attributes:
+        data: uint8, every image's bytes one after the other.
+        lengths: int64 (B,), the bytes of each image.
+        flip: bool (B,), mirror the image left-right after decoding.
+        sources: where each image came from (``"train.rec, key 3"``), for
+            errors.
+    """
+    data: torch.Tensor
+    lengths: torch.Tensor
+    flip: torch.Tensor
+    sources: List[str]
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def images(self) -> List[torch.Tensor]:
+        """One 1-D uint8 tensor (a view) of each image's bytes."""
+        return list(torch.split(self.data, self.lengths.tolist()))
+
+
+@FUNCTIONS.register_module()
+def encoded_face_collate(data_batch: Sequence[dict]) -> dict:
+    """Samples that still hold ``img_bytes`` (no decoding transform in the
+    pipeline; ``RandomFlipInPlace`` only records ``flip``) -> ``inputs``,
+    an :class:`EncodedBatch`, and ``data_samples``, the (B,) int64 labels.
+
+    Example::
+
+        train_dataloader = dict(
+            collate_fn=dict(type='mmpfc.encoded_face_collate'),
+            dataset=dict(pipeline=[dict(type='RandomFlipInPlace')]))
+    """
+    if not data_batch:
+        raise ValueError('encoded_face_collate: empty batch')
+    missing = [key for key in ('img_bytes', 'gt_label')
+               if key not in data_batch[0]]
+    if missing:
+        raise TypeError(
+            f'encoded_face_collate needs samples with img_bytes and '
+            f'gt_label, missing {missing} (found {sorted(data_batch[0])}); '
+            'leave LoadImageFromBytes out of the pipeline: the device '
+            'decodes the images')
+    blobs = [np.frombuffer(s['img_bytes'], np.uint8) for s in data_batch]
+    lengths = torch.tensor([len(b) for b in blobs], dtype=torch.int64)
+    data = torch.from_numpy(np.concatenate(blobs)) if blobs else \
+        torch.empty(0, dtype=torch.uint8)
+    flip = torch.tensor([bool(s.get('flip', False)) for s in data_batch])
+    sources = [str(s.get('img_source') or
+                   f"sample {s.get('key', s.get('sample_idx'))}")
+               for s in data_batch]
+    labels = torch.tensor([int(s['gt_label']) for s in data_batch],
+                          dtype=torch.int64)
+    return dict(inputs=EncodedBatch(data, lengths, flip, sources),
+                data_samples=labels)
