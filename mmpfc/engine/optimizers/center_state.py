@@ -88,13 +88,18 @@ class RowState:
                 dtype=torch.bfloat16 if self.form == 'bfloat16'
                 else torch.promote_types(param_dtype, torch.float32))
 
-    def read(self, index: torch.Tensor) -> torch.Tensor:
-        """Rows ``index`` in fp32 (a new tensor)."""
+    def read(self, index: torch.Tensor, times: float = 1.0) -> torch.Tensor:
+        """Rows ``index`` in fp32 (a new tensor), multiplied by ``times``
+        (int8 linear codes take it into their scales: no extra pass)."""
         codes = self.state[self.key].index_select(0, index)
         if self.form != 'int8':
-            return codes.float() if codes.dtype == torch.bfloat16 else codes
+            rows = codes.float() if codes.dtype == torch.bfloat16 else codes
+            return rows if times == 1.0 else rows.mul_(times)
         scales = self.state[self.key + SCALE_SUFFIX].index_select(0, index)
-        return decode(codes, scales, self.levels, self.power)
+        if self.power == 1 and times != 1.0:
+            return decode(codes, scales.mul_(times), self.levels, 1)
+        rows = decode(codes, scales, self.levels, self.power)
+        return rows if times == 1.0 else rows.mul_(times)
 
     def write(self, index: torch.Tensor, values: torch.Tensor) -> None:
         """Store fp32 ``values`` as rows ``index``."""

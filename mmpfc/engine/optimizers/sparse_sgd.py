@@ -115,8 +115,8 @@ def sparse_sgd_step(optimizer: torch.optim.Optimizer, param: torch.Tensor,
         if weight_decay != 0:
             step = step.add(weight, alpha=weight_decay)
         if buf_all is not None:
-            buf = buf_all.read(index)
-            buf.mul_(momentum).add_(step, alpha=1 - dampening)
+            buf = buf_all.read(index, times=momentum)
+            buf.add_(step, alpha=1 - dampening)
             buf_all.write(index, buf)
             step = step.add(buf, alpha=momentum) if nesterov else buf
         centers.write(index, weight.add_(step, alpha=-lr))

@@ -13,6 +13,8 @@ estimate of the fp32 update and lets small steps add up on average.
 """
 from __future__ import annotations
 
+import sys
+
 from typing import Optional, Union
 
 import torch
@@ -78,6 +80,10 @@ def check_representable(values: torch.Tensor, dtype: torch.dtype,
             "Use center_dtype='bfloat16' (fp32's range) or 'float32'")
 
 
+#: Index of an int32's upper 16 bits among its two int16 halves.
+_UPPER_HALF = 1 if sys.byteorder == 'little' else 0
+
+
 def stochastic_round(values: torch.Tensor, dtype: torch.dtype,
                      generator: Optional[torch.Generator]) -> torch.Tensor:
     """``values`` (fp32) in ``dtype``, rounded stochastically.
@@ -105,7 +111,9 @@ def _round_bfloat16(values: torch.Tensor,
     so a carry moves the magnitude up by one bf16 step for either sign. inf
     and the default NaN have zero low bits and stay as they are (a NaN whose
     payload is in the low 16 bits only may come out as inf: still not
-    finite); values above bf16's largest may round up to inf.
+    finite); values above bf16's largest may round up to inf. The result
+    is a strided view of the sums' upper halves (no copy; ``index_copy_``
+    and any op read it as it is).
     """
     bits = values.contiguous().view(torch.int32)
     count = bits.numel()
@@ -115,10 +123,11 @@ def _round_bfloat16(values: torch.Tensor,
     draws = torch.empty((count + 3) // 4, dtype=torch.int64,
                         device=bits.device).random_(-2**63, None,
                                                     generator=generator)
-    noise = draws.view(torch.int16)[:count].view(bits.shape).to(
-        torch.int32)
-    rounded = noise.bitwise_and_(0xFFFF).add_(bits).bitwise_and_(-65536)
-    return rounded.view(torch.float32).to(torch.bfloat16)  # exact
+    noise = draws.view(torch.uint16)[:count].view(bits.shape).to(
+        torch.int32)  # zero-extended: uniform in [0, 2^16)
+    summed = noise.add_(bits)
+    halves = summed.view(torch.int16).view(*bits.shape, 2)
+    return halves[..., _UPPER_HALF].view(torch.bfloat16)
 
 
 def _round_float16(values: torch.Tensor,
