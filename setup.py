@@ -1,4 +1,5 @@
-"""Install mmpfc (``pip install -e .``); pinned dependencies live in requirements/."""
+"""Install mmpfc (``pip install -e .``); pinned dependencies live in
+requirements/."""
 import os.path as osp
 
 from setuptools import find_packages, setup

@@ -55,16 +55,13 @@ import time
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
-from mmpfc.benchmark.margins import (MARGIN_NAMES,  # noqa: E402
-                                     parse_margins)
-from mmpfc.benchmark.report import (MARGIN_ROWS, markdown,  # noqa: E402
-                                    plot,
-                                    ratio_checks, verdict, write_json)
-from mmpfc.benchmark.runner import (FP32_STORAGE,  # noqa: E402
-                                    BenchmarkConfig, config_dict, dtype_name,
-                                    parse_count, parse_method, parse_storage,
-                                    run_benchmark)
-from mmpfc.utils.spawn import load_average  # noqa: E402
+from mmpfc.benchmark.margins import MARGIN_NAMES, parse_margins
+from mmpfc.benchmark.report import (MARGIN_ROWS, markdown, plot, ratio_checks,
+                                    verdict, write_json)
+from mmpfc.benchmark.runner import (FP32_STORAGE, BenchmarkConfig, config_dict,
+                                    dtype_name, parse_count, parse_method,
+                                    parse_storage, run_benchmark)
+from mmpfc.utils.spawn import load_average
 
 
 def _dtype_arg(text: str) -> str:

@@ -45,11 +45,11 @@ from dataclasses import asdict
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
-from mmpfc.benchmark.accuracy import (AccuracyConfig,  # noqa: E402
-                                      check_line, compact_storage_labels,
-                                      markdown, paired_difference,
-                                      run_accuracy, summarize, write_json)
-from mmpfc.utils.spawn import load_average  # noqa: E402
+from mmpfc.benchmark.accuracy import (AccuracyConfig, check_line,
+                                      compact_storage_labels, markdown,
+                                      paired_difference, run_accuracy,
+                                      summarize, write_json)
+from mmpfc.utils.spawn import load_average
 
 #: How far (accuracy points) PFC0.1 may lie from model parallel.
 PFC_TOLERANCE_POINTS = 0.5

@@ -21,10 +21,9 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
-from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.config import Config, DictAction
 
-from mmpfc.benchmark.data_speed import (PIPELINES, describe,  # noqa: E402
-                                        measure_data_speed)
+from mmpfc.benchmark.data_speed import PIPELINES, describe, measure_data_speed
 
 
 def parse_args(argv=None) -> argparse.Namespace:

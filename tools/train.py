@@ -17,10 +17,9 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
-from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.config import Config, DictAction
 # A failing rank's traceback becomes torchrun's closing "root cause" report.
-from torch.distributed.elastic.multiprocessing.errors import \
-    record  # noqa: E402
+from torch.distributed.elastic.multiprocessing.errors import record
 
 AMP_WRAPPER = 'PartialFCAmpOptimWrapper'
 FP32_WRAPPERS = ('OptimWrapper', 'PartialFCOptimWrapper')
@@ -98,8 +97,8 @@ def build_cfg(args: argparse.Namespace) -> Config:
 def main(argv=None) -> None:
     args = parse_args(argv)
     import mmpfc  # noqa: F401  (registers every component)
-    from mmpfc.registry import RUNNERS
     from mmpfc.engine.hooks import PREEMPTED_EXIT_CODE, TrainingPreempted
+    from mmpfc.registry import RUNNERS
     cfg = build_cfg(args)
     runner = RUNNERS.build(cfg)
     try:

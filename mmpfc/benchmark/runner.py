@@ -30,6 +30,7 @@ import torch
 
 from mmpfc.utils.proc_memory import proc_kb
 from mmpfc.utils.spawn import threads_per_rank
+
 from .launcher import RowFailed, launch
 from .margins import (DEFAULT_MARGIN, SUBCENTERS_MISSING, MarginSpec,
                       parse_margin, subcenters_available)

@@ -31,8 +31,7 @@ from .manifest import Manifest
 from .rows import CheckpointRows
 from .shard_files import (new_token, remove_stale_shard_dirs, shard_dir_name,
                           shard_file_name, temp_main_name)
-from .sharded_state import (collect_shard, find_sharded_params,
-                            manifest_params)
+from .sharded_state import collect_shard, find_sharded_params, manifest_params
 
 #: ``write_main(name, manifest)`` writes the main file ``name`` (in the
 #: folder given to ``save``) without the sharded entries and with

@@ -19,6 +19,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence
 import torch
 
 from mmpfc.models.utils import shard_range
+
 from .io import CheckpointError, atomic_save, load_file
 from .manifest import Manifest, ParamEntry, dtype_name, set_manifest
 

@@ -22,10 +22,10 @@ from typing import Any, BinaryIO, Callable, NamedTuple, Optional
 import torch
 
 from mmpfc.utils.compat import torch_load
+
 from .checksum import (file_checksum, sidecar_path, sync_and_checksum,
                        verify_checksum, verify_main_file)
 from .errors import CheckpointError
-
 
 #: how the two formats of ``torch.save`` begin: a zip archive, or (before
 #: torch 1.6, and with ``_use_new_zipfile_serialization=False``) a pickle

@@ -20,6 +20,7 @@ import torch
 
 from mmpfc.models.utils.low_precision import dtype_name as name_of_dtype
 from mmpfc.version import __version__
+
 from .checksum import is_checksum
 from .errors import CheckpointError
 

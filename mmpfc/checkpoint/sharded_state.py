@@ -18,9 +18,9 @@ import torch.nn as nn
 from mmengine.model import is_model_wrapper
 
 from mmpfc.models.utils import is_sharded, shard_range, sharded_owner
+from mmpfc.models.utils.host_copies import drop_host_copies, offer_host_copies
 from mmpfc.models.utils.sharding import split_state
-from mmpfc.models.utils.host_copies import (drop_host_copies,
-                                            offer_host_copies)
+
 from .manifest import FORMAT, OptimizerLocation, ParamEntry, dtype_name
 from .rng import process_rng_state
 

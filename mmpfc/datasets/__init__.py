@@ -5,11 +5,10 @@ from .face_verification_dataset import (VERIFICATION_META_KEYS,
                                         load_pairs_bin)
 from .image_folder import FaceImageFolder
 from .mx_face_dataset import MXFaceDataset, read_property
-from .recordio import (IndexedRecordReader, IndexedRecordWriter,
-                       RecordIOError, pack_record, unpack_record)
+from .recordio import (IndexedRecordReader, IndexedRecordWriter, RecordIOError,
+                       pack_record, unpack_record)
 from .synthetic_face_dataset import SyntheticFaceDataset
-from .transforms import (FlipIfRequested, LoadImageFromBytes,
-                         RandomFlipInPlace)
+from .transforms import FlipIfRequested, LoadImageFromBytes, RandomFlipInPlace
 
 __all__ = [
     'EncodedBatch', 'encoded_face_collate', 'FaceImageFolder',

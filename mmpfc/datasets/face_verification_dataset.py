@@ -11,6 +11,7 @@ from mmengine.dataset import BaseDataset, force_full_init
 from mmpfc.registry import DATASETS
 from mmpfc.utils.arg_checks import (PIPELINE, AnyOf, Bool, Opt, Seq, Str,
                                     arg_specs)
+
 from .transforms.builder import build_transforms
 from .transforms.loading import FlipIfRequested
 

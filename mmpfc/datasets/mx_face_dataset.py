@@ -9,8 +9,9 @@ import numpy as np
 from mmengine.dataset import BaseDataset, force_full_init
 
 from mmpfc.registry import DATASETS
-from mmpfc.utils.arg_checks import (PIPELINE, AnyOf, Bool, Int, Opt, Seq,
-                                    Str, arg_specs)
+from mmpfc.utils.arg_checks import (PIPELINE, AnyOf, Bool, Int, Opt, Seq, Str,
+                                    arg_specs)
+
 from .recordio import IndexedRecordReader, RecordIOError
 from .transforms.builder import build_transforms
 

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from mmpfc.registry import DATASETS
-from mmpfc.utils.arg_checks import (PIPELINE, AnyOf, Bool, Int, Opt, Real,
-                                    Seq, arg_specs)
+from mmpfc.utils.arg_checks import (PIPELINE, AnyOf, Bool, Int, Opt, Real, Seq,
+                                    arg_specs)
+
 from .transforms.builder import build_transforms
 
 

@@ -22,8 +22,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from contextlib import contextmanager
-from typing import (Callable, Dict, Iterator, List, Optional, Sequence,
-                    Tuple)
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 

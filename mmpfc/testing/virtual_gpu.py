@@ -56,6 +56,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
 from mmpfc.models.utils.rank_generator import RankGenerator
+
 from .python_backward import record_function_inputs, run_backward, run_grad
 
 __all__ = ['Collective', 'HostRead', 'Kernel', 'VirtualGPU', 'Work',
@@ -357,8 +358,8 @@ def virtual_rank(rank: int, world_size: int,
     if dist.is_initialized():
         raise RuntimeError('virtual_rank needs a process without a process '
                            'group; one is initialized already')
-    from torch.testing._internal.distributed.fake_pg import FakeStore
     import torch.cuda.amp.common as amp_common
+    from torch.testing._internal.distributed.fake_pg import FakeStore
     mode = VirtualGPU(count_work)
     dist.init_process_group('fake', store=FakeStore(), rank=rank,
                             world_size=world_size)
@@ -412,5 +413,3 @@ def _grad(outputs, inputs, grad_outputs=None, retain_graph=None,
         grads = tuple(torch.zeros_like(leaf) if g is None else g
                       for leaf, g in zip(leaves, grads))
     return grads
-
-

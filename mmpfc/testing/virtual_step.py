@@ -11,13 +11,14 @@ backbone is outside what this measures (docs/partial_fc.md lists it).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 from mmengine.config import Config, ConfigDict
 
 from mmpfc.models.utils import is_sharded
+
 from .virtual_gpu import VirtualGPU, virtual_rank
 
 #: The input images of face configs: 3 x 112 x 112.

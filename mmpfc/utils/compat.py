@@ -1,4 +1,5 @@
-"""Workarounds for library bugs, one place each, with the version they work around.
+"""Workarounds for library bugs, one place each, with the version they
+work around.
 
 Delete an entry once the upstream version named in it is no longer supported.
 """
@@ -16,8 +17,9 @@ def allow_mmengine_checkpoint_globals() -> None:
     """Let ``torch.load(weights_only=True)`` read MMEngine checkpoints.
 
     Works around torch >= 2.6 defaulting ``weights_only=True`` while
-    mmengine 0.10.7 stores ``HistoryBuffer`` objects and numpy scalars/arrays in
-    ``message_hub`` of every checkpoint: without this, ``--resume`` fails with
+    mmengine 0.10.7 stores ``HistoryBuffer`` objects and numpy
+    scalars/arrays in ``message_hub`` of every checkpoint: without this,
+    ``--resume`` fails with
     ``UnpicklingError: Weights only load failed``. mmengine 0.10.7 also
     pickles ``HistoryBuffer``'s statistics methods as
     ``getattr(HistoryBuffer, 'min')``, so ``getattr`` is allow-listed too; the
@@ -26,8 +28,9 @@ def allow_mmengine_checkpoint_globals() -> None:
     add_safe_globals = getattr(torch.serialization, 'add_safe_globals', None)
     if add_safe_globals is None:  # torch < 2.4: weights_only is not default
         return
-    from mmengine.logging import HistoryBuffer
     import builtins
+
+    from mmengine.logging import HistoryBuffer
     safe = [HistoryBuffer, np.ndarray, np.dtype, builtins.getattr]
     multiarray = getattr(np, '_core', np.core).multiarray
     safe.append(multiarray._reconstruct)
@@ -114,8 +117,9 @@ def _rendezvous(launcher: str, start_timeout: float | None,
                if k not in os.environ]
     if missing:
         raise RuntimeError(
-            f'launcher={launcher!r} needs a process group, but the environment '
-            f'lacks {missing}: start with torchrun (tools/dist_train.sh) or '
+            f'launcher={launcher!r} needs a process group, but the '
+            f'environment lacks {missing}: start with torchrun '
+            '(tools/dist_train.sh) or '
             f'srun (tools/slurm_train.sh), or use --launcher none.')
     rank, world_size = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
     # torchrun's agent has gathered every rank already and serves the store

@@ -3,8 +3,8 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
-from mmengine.config import Config
 from helpers import load_tool
+from mmengine.config import Config
 from tiny_training import calibrate_bn
 
 from mmpfc.apis import export_onnx, onnx_max_abs_diff

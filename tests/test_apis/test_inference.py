@@ -4,15 +4,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from mmengine.config import Config
-from tiny_training import build_runner, calibrate_bn, make_cfg
-
 from embedding_models import (MODEL, NECK_MODEL, fresh_neck, neck_by_hand,
                               save_neck_checkpoint, unit_rows)
+from mmengine.config import Config
+from tiny_training import build_runner, calibrate_bn, make_cfg
 
 from mmpfc.apis import embed_batch, extract_embeddings, init_recognizer
 from mmpfc.checkpoint import CheckpointError
 from mmpfc.registry import MODELS
+
 
 @pytest.fixture(scope='module')
 def face_model(tmp_path_factory):

@@ -9,8 +9,8 @@ from helpers import load_tool
 
 from mmpfc.benchmark.accuracy import (AccuracyConfig, SyntheticIdentityDataset,
                                       build_pairs, check_line, check_methods,
-                                      compact_storage_labels,
-                                      held_out, markdown, paired_difference,
+                                      compact_storage_labels, held_out,
+                                      markdown, paired_difference,
                                       parse_methods, summarize)
 
 #: no per-sample variation: a sample is its identity's prototype exactly

@@ -18,8 +18,8 @@ from mmpfc.benchmark.memory_model import (RUNTIME_SLACK, head_memory,
                                           max_num_classes, predict_memory,
                                           state_bytes)
 from mmpfc.benchmark.report import markdown, ratio_checks
-from mmpfc.benchmark.runner import (BenchmarkConfig, parse_storage,
-                                    row_label, run_benchmark)
+from mmpfc.benchmark.runner import (BenchmarkConfig, parse_storage, row_label,
+                                    run_benchmark)
 
 SETUP = dict(num_classes=1_000_000, world_size=2, embedding_size=512,
              batch_size=128)

@@ -7,8 +7,8 @@ import sys
 import pytest
 from helpers import ROOT
 
-from mmpfc.benchmark import BenchmarkConfig, make_rows, parse_count
-from mmpfc.benchmark import parse_method
+from mmpfc.benchmark import (BenchmarkConfig, make_rows, parse_count,
+                             parse_method)
 from mmpfc.benchmark.report import (markdown, merge_runs, ratio_checks,
                                     summarize_launch)
 from mmpfc.benchmark.worker import run_rank

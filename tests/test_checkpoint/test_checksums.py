@@ -54,8 +54,8 @@ def on_disk(path) -> str:
 
 
 @pytest.mark.parametrize('size', [0, 1000, PART, 2 * PART + 17])
-def test_file_checksum_follows_the_definition_on_any_threads(tmp_path,
-                                                              size):
+def test_file_checksum_follows_the_definition_on_any_threads(
+        tmp_path, size):
     data = np.random.default_rng(0).bytes(size)
     path = tmp_path / 'f.bin'
     path.write_bytes(data)

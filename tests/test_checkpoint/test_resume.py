@@ -9,8 +9,8 @@ import shutil
 import pytest
 import torch
 from dist_utils import run_distributed
-from tiny_training import (NUM_CLASSES, build_runner, make_cfg,
-                           shard_dirs, train_worker)
+from tiny_training import (NUM_CLASSES, build_runner, make_cfg, shard_dirs,
+                           train_worker)
 
 from mmpfc.checkpoint import (CheckpointError, CheckpointRows,
                               ShardedCheckpointer, load_file, unwrap_model)

@@ -9,14 +9,14 @@ import shutil
 import pytest
 import torch
 from mmengine.evaluator import BaseMetric
+from tiny_training import (DIM, NUM_CLASSES, build_runner, head_state,
+                           make_cfg, shard_dirs)
 
 import mmpfc  # noqa: F401
 from mmpfc.checkpoint import (CheckpointError, Manifest, ShardedCheckpointer,
-                              atomic_save, load_file,
-                              remove_stale_shard_dirs)
+                              atomic_save, load_file, remove_stale_shard_dirs)
 from mmpfc.registry import METRICS
-from tiny_training import (DIM, NUM_CLASSES, build_runner, head_state,
-                           make_cfg, shard_dirs)
+
 
 # --------------------------------------------------------------- the tests
 @pytest.fixture(scope='module')

@@ -21,7 +21,6 @@ from mmpfc.registry import HOOKS
 from mmpfc.utils.logging import (QuietConsoleFilter, filter_known_warnings,
                                  quiet_console)
 
-
 REFERENCE = ('Training: Speed 5299.56 samples/sec   Loss 1.0965   '
              'LearningRate 0.2000   Epoch: 0   Global Step: 100')
 

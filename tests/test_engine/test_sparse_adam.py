@@ -75,7 +75,8 @@ def test_refused_options_and_optimizers():
     with pytest.raises(ValueError, match='amsgrad'):
         sparse_step(torch.optim.AdamW([param], amsgrad=True), param, rows,
                     grad)
-    with pytest.raises(TypeError, match='SGD, AdamW, Adam; optimizer RMSprop is not'):
+    with pytest.raises(TypeError,
+                       match='SGD, AdamW, Adam; optimizer RMSprop is not'):
         sparse_step(torch.optim.RMSprop([param]), param, rows, grad)
 
 

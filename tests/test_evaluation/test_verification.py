@@ -6,8 +6,8 @@ import re
 import numpy as np
 import pytest
 import torch
-from mmengine.registry import init_default_scope
 from face_files import converter, make_faces
+from mmengine.registry import init_default_scope
 
 from mmpfc.datasets import FaceVerificationDataset, load_pairs_bin
 from mmpfc.evaluation import (FaceVerificationMetric, evaluate_pairs,

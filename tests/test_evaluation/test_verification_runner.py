@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from face_files import converter, make_faces
+from helpers import ROOT
 from mmengine.config import Config
 from mmengine.model import BaseModel
 from mmengine.runner import Runner
-from helpers import ROOT
-from face_files import converter, make_faces
 
 from mmpfc.registry import DATASETS
 

@@ -12,8 +12,7 @@ import torch
 from dist_utils import run_distributed
 
 import mmpfc  # noqa: F401
-from mmpfc.models.heads.fused_margin_softmax import (chunk_rows,
-                                                     supports_fused)
+from mmpfc.models.heads.fused_margin_softmax import chunk_rows, supports_fused
 from mmpfc.models.losses import CombinedMarginLoss
 
 NUM_CLASSES, DIM, BATCH = 37, 6, 5
@@ -234,6 +233,7 @@ def test_copies_of_a_head_do_not_copy_its_buffer():
                         torch.arange(BATCH)).backward()
     assert head._workspace._flat is not None
     from mmpfc.models.utils import is_sharded, sharded_owner
+
     # e.g. an EMA copy of the model, or a pickled one
     for twin in (copy.deepcopy(head), pickle.loads(pickle.dumps(head))):
         assert twin._workspace._flat is None

@@ -158,6 +158,7 @@ SPARSE_CASES = [
 def test_sparse_updates_match_the_cpu(device, optimizer_cls, options,
                                       monkeypatch):
     from mmpfc.engine.optimizers import sparse_sgd, sparse_step
+
     # several chunks per step on every device
     monkeypatch.setitem(sparse_sgd.CHUNK_BYTES, device.type, 8 * 16 * 4)
     gen = torch.Generator().manual_seed(2)

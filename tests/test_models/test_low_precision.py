@@ -42,8 +42,8 @@ def test_stochastic_round_is_unbiased_between_neighbours(dtype):
     got_up = (draws == hi).double().mean(0)
     got_up = torch.where(gap > 0, got_up, torch.zeros_like(got_up))
     # binomial std at DRAWS draws is at most 0.008
-    assert torch.allclose(got_up, expected_up, atol=0.04), (got_up,
-                                                           expected_up)
+    assert torch.allclose(got_up, expected_up, atol=0.04), (
+        got_up, expected_up)
     mean = draws.double().mean(0)
     assert torch.allclose(mean, values.double(), rtol=0,
                           atol=float(gap.max()) * 0.05)

@@ -15,12 +15,13 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from margin_references import (BATCH, DIM, MARGINS, NUM_CLASSES, START,
-                               STEPS, batch, check_state, reference,
-                               rel_err, state_of)
+from margin_references import (BATCH, DIM, MARGINS, NUM_CLASSES, START, STEPS,
+                               batch, check_state, reference, rel_err,
+                               state_of)
 
 import mmpfc  # noqa: F401
 from mmpfc.registry import MODELS
+
 
 # ---------------------------------------------------- one process, 3 steps
 @pytest.mark.parametrize('head_type', ['PartialFCHead', 'MarginSoftmaxHead'])
@@ -275,6 +276,7 @@ def test_a_new_margin_is_one_class_and_runs_fused():
 def margin_configs():
     import glob
     import os.path as osp
+
     from helpers import ROOT
     return sorted(glob.glob(osp.join(ROOT, 'configs', 'margins', '*.py')))
 

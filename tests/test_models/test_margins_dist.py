@@ -13,9 +13,9 @@ import math
 import pytest
 import torch
 from dist_utils import run_distributed
-from margin_references import (BATCH, DIM, MARGINS, NUM_CLASSES, START,
-                               STEPS, batch, check_state, head_step,
-                               reference, rel_err)
+from margin_references import (BATCH, DIM, MARGINS, NUM_CLASSES, START, STEPS,
+                               batch, check_state, head_step, reference,
+                               rel_err)
 
 RATES = (1.0, 0.1)
 

@@ -187,8 +187,9 @@ def test_mmpretrain_image_classifier_config_trains(tmp_path):
 
 
 def test_plain_optimizer_step_with_sampled_head_raises():
-    import mmpfc  # noqa: F401
     from mmengine.optim import OptimWrapper
+
+    import mmpfc  # noqa: F401
     from mmpfc.models.heads import PartialFCHead
     head = PartialFCHead(NUM_CLASSES, DIM, sample_rate=0.5)
     wrapper = OptimWrapper(optimizer=torch.optim.SGD(head.parameters(),

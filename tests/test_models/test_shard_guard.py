@@ -6,14 +6,13 @@ import os.path as osp
 import re
 
 import pytest
-from helpers import ROOT
 import torch
 import torch.nn as nn
 from dist_utils import run_distributed
+from helpers import ROOT
 
 import mmpfc  # noqa: F401
 from mmpfc.models.heads import PartialFCHead
-
 
 
 class HeadOnly(nn.Module):

@@ -22,8 +22,8 @@ from margin_references import curricular_face, head_step
 
 import mmpfc  # noqa: F401
 from mmpfc.models.heads import PartialFCHead
-from mmpfc.registry import MODELS
 from mmpfc.models.losses import CombinedMarginLoss
+from mmpfc.registry import MODELS
 
 NUM_CLASSES, DIM, K, BATCH, STEPS = 23, 8, 3, 4, 2
 RATES = (1.0, 0.1)

@@ -15,8 +15,8 @@ import pytest
 import torch
 from mmengine.config import Config
 
-from mmpfc.benchmark.gpu_memory import (live_after_forward,
-                                        live_between_steps, model_figures)
+from mmpfc.benchmark.gpu_memory import (live_after_forward, live_between_steps,
+                                        model_figures)
 from mmpfc.benchmark.memory_model import predict_memory
 from mmpfc.testing.virtual_step import run_virtual_step
 

@@ -5,10 +5,10 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from embedding_models import (NECK_MODEL, fresh_neck, neck_by_hand,
+                              save_neck_checkpoint, unit_rows)
 from helpers import load_tool
 from mmengine.config import Config
-from embedding_models import (NECK_MODEL, fresh_neck, neck_by_hand,
-                       save_neck_checkpoint, unit_rows)
 
 from mmpfc.evaluation.functional.ijb import (ARCFACE_LANDMARKS, align_face,
                                              pair_scores, roc_curve,

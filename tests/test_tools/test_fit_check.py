@@ -103,15 +103,21 @@ def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
 
-RUN_LOG = """\
-12/06 10:00:01 - mmengine - INFO - Training: Speed 1201.50 samples/sec   Loss 40.1000   LearningRate 0.2000   Epoch: 0   Global Step: 20   Fp16 Grad Scale: 65536
-12/06 10:00:01 - mmengine - INFO - Memory per rank after step 20, device memory (used/total of the GPU; peak = max allocated by the process since the previous table):
-[0] gpu1 cuda:0 |  20000 /  81559 MB | peak  15000 MB | reserved  17000 MB
-12/06 10:00:09 - mmengine - INFO - Training: Speed 3000.00 samples/sec   Loss 39.0000   LearningRate 0.2000   Epoch: 0   Global Step: 40
-12/06 10:00:17 - mmengine - INFO - Training: Speed 3100.00 samples/sec   Loss 38.0000   LearningRate 0.2000   Epoch: 0   Global Step: 60
-12/06 10:00:17 - mmengine - INFO - Memory per rank after step 60, device memory (used/total of the GPU; peak = max allocated by the process since the previous table):
-[0] gpu1 cuda:0 |  21000 /  81559 MB | peak  14000 MB | reserved  18000 MB
-"""
+PREFIX = '12/06 10:00:{:02d} - mmengine - INFO - '
+SPEED = ('Training: Speed {} samples/sec   Loss 40.1000   LearningRate '
+         '0.2000   Epoch: 0   Global Step: {}')
+TABLE = ('Memory per rank after step {}, device memory (used/total of the '
+         'GPU; peak = max allocated by the process since the previous '
+         'table):\n[0] gpu1 cuda:0 |  {} /  81559 MB | peak  {} MB | '
+         'reserved  {} MB')
+#: A run's log as SpeedLogHook and MemoryTableHook write it.
+RUN_LOG = '\n'.join([
+    PREFIX.format(1) + SPEED.format('1201.50', 20) + '   Fp16 Grad Scale: '
+    '65536',
+    PREFIX.format(1) + TABLE.format(20, 20000, 15000, 17000),
+    PREFIX.format(9) + SPEED.format('3000.00', 40),
+    PREFIX.format(17) + SPEED.format('3100.00', 60),
+    PREFIX.format(17) + TABLE.format(60, 21000, 14000, 18000), ''])
 
 
 def test_run_log_beside_the_prediction(tool, capsys, tmp_path):

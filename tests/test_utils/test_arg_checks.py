@@ -19,8 +19,8 @@ from mmengine.registry import Registry
 import mmpfc
 import mmpfc.registry
 from mmpfc.evaluation.functional.verification import evaluate_pairs
-from mmpfc.utils.arg_checks import (Arg, ConfigTypeError, Int, Real,
-                                    arg_specs, bound_arguments, specs_of)
+from mmpfc.utils.arg_checks import (Arg, ConfigTypeError, Int, Real, arg_specs,
+                                    bound_arguments, specs_of)
 
 #: Registered classes with no constructor arguments of mmpfc's own.
 NO_CHECKABLE_ARGS = {

@@ -9,8 +9,8 @@ identities. ``tools/benchmark_accuracy.py`` is the command line;
 from .data import (SyntheticIdentityDataset, VerificationPairs, build_pairs,
                    held_out)
 from .methods import MethodSpec, parse_method_spec, parse_methods
-from .report import (check_line, compact_storage_labels,
-                     markdown, paired_difference, summarize, write_json)
+from .report import (check_line, compact_storage_labels, markdown,
+                     paired_difference, summarize, write_json)
 from .runner import AccuracyConfig, check_methods, make_row, run_accuracy
 
 __all__ = [

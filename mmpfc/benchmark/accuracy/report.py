@@ -6,6 +6,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+
 def _mean_std(values: Sequence[float]) -> tuple:
     """Mean and sample std (0 for one value)."""
     values = np.asarray(values, dtype=np.float64)

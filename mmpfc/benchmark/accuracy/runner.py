@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, List, Optional, Sequence, Union
 
 from mmpfc.utils.spawn import threads_per_rank
+
 from .. import launcher
 from .methods import MethodLike, MethodSpec, parse_methods
 
@@ -143,6 +144,7 @@ def check_methods(cfg: AccuracyConfig,
 
     import mmpfc  # noqa: F401
     from mmpfc.registry import MODELS
+
     from .worker import model_config, optim_wrapper_config
     row = make_row(cfg, cfg.seeds[0], methods)
     for method in row['methods']:

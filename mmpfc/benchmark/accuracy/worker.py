@@ -131,6 +131,7 @@ def train_method(rank: int, world_size: int, row: dict, method: dict,
     (``(images, labels)`` per step); its losses, and its accuracy on rank
     0 (which holds the ``pairs``)."""
     from mmengine.optim import LinearLR, PolyLR, build_optim_wrapper
+
     from mmpfc.registry import MODEL_WRAPPERS, MODELS
     start = time.perf_counter()
     torch.manual_seed(row['seed'])  # the same backbone for every method
@@ -180,6 +181,7 @@ def train_method(rank: int, world_size: int, row: dict, method: dict,
 def run_rank(rank: int, world_size: int, row: dict) -> dict:
     """Run every method of ``row`` (process group already initialized)."""
     import mmpfc  # noqa: F401  (registers the models)
+
     from .data import SyntheticIdentityDataset, build_pairs, held_out
     torch.set_num_threads(row['threads'])
     train_set = SyntheticIdentityDataset(

@@ -12,6 +12,7 @@ from mmengine.hooks import Hook
 from mmpfc.registry import HOOKS
 from mmpfc.utils.arg_checks import Int, Opt, arg_specs
 from mmpfc.utils.proc_memory import proc_kb
+
 from .speed_log_hook import logger_interval
 
 _MB = 2**20
@@ -144,5 +145,3 @@ class MemoryTableHook(Hook):
             runner.logger.info(format_memory_table(rows, step))
         reset_peak_memory()  # the next table shows the next interval's peak
         return rows
-
-

@@ -31,7 +31,11 @@ def format_speed_line(speed: float, loss: float, lr: float, epoch: int,
     """The insightface ``arcface_torch`` log line (three spaces between
     fields)::
 
-        Training: Speed 5299.56 samples/sec   Loss 1.0965   LearningRate 0.2000   Epoch: 0   Global Step: 100   Fp16 Grad Scale: 65536   Required: 1 hours
+        Training: Speed 5299.56 samples/sec   Loss 1.0965   LearningRate 0.2000
+          Epoch: 0   Global Step: 100   Fp16 Grad Scale: 65536
+          Required: 1 hours
+
+    (one line, wrapped here)
 
     ``LearningRate`` goes through :func:`format_lr` (readable below 1e-4,
     where ``%.4f`` shows 0). As in the reference's newer versions,
@@ -83,7 +87,10 @@ def logger_interval(runner, default: int = 50) -> int:
 class SpeedLogHook(Hook):
     """Every ``interval`` iterations rank 0 logs the reference's speed line::
 
-        Training: Speed 5299.56 samples/sec   Loss 1.0965   LearningRate 0.2000   Epoch: 0   Global Step: 100   Required: 1 hours
+        Training: Speed 5299.56 samples/sec   Loss 1.0965   LearningRate 0.2000
+            Epoch: 0   Global Step: 100   Required: 1 hours
+
+    (one line, wrapped here)
 
     * Speed = iterations since the last line x per-rank batch x world size /
       wall seconds since the last line (on rank 0; the first interval

@@ -19,9 +19,9 @@ torch's cast to the parameter's dtype.
 """
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from functools import partial
-import logging
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -30,17 +30,18 @@ import torch.nn as nn
 from mmengine.logging import print_log
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
 
+from mmpfc.models.heads.sharded_head import ShardedHead
 from mmpfc.models.utils import (get_rank_and_world_size, is_sharded,
                                 sharded_owner)
-from mmpfc.models.heads.sharded_head import ShardedHead
 from mmpfc.models.utils.host_copies import take_host_copy
-from mmpfc.registry import OPTIM_WRAPPERS
-from mmpfc.utils.arg_checks import (AnyOf, Instance, OneOf, Opt, Parsed,
-                                    Real, Str, arg_specs)
-from mmpfc.utils.compat import (grad_scaler_found_inf, grad_scaler_scale,
-                                init_amp_optim_wrapper_anywhere)
 from mmpfc.models.utils.low_precision import dtype_name
 from mmpfc.models.utils.sharding import split_state
+from mmpfc.registry import OPTIM_WRAPPERS
+from mmpfc.utils.arg_checks import (AnyOf, Instance, OneOf, Opt, Parsed, Real,
+                                    Str, arg_specs)
+from mmpfc.utils.compat import (grad_scaler_found_inf, grad_scaler_scale,
+                                init_amp_optim_wrapper_anywhere)
+
 from .center_state import ROW_STATES, parse_state_dtype, to_form
 from .sparse_step import SPARSE_RULES, sparse_rule, sparse_step
 
@@ -441,4 +442,3 @@ def refuse_unapplied_sampled_gradients(optimizer, args, kwargs) -> None:
                     f'{type(optimizer).__name__}.step() cannot apply: use '
                     "optim_wrapper=dict(type='mmpfc.PartialFCOptimWrapper', "
                     "...) or 'mmpfc.PartialFCAmpOptimWrapper'.")
-

@@ -16,9 +16,9 @@ not given are untouched.
 """
 from __future__ import annotations
 
-import torch
-
 from typing import Optional
+
+import torch
 
 from .center_state import RowState
 from .sparse_sgd import CenterRows, Rounding, find_param_group, row_chunks

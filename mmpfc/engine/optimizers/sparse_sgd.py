@@ -22,6 +22,7 @@ import torch
 # CHUNK_BYTES is re-exported: the budget the chunks below are cut to
 from mmpfc.models.utils.chunks import CHUNK_BYTES, rows_per_chunk  # noqa
 from mmpfc.models.utils.low_precision import is_compact
+
 from .center_state import RowState
 
 #: fp32 rows -> the same rows in the parameter's storage dtype.

@@ -26,6 +26,7 @@ from mmpfc.registry import MODEL_WRAPPERS, RUNNERS
 from mmpfc.utils.compat import (init_process_group_for_device,
                                 scoped_registry_name, warn_if_loop_sleeps)
 from mmpfc.utils.logging import quiet_console
+
 from .sharded_checkpoint import ShardedCheckpointMixin
 from .work_dir import (WorkDirLock, WorkDirLockedError, existing_checkpoints,
                        refuse_used_work_dir, resolve_last_checkpoint)
@@ -356,8 +357,7 @@ def check_collate_fits_preprocessor(model: nn.Module, dataloader) -> None:
     another preprocessor would fail on the first batch, far from the
     cause."""
     from mmpfc.datasets import encoded_face_collate, face_collate
-    from mmpfc.models.recognizers.data_preprocessor import \
-        FaceDataPreprocessor
+    from mmpfc.models.recognizers.data_preprocessor import FaceDataPreprocessor
     collate = dataloader.collate_fn
     collate = getattr(collate, 'func', collate)  # functools.partial
     preprocessor = getattr(model, 'data_preprocessor', None)

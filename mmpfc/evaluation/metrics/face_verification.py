@@ -10,6 +10,7 @@ from mmengine.evaluator import BaseMetric
 
 from mmpfc.registry import METRICS
 from mmpfc.utils.arg_checks import Int, OneOf, Opt, Str, arg_specs
+
 from ..functional.verification import evaluate_pairs, l2_normalize
 
 _NEEDED = ('dataset_name', 'image_idx', 'is_same', 'flip')

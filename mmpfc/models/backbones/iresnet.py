@@ -14,8 +14,7 @@ import torch.nn as nn
 from mmengine.model import BaseModule
 
 from mmpfc.registry import MODELS
-from mmpfc.utils.arg_checks import (INIT_CFG, Bool, Int, Parsed, Real,
-                                    arg_specs)
+from mmpfc.utils.arg_checks import INIT_CFG, Bool, Int, Parsed, Real, arg_specs
 
 # Blocks per stage; the stage widths are always 64, 128, 256, 512.
 IRESNET_ARCHS: Dict[int, Tuple[int, int, int, int]] = {

@@ -14,6 +14,7 @@ from mmengine.model import BaseModule
 
 from mmpfc.registry import MODELS
 from mmpfc.utils.arg_checks import INIT_CFG, Bool, Int, Seq, arg_specs
+
 from .iresnet import autocast_if, run_full_precision
 
 

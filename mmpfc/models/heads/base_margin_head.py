@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from mmengine.model import BaseModule
 
 from mmpfc.registry import MODELS
-from mmpfc.utils.arg_checks import INIT_CFG, Instance, Int, Opt, Real, \
-    arg_specs
+from mmpfc.utils.arg_checks import (INIT_CFG, Instance, Int, Opt, Real,
+                                    arg_specs)
+
 from .label_check import LabelRangeCheck
 
 #: fp32 elements drawn at a time when initializing 16-bit centers.

@@ -11,8 +11,8 @@ from ..utils.rank_generator import RankGenerator
 class CenterSampler:
     """Keep every positive of the global batch, fill up with random negatives.
 
-    The budget is ``int(sample_rate * num_local)`` rows; if the batch holds more
-    distinct local classes than that, only the positives are kept (so
+    The budget is ``int(sample_rate * num_local)`` rows; if the batch holds
+    more distinct local classes than that, only the positives are kept (so
     ``sample_rate=0`` means positives only). Kept ids are sorted, so the
     sampled sub-matrix keeps class order.
 

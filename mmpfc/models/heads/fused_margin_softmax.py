@@ -51,6 +51,7 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from mmpfc.utils.compat import storage_use_count
+
 from ..losses import BaseMargin, MarginBatch
 # CHUNK_BYTES is re-exported: the budget the chunks below are cut to
 from ..utils.chunks import CHUNK_BYTES, rows_per_chunk  # noqa: F401

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from mmpfc.registry import MODELS
 from mmpfc.utils.arg_checks import Parsed, arg_specs
+
 from ..losses import BaseMargin
 from ..utils.low_precision import parse_center_dtype
 from .base_margin_head import BaseMarginHead

@@ -1,4 +1,5 @@
-"""The sharded, sampled classification layer (Partial FC) as an mmpretrain head."""
+"""The sharded, sampled classification layer (Partial FC), an mmpretrain
+head."""
 from __future__ import annotations
 
 import logging
@@ -11,14 +12,15 @@ from mmengine.logging import print_log
 
 from mmpfc.registry import MODELS
 from mmpfc.utils.arg_checks import Bool, Int, Opt, Parsed, Real, arg_specs
+
 from ..utils import (all_gather_with_grad, distributed_cross_entropy,
                      get_rank_and_world_size, mark_sharded,
                      refuse_replicating_ddp, shard_range)
 from ..utils.distributed import all_gather_no_grad
 from ..utils.host_copies import drop_host_copies, take_host_copy
-from ..utils.low_precision import (check_representable, dtype_name,
-                                   is_compact, parse_center_dtype,
-                                   parse_center_rounding, stochastic_round)
+from ..utils.low_precision import (check_representable, dtype_name, is_compact,
+                                   parse_center_dtype, parse_center_rounding,
+                                   stochastic_round)
 from ..utils.rank_generator import RankGenerator
 from .base_margin_head import BaseMarginHead, build_margin_loss
 from .center_sampler import CenterSampler
@@ -188,7 +190,8 @@ class PartialFCHead(BaseMarginHead):
         if torch.is_tensor(saved) and saved.dtype != self.weight.dtype:
             check_representable(saved, self.weight.dtype,
                                 f'loading {prefix}weight into '
-                                f'center_dtype={dtype_name(self.weight.dtype)!r}')
+                                'center_dtype='
+                                f'{dtype_name(self.weight.dtype)!r}')
             print_log(
                 f'{prefix}weight: converted the saved '
                 f'{dtype_name(saved.dtype)} centers to the head\'s '
@@ -324,7 +327,7 @@ class PartialFCHead(BaseMarginHead):
         return self._sampled.pop(self.weight.shape[1])  # K*D per row
 
     def has_sampled_gradient(self) -> bool:
-        """True if a backward produced sampled-row gradients not yet applied."""
+        """True if a backward left sampled-row gradients not yet applied."""
         return self._sampled.pending()
 
     def clear_sampled_gradient(self) -> None:

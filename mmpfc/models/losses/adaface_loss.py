@@ -8,6 +8,7 @@ import torch
 
 from mmpfc.registry import MODELS
 from mmpfc.utils.arg_checks import arg_specs
+
 from .base_margin import ANGLE, NON_NEGATIVE, UNIT, BaseMargin, MarginBatch
 
 EPS = 1e-3  # the authors' stability bound on cosines, angles and the std

@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmpfc.utils.arg_checks import Real, arg_specs
+
 from ..utils.distributed import all_reduce_, get_rank_and_world_size
 
 #: An additive angular margin: in [0, pi) (past pi the angle wraps around).
@@ -261,4 +262,3 @@ class BaseMargin(nn.Module):
 
     def extra_repr(self) -> str:
         return f's={self.s}'
-

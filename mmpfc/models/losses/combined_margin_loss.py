@@ -8,6 +8,7 @@ import torch
 
 from mmpfc.registry import MODELS
 from mmpfc.utils.arg_checks import Real, arg_specs
+
 from .base_margin import ANGLE, NON_NEGATIVE, BaseMargin
 
 

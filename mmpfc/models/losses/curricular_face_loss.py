@@ -9,6 +9,7 @@ import torch
 
 from mmpfc.registry import MODELS
 from mmpfc.utils.arg_checks import arg_specs
+
 from .base_margin import ANGLE, UNIT, BaseMargin, MarginBatch, safe_acos
 
 

@@ -7,10 +7,11 @@ import torch
 import torch.distributed as dist
 
 from mmpfc.registry import MODELS
-from ..utils.distributed import get_rank_and_world_size
 from mmpfc.utils.arg_checks import Bool, Int, OneOf, Opt, arg_specs
-from .base_margin import ANGLE, NON_NEGATIVE, BaseMargin, MarginBatch, \
-    safe_acos
+
+from ..utils.distributed import get_rank_and_world_size
+from .base_margin import (ANGLE, NON_NEGATIVE, BaseMargin, MarginBatch,
+                          safe_acos)
 from .counter_rng import counter_normal
 
 KINDS = ('arc', 'cos')

@@ -10,6 +10,7 @@ import torch
 
 from mmpfc.registry import MODELS
 from mmpfc.utils.arg_checks import Arg, Bool, Real, arg_specs
+
 from .base_margin import ANGLE, NON_NEGATIVE, BaseMargin, safe_acos
 
 

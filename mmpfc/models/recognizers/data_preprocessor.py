@@ -9,6 +9,7 @@ from mmpretrain.structures import DataSample, cat_batch_labels, tensor_split
 
 from mmpfc.datasets.encoded_batch import EncodedBatch
 from mmpfc.registry import MODELS
+
 from .jpeg_decode import JpegDecoder
 
 Inputs = Union[torch.Tensor, List[torch.Tensor]]

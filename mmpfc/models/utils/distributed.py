@@ -1,4 +1,5 @@
-"""Collectives with gradients, and the softmax cross-entropy over sharded columns.
+"""Collectives with gradients, and the softmax cross-entropy over sharded
+columns.
 
 Every function works without a process group (world size 1) and with gloo on
 CPU or NCCL on GPU.
@@ -90,7 +91,8 @@ class _DistributedCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor,
+                labels: torch.Tensor) -> torch.Tensor:
         rows = logits.shape[0]
         # at least fp32; clone so the caller's tensor is never modified
         probs = logits.to(torch.promote_types(logits.dtype,

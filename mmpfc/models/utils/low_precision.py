@@ -14,7 +14,6 @@ estimate of the fp32 update and lets small steps add up on average.
 from __future__ import annotations
 
 import sys
-
 from typing import Optional, Union
 
 import torch

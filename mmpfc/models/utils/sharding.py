@@ -28,7 +28,8 @@ class ShardRange(NamedTuple):
 
 
 def shard_range(num_classes: int, rank: int, world_size: int) -> ShardRange:
-    """Split ``num_classes`` over ranks; the first ``C % W`` ranks get one more.
+    """Split ``num_classes`` over ranks; the first ``C % W`` ranks get one
+    more.
 
     >>> shard_range(10, 2, 3)
     ShardRange(start=7, num_local=3)
@@ -85,7 +86,6 @@ def named_sharded_tensors(module: torch.nn.Module
 def sharded_names(module: torch.nn.Module) -> List[str]:
     """Names of the sharded parameters and buffers of ``module``."""
     return [name for name, _ in named_sharded_tensors(module)]
-
 
 
 # DDP wrappers already found to ignore every sharded tensor of their module
