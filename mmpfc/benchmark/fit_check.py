@@ -196,11 +196,13 @@ def check_fit(cfg: Config, gpus: int, gpu_memory: Optional[int] = None,
                          if setup.sampled else cfg, gpus, batch, device)
         share = max(0.0, 1 - no_head['total'] / times['total'])
         if setup.sampled:
-            pfc = _timed(_with_head(cfg, sample_rate=0.1), gpus, batch,
-                         device)
-            mp = _timed(_with_head(cfg, sample_rate=1.0), gpus, batch,
-                        device)
-            ratio = mp['total'] / pfc['total']
+            def at_rate(rate: float) -> Dict[str, float]:
+                # the config's own step when it already samples at ``rate``
+                if setup.kwargs['sample_rate'] == rate:
+                    return times
+                return _timed(_with_head(cfg, sample_rate=rate), gpus,
+                              batch, device)
+            ratio = at_rate(1.0)['total'] / at_rate(0.1)['total']
     total = times.get('total')
     return FitReport(
         config=config_name, gpus=gpus, gpu_memory=budget, batch_size=batch,
