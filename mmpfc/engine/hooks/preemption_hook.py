@@ -154,7 +154,7 @@ class PreemptionHook(Hook):
                 'PreemptionHook saves the iteration in flight, but default_'
                 'hooks.checkpoint has by_epoch=True (epoch checkpoints '
                 'cannot hold part of an epoch): set by_epoch=False, or '
-                'remove PreemptionHook from custom_hooks')
+                'default_hooks.preemption=None')
         self._group = None
         if dist.is_available() and dist.is_initialized() and \
                 dist.get_world_size() > 1 and \
@@ -167,7 +167,7 @@ class PreemptionHook(Hook):
             return
         if runner.iter + 1 >= runner.max_iters:
             return  # the last iteration: the run ends (and saves) anyway
-        name = signal.Signals(self.received or signal.SIGTERM).name \
+        name = signal.Signals(self.received).name \
             if self.received else 'a signal on another rank'
         path = self._save(runner)
         self.restore_signal_handlers()
