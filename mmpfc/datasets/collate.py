@@ -79,7 +79,7 @@ def face_collate(data_batch: Sequence[dict]) -> dict:
         raise ValueError(f'face_collate: expected (H, W) or (H, W, C) '
                          f'images, got shape {shape}')
     channels = shape[2] if len(shape) == 3 else 1
-    out = _batch_tensor((len(images), channels, *shape[:2]), dtype)
+    out = batch_tensor((len(images), channels, *shape[:2]), dtype)
     batch = out.numpy()
     planes = list(batch.reshape(-1, *shape[:2]))  # (H, W) views
     split = _SPLIT_WRITES_IN_PLACE and channels > 1 and dtype in _CV_DTYPES
@@ -94,7 +94,7 @@ def face_collate(data_batch: Sequence[dict]) -> dict:
     return dict(inputs=out, data_samples=labels)
 
 
-def _batch_tensor(shape: tuple, dtype: np.dtype) -> torch.Tensor:
+def batch_tensor(shape: tuple, dtype: np.dtype) -> torch.Tensor:
     """An uninitialized contiguous tensor; in a DataLoader worker in shared
     memory (the allocation of torch's ``default_collate``: a tensor
     outside it would be copied there to be sent to the main process)."""

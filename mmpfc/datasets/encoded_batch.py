@@ -18,6 +18,8 @@ import torch
 
 from mmpfc.registry import FUNCTIONS
 
+from .collate import batch_tensor
+
 
 @dataclass
 class EncodedBatch:
@@ -67,8 +69,9 @@ def encoded_face_collate(data_batch: Sequence[dict]) -> dict:
             'decodes the images')
     blobs = [np.frombuffer(s['img_bytes'], np.uint8) for s in data_batch]
     lengths = torch.tensor([len(b) for b in blobs], dtype=torch.int64)
-    data = torch.from_numpy(np.concatenate(blobs)) if blobs else \
-        torch.empty(0, dtype=torch.uint8)
+    # straight into the batch's (shared, in a worker) memory
+    data = batch_tensor((int(lengths.sum()), ), np.dtype(np.uint8))
+    np.concatenate(blobs, out=data.numpy())
     flip = torch.tensor([bool(s.get('flip', False)) for s in data_batch])
     sources = [str(s.get('img_source') or
                    f"sample {s.get('key', s.get('sample_idx'))}")
