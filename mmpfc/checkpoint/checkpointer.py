@@ -26,6 +26,7 @@ from mmengine.runner.checkpoint import load_state_dict
 from .checksum import sync_and_checksum
 from .compare import compare_state_dicts
 from .fit import fit_rows, split_matches
+from .host_copies import lend_host_copies
 from .io import CheckpointError, SavedFile, atomic_save, replace_recorded
 from .manifest import Manifest
 from .rows import CheckpointRows
@@ -111,7 +112,8 @@ class ShardedCheckpointer:
         samplers = tuple(sorted(payload['samplers']))
         saved = atomic_save(payload, osp.join(
             out_dir, shard_dir, shard_file_name(rank, world_size)))
-        del payload
+        if rank != 0:
+            del payload  # rank 0 lends its host copies to the main file
         gathered = all_gather_object((saved, info))
         sizes = tuple(s.size for s, _ in gathered)
         check_shards_visible(out_dir, shard_dir, sizes, rank)
@@ -122,7 +124,10 @@ class ShardedCheckpointer:
             shard_checksums=tuple(s.checksum for s, _ in gathered),
             samplers=samplers)
         if rank == 0:
-            self._write_main_file(out_dir, filename, manifest, write_main)
+            with lend_host_copies(model, optim_wrapper, payload):
+                self._write_main_file(out_dir, filename, manifest,
+                                      write_main)
+            del payload
             removed = remove_stale_shard_dirs(out_dir)
             if removed:
                 self.logger.info(f'Removed stale checkpoint parts {removed}')

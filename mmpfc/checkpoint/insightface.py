@@ -19,9 +19,10 @@ from typing import Dict, List, NamedTuple, Optional, Sequence
 import torch
 
 from mmpfc.models.utils import shard_range
+from mmpfc.models.utils.low_precision import dtype_name
 
-from .io import CheckpointError, atomic_save, load_file
-from .manifest import Manifest, ParamEntry, dtype_name, set_manifest
+from .io import CheckpointError, atomic_save, load_file, refuse_existing
+from .manifest import Manifest, ParamEntry, set_manifest
 
 BACKBONE_NAMES = ('model.pt', 'backbone.pth')
 _SHARD_FILE = re.compile(
@@ -118,9 +119,29 @@ def convert_insightface(files: InsightfaceFiles,
     Returns:
         Summary: number of backbone tensors, ``(C, D)`` of the head, ranks.
     """
-    if osp.exists(dst) and not overwrite:
-        raise CheckpointError(f'{dst} exists; choose another output or '
-                              'allow overwriting it')
+    refuse_existing(dst, overwrite)
+    state_dict = {backbone_prefix + re.sub(r'^module\.', '', k): v
+                  for k, v in _load_backbone(files).items()}
+    summary = dict(backbone_tensors=len(state_dict), head=None,
+                   world_size=len(files.shards))
+    meta = dict(converted_from=[f for f in (files.backbone, *files.shards)
+                                if f])
+    converted = dict(meta=meta, state_dict=state_dict)
+    if files.shards:
+        centers = _load_centers(files.shards, num_classes)
+        state_dict[head_key] = centers
+        total, dim = (int(n) for n in centers.shape)
+        set_manifest(converted, Manifest.inline({head_key: ParamEntry(
+            num_classes=total, embedding_size=dim,
+            class_ranges=((0, total), ), dtype=dtype_name(centers.dtype))}))
+        summary['head'] = (total, dim)
+    atomic_save(converted, dst, sidecar=True)
+    return summary
+
+
+def _load_backbone(files: InsightfaceFiles) -> dict:
+    """The backbone's state dict: ``backbone.pth`` / ``model.pt``, or the
+    one inside rank 0's ``checkpoint_gpu_0.pt``."""
     backbone = None
     if files.backbone is not None:
         backbone = load_file(files.backbone, 'insightface backbone')
@@ -131,34 +152,26 @@ def convert_insightface(files: InsightfaceFiles,
     if backbone is None:
         raise CheckpointError('no backbone: give backbone.pth / model.pt or '
                               'checkpoint_gpu_<rank>.pt files')
-    state_dict = {backbone_prefix + re.sub(r'^module\.', '', k): v
-                  for k, v in backbone.items()}
-    summary = dict(backbone_tensors=len(state_dict), head=None,
-                   world_size=len(files.shards))
-    meta = dict(converted_from=[f for f in (files.backbone, *files.shards)
-                                if f])
-    converted = dict(meta=meta, state_dict=state_dict)
-    if files.shards:
-        parts = [_centers(p, load_file(p, f'insightface shard {r}'))
-                 for r, p in enumerate(files.shards)]
-        total, world_size = sum(len(p) for p in parts), len(parts)
-        if num_classes is not None and total != num_classes:
+    return backbone
+
+
+def _load_centers(shards: Sequence[str],
+                  num_classes: Optional[int]) -> torch.Tensor:
+    """The (C, D) centers of every rank's file in class order; the files
+    must hold the rows :func:`shard_range` gives each rank."""
+    parts = [_centers(p, load_file(p, f'insightface shard {r}'))
+             for r, p in enumerate(shards)]
+    total, world_size = sum(len(p) for p in parts), len(parts)
+    if num_classes is not None and total != num_classes:
+        raise CheckpointError(
+            f'the {world_size} shards hold {total} classes, not '
+            f'num_classes={num_classes}: shard files are missing')
+    for rank, part in enumerate(parts):
+        expected = shard_range(total, rank, world_size).num_local
+        if len(part) != expected or part.shape[1] != parts[0].shape[1]:
             raise CheckpointError(
-                f'the {world_size} shards hold {total} classes, not '
-                f'num_classes={num_classes}: shard files are missing')
-        for rank, part in enumerate(parts):
-            expected = shard_range(total, rank, world_size).num_local
-            if len(part) != expected or part.shape[1] != parts[0].shape[1]:
-                raise CheckpointError(
-                    f'{files.shards[rank]} holds {tuple(part.shape)}; rank '
-                    f'{rank} of {world_size} should hold {expected} rows of '
-                    f'size {parts[0].shape[1]} (a shard file is missing or '
-                    'from another run)')
-        state_dict[head_key] = torch.cat(parts)
-        dim = int(parts[0].shape[1])
-        set_manifest(converted, Manifest.inline({head_key: ParamEntry(
-            num_classes=total, embedding_size=dim,
-            class_ranges=((0, total), ), dtype=dtype_name(parts[0]))}))
-        summary['head'] = (total, dim)
-    atomic_save(converted, dst, sidecar=True)
-    return summary
+                f'{shards[rank]} holds {tuple(part.shape)}; rank '
+                f'{rank} of {world_size} should hold {expected} rows of '
+                f'size {parts[0].shape[1]} (a shard file is missing or '
+                'from another run)')
+    return torch.cat(parts)

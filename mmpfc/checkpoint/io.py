@@ -56,6 +56,13 @@ def atomic_save(obj: Any, path: str, fsync: bool = True,
     return _write_atomically(path, partial(torch.save, obj), fsync, sidecar)
 
 
+def refuse_existing(path: str, overwrite: bool) -> None:
+    """A tool's output file must not replace one unless asked to."""
+    if osp.exists(path) and not overwrite:
+        raise CheckpointError(f'{path} exists; choose another output or '
+                              'allow overwriting it')
+
+
 def replace_recorded(tmp_path: str, path: str, saved: SavedFile) -> None:
     """``os.replace(tmp_path, path)`` and record ``saved`` (its size and
     checksum) in ``path``'s sidecar. An older sidecar is deleted first: a

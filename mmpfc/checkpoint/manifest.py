@@ -16,9 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
-import torch
-
-from mmpfc.models.utils.low_precision import dtype_name as name_of_dtype
 from mmpfc.version import __version__
 
 from .checksum import is_checksum
@@ -288,11 +285,6 @@ class Manifest:
                     f"['class_ranges'] has {len(entry.class_ranges)} "
                     f'ranges, expected one per rank ({world_size})')
         return manifest
-
-
-def dtype_name(tensor: torch.Tensor) -> str:
-    """``'float32'`` for a float32 tensor: the ``dtype`` of a ParamEntry."""
-    return name_of_dtype(tensor.dtype)
 
 
 def get_manifest(checkpoint: Any, path: str) -> Optional[Manifest]:

@@ -7,7 +7,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .io import CheckpointError, atomic_save, load_file
+from .io import CheckpointError, atomic_save, load_file, refuse_existing
 from .manifest import Manifest, set_manifest
 from .rows import CheckpointRows
 from .sharded_state import put_row_state
@@ -46,9 +46,7 @@ def merge_checkpoint(src: str, dst: str, drop_optimizer: bool = False,
     """
     if osp.abspath(src) == osp.abspath(dst):
         raise CheckpointError(f'refusing to merge {src} onto itself')
-    if osp.exists(dst) and not overwrite:
-        raise CheckpointError(f'{dst} exists; choose another output or '
-                              'allow overwriting it')
+    refuse_existing(dst, overwrite)
     checkpoint = load_file(src, mmap=True)
     source = CheckpointRows(src, checkpoint)
     if source.manifest is None:

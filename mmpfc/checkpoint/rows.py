@@ -12,10 +12,11 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from mmpfc.models.utils.low_precision import dtype_name
+
 from .checksum import sidecar_path
 from .io import CheckpointError, load_file
-from .manifest import (FORMAT, OptimizerLocation, ParamEntry, dtype_name,
-                       get_manifest)
+from .manifest import FORMAT, OptimizerLocation, ParamEntry, get_manifest
 from .shard_files import check_shard_files
 from .sharded_state import optimizer_entry, split_state
 
@@ -83,7 +84,7 @@ class CheckpointRows:
         classes, dim = (int(n) for n in tensor.shape)
         return ParamEntry(num_classes=classes, embedding_size=dim,
                           class_ranges=((0, classes), ),
-                          dtype=dtype_name(tensor))
+                          dtype=dtype_name(tensor.dtype))
 
     def describe(self, name: str) -> Optional[dict]:
         """:meth:`entry` as the manifest stores it (num_classes,

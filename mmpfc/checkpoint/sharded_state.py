@@ -18,10 +18,10 @@ import torch.nn as nn
 from mmengine.model import is_model_wrapper
 
 from mmpfc.models.utils import is_sharded, shard_range, sharded_owner
-from mmpfc.models.utils.host_copies import drop_host_copies, offer_host_copies
+from mmpfc.models.utils.low_precision import dtype_name
 from mmpfc.models.utils.sharding import split_state
 
-from .manifest import FORMAT, OptimizerLocation, ParamEntry, dtype_name
+from .manifest import FORMAT, OptimizerLocation, ParamEntry
 from .rng import process_rng_state
 
 
@@ -142,11 +142,9 @@ def collect_shard(model: nn.Module, optim_wrapper, rank: int,
         :class:`ParamEntry` this rank knows (all but ``class_ranges``,
         which :func:`manifest_params` fills in).
 
-    Every tensor is copied to the host once: on rank 0, which writes the
-    MMEngine main file next, the copies of device tensors are offered to
-    that file's ``state_dict`` calls (:mod:`mmpfc.models.utils.host_copies`),
-    which would otherwise copy the shard and its optimizer state to the host
-    again only for :func:`strip_sharded` to drop them.
+    Every tensor is copied to the host once: rank 0, which writes the
+    MMEngine main file next, lends these copies to that file
+    (:func:`~.host_copies.lend_host_copies`).
     """
     payload = dict(format=FORMAT, rank=rank, world_size=world_size,
                    token=token, params={}, samplers={}, rounding={},
@@ -168,10 +166,6 @@ def collect_shard(model: nn.Module, optim_wrapper, rank: int,
             rows={k: _cpu(v) for k, v in rows.items()},
             scalars={k: _cpu(v) for k, v in scalars.items()})
         payload['params'][sp.name] = entry
-        if rank == 0 and sp.param.device.type != 'cpu':
-            offer_host_copies(sp.param, dict(
-                weight=entry['weight'],
-                **{f'state.{k}': v for k, v in entry['rows'].items()}))
         sampler = getattr(sp.owner, 'sampler', None)
         if sampler is not None and hasattr(sampler, 'state_dict'):
             payload['samplers'][sp.owner_name] = sampler.state_dict()
@@ -180,7 +174,7 @@ def collect_shard(model: nn.Module, optim_wrapper, rank: int,
             payload['rounding'][sp.owner_name] = rounding.state_dict()
         info[sp.name] = ParamEntry(
             num_classes=sp.num_classes, embedding_size=sp.embedding_size,
-            class_ranges=(), dtype=dtype_name(sp.param),
+            class_ranges=(), dtype=dtype_name(sp.param.dtype),
             optimizer=None if located is None else located[0],
             row_state=tuple(sorted(rows)))
     return payload, info
@@ -205,9 +199,7 @@ def manifest_params(infos: List[Dict[str, ParamEntry]],
 
 
 def strip_sharded(checkpoint: dict, params: Dict[str, ParamEntry]) -> None:
-    """Remove rank 0's shard entries from an MMEngine checkpoint dict
-    (and forget the host copies :func:`collect_shard` offered for it)."""
-    drop_host_copies()
+    """Remove rank 0's shard entries from an MMEngine checkpoint dict."""
     for name, entry in params.items():
         checkpoint['state_dict'].pop(name, None)
         put_row_state(checkpoint.get('optimizer'), entry.optimizer, {}, {})

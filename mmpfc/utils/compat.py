@@ -5,29 +5,26 @@ Delete an entry once the upstream version named in it is no longer supported.
 """
 from __future__ import annotations
 
-import os
-from datetime import timedelta
+from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 
-def allow_mmengine_checkpoint_globals() -> None:
-    """Let ``torch.load(weights_only=True)`` read MMEngine checkpoints.
+def mmengine_checkpoint_globals() -> list:
+    """What ``torch.load(weights_only=True)`` must allow to read MMEngine
+    checkpoints (:func:`torch_load` allows them for its call only).
 
     Works around torch >= 2.6 defaulting ``weights_only=True`` while
     mmengine 0.10.7 stores ``HistoryBuffer`` objects and numpy
-    scalars/arrays in ``message_hub`` of every checkpoint: without this,
+    scalars/arrays in ``message_hub`` of every checkpoint: without them,
     ``--resume`` fails with
     ``UnpicklingError: Weights only load failed``. mmengine 0.10.7 also
     pickles ``HistoryBuffer``'s statistics methods as
-    ``getattr(HistoryBuffer, 'min')``, so ``getattr`` is allow-listed too; the
-    unpickler still only reaches attributes of the allow-listed objects.
+    ``getattr(HistoryBuffer, 'min')``, so ``getattr`` is allowed too; the
+    unpickler still only reaches attributes of the allowed objects.
     """
-    add_safe_globals = getattr(torch.serialization, 'add_safe_globals', None)
-    if add_safe_globals is None:  # torch < 2.4: weights_only is not default
-        return
     import builtins
 
     from mmengine.logging import HistoryBuffer
@@ -40,123 +37,7 @@ def allow_mmengine_checkpoint_globals() -> None:
     if dtypes is not None:
         safe.extend(getattr(dtypes, name) for name in dir(dtypes)
                     if name.endswith('DType'))
-    add_safe_globals(safe)
-
-
-#: Environment variable that overrides the default process-group backend.
-BACKEND_ENV = 'MMPFC_DIST_BACKEND'
-
-
-def choose_backend(backend: str | None = None) -> str:
-    """The ``torch.distributed`` backend to use, chosen explicitly.
-
-    In order: ``backend`` (e.g. ``env_cfg.dist_cfg.backend`` of a config),
-    the environment variable ``MMPFC_DIST_BACKEND``, then the default: NCCL
-    when CUDA is available and the launcher gives this process a local rank
-    that names one of the visible GPUs (``LOCAL_RANK``, or ``SLURM_LOCALID``
-    under slurm), gloo otherwise (a CPU-only machine, or a CPU job on a GPU
-    machine started with ``CUDA_VISIBLE_DEVICES=``).
-    """
-    if backend:
-        return backend
-    env = os.environ.get(BACKEND_ENV, '').strip()
-    if env:
-        return env
-    local_rank = os.environ.get('LOCAL_RANK', os.environ.get('SLURM_LOCALID'))
-    if torch.cuda.is_available() and local_rank is not None and \
-            local_rank.strip().isdigit() and \
-            int(local_rank) < torch.cuda.device_count():
-        return 'nccl'
-    return 'gloo'
-
-
-def init_process_group_for_device(launcher: str = 'pytorch',
-                                  backend: str | None = None,
-                                  start_timeout: float | None = 300.0,
-                                  **kwargs) -> None:
-    """Initialize ``torch.distributed``, the backend by :func:`choose_backend`.
-
-    Outside torchrun's agent (ranks started by hand or by a scheduler with
-    the env:// variables), the ranks meet through a store that waits at most
-    ``start_timeout`` seconds for all of them, so that a missing peer (one
-    process started with ``WORLD_SIZE=2``) fails with a message instead of
-    hanging for the collective timeout (30 min). ``None`` waits that long.
-
-    Works around mmengine 0.10.7 ``init_dist('pytorch')`` calling
-    ``torch.cuda.set_device`` unconditionally (it raises on a machine without
-    CUDA). NCCL defers to mmengine (which binds the process to the GPU of its
-    local rank); any other backend (gloo) creates the group itself from the
-    torchrun / slurm environment, and MMEngine's ``Runner.setup_env`` then
-    sees an initialized group and skips its own init.
-    """
-    if dist.is_available() and dist.is_initialized():
-        return
-    backend = choose_backend(backend)
-    if backend == 'nccl':
-        if not torch.cuda.is_available():
-            raise RuntimeError(
-                "backend='nccl' needs CUDA, but torch.cuda.is_available() is "
-                f"False: use backend='gloo' (or unset {BACKEND_ENV})")
-        from mmengine.dist import init_dist
-        if launcher == 'pytorch':
-            kwargs.update(_rendezvous(launcher, start_timeout,
-                                      kwargs.get('timeout')))
-        init_dist(launcher, backend=backend, **kwargs)
-        return
-    if launcher == 'slurm':
-        _export_slurm_env(kwargs.pop('port', None))
-    dist.init_process_group(backend=backend, **kwargs, **_rendezvous(
-        launcher, start_timeout, kwargs.get('timeout')))
-
-
-def _rendezvous(launcher: str, start_timeout: float | None,
-                timeout: timedelta | None) -> dict:
-    """``init_process_group`` arguments from the env:// variables, with a
-    store that gives up after ``start_timeout`` s if a rank is missing."""
-    missing = [k for k in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
-               if k not in os.environ]
-    if missing:
-        raise RuntimeError(
-            f'launcher={launcher!r} needs a process group, but the '
-            f'environment lacks {missing}: start with torchrun '
-            '(tools/dist_train.sh) or '
-            f'srun (tools/slurm_train.sh), or use --launcher none.')
-    rank, world_size = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
-    # torchrun's agent has gathered every rank already and serves the store
-    if start_timeout is None or \
-            os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True':
-        return dict(rank=rank, world_size=world_size)
-    addr, port = os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT'])
-    try:
-        store = dist.TCPStore(addr, port, world_size, is_master=rank == 0,
-                              timeout=timedelta(seconds=start_timeout),
-                              wait_for_workers=True)
-    except RuntimeError as err:  # DistStoreError and timeouts
-        raise RuntimeError(
-            f'rank {rank} of WORLD_SIZE={world_size}: not every rank joined '
-            f'at MASTER_ADDR={addr} MASTER_PORT={port} within '
-            f'start_timeout={start_timeout:g} s. Start all {world_size} '
-            'processes (bash tools/dist_train.sh CONFIG NPROC, or torchrun '
-            '--nproc-per-node), check WORLD_SIZE / MASTER_ADDR / '
-            'MASTER_PORT, or raise env_cfg.dist_cfg.start_timeout '
-            f'({type(err).__name__}: {str(err).splitlines()[0]})') from err
-    # later store operations (barriers, new groups) get the usual patience
-    store.set_timeout(timeout or timedelta(minutes=30))
-    return dict(rank=rank, world_size=world_size, store=store)
-
-
-def _export_slurm_env(port: int | None) -> None:
-    """Translate SLURM variables into the torch.distributed env:// ones."""
-    import subprocess
-    os.environ.setdefault('RANK', os.environ['SLURM_PROCID'])
-    os.environ.setdefault('WORLD_SIZE', os.environ['SLURM_NTASKS'])
-    os.environ.setdefault('LOCAL_RANK', os.environ.get('SLURM_LOCALID', '0'))
-    if 'MASTER_ADDR' not in os.environ:
-        node_list = os.environ['SLURM_NODELIST']
-        addr = subprocess.getoutput(
-            f'scontrol show hostname {node_list} | head -n1')
-        os.environ['MASTER_ADDR'] = addr
-    os.environ.setdefault('MASTER_PORT', str(port or 29500))
+    return safe
 
 
 # torch >= 2.10 names the tensor collectives *_single and deprecates the
@@ -205,17 +86,6 @@ def ddp_arguments(module: torch.nn.Module, device_ids, kwargs: dict):
     return device_ids, kwargs
 
 
-def init_amp_optim_wrapper_anywhere(wrapper, **kwargs) -> None:
-    """``OptimWrapper.__init__`` for an ``AmpOptimWrapper`` subclass.
-
-    mmengine 0.10.7 ``AmpOptimWrapper.__init__`` asserts a CUDA, NPU, MLU
-    or MUSA device (no CPU autocast) and builds a CUDA loss scaler; the
-    subclass builds its own scaler for the parameters' device instead.
-    """
-    from mmengine.optim import OptimWrapper
-    OptimWrapper.__init__(wrapper, **kwargs)
-
-
 def scoped_registry_name(registry, cls: type) -> str:
     """``scope.Name`` under which ``cls`` is registered in ``registry`` or
     one of its parents.
@@ -246,30 +116,29 @@ def warn_if_loop_sleeps(loop, logger) -> None:
             "sampler=dict(type='InfiniteSampler')")
 
 
-def build_in_scope(registry, cfg):
-    """Build a transform (or any config) from ``registry`` whatever the
-    current default scope is.
-
-    mmengine 0.10.7's ``Compose`` looks dicts up in the current default
-    scope, so a dataset built outside a Runner (scripts, tests) would not
-    find mmpfc's transforms.
-    """
-    return registry.build(cfg) if isinstance(cfg, dict) else cfg
-
-
 def torch_load(path: str, map_location=None, mmap: bool = False):
-    """``torch.load``, memory-mapped where the file format allows it.
+    """``torch.load``, memory-mapped where the file format allows it; the
+    objects of :func:`mmengine_checkpoint_globals` are allowed.
 
     torch (checked up to 2.14) cannot memory-map the legacy (pre torch 1.6,
     non-zip) format and raises a ``RuntimeError`` about the zipfile format:
     such a file is read without ``mmap`` instead.
     """
-    try:
-        return torch.load(path, map_location=map_location, mmap=mmap)
-    except RuntimeError as err:
-        if not mmap or 'zipfile' not in str(err):
-            raise
-    return torch.load(path, map_location=map_location)
+    with _allowing(mmengine_checkpoint_globals()):
+        try:
+            return torch.load(path, map_location=map_location, mmap=mmap)
+        except RuntimeError as err:
+            if not mmap or 'zipfile' not in str(err):
+                raise
+        return torch.load(path, map_location=map_location)
+
+
+def _allowing(safe: list):
+    """``torch.serialization.safe_globals(safe)``: allowed for one load,
+    never for the process (torch < 2.5 has no such context; its
+    ``weights_only`` is off by default there)."""
+    context = getattr(torch.serialization, 'safe_globals', None)
+    return nullcontext() if context is None else context(safe)
 
 
 #: ``torch.onnx.export`` arguments: torch >= 2.9 defaults to the dynamo

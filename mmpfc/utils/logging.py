@@ -5,8 +5,9 @@ Two helpers, both safe to call more than once:
 * :func:`quiet_console` keeps MMEngine's environment dump, config dump and
   hook table (and its known, harmless deprecation notices) off the console
   of an ``MMLogger``; its log file still gets all of them.
-* :func:`filter_known_warnings` silences third-party Python warnings that
-  are known and harmless, each with the reason and the library version.
+* :func:`ignoring_known_warnings` silences, within a block, third-party
+  Python warnings that are known and harmless, each with the reason and
+  the library version.
 
 Delete an entry of either list once the library version named in it is no
 longer supported.
@@ -16,7 +17,8 @@ from __future__ import annotations
 import logging
 import re
 import warnings
-from typing import Optional, Pattern, Sequence, Tuple, Type
+from contextlib import contextmanager
+from typing import Iterator, Optional, Pattern, Sequence, Tuple, Type
 
 # Messages MMEngine 0.10.7's ``Runner`` logs at INFO while it is built, as
 # the regular expressions their text starts with (``re.match``).
@@ -144,17 +146,21 @@ KNOWN_WARNINGS: Sequence[Tuple[str, Type[Warning], str, str]] = (
 )
 
 
-def filter_known_warnings() -> None:
-    """Ignore the third-party warnings of :data:`KNOWN_WARNINGS`.
+@contextmanager
+def ignoring_known_warnings() -> Iterator[None]:
+    """Within the block, ignore the third-party warnings of
+    :data:`KNOWN_WARNINGS`; the process's warning filters are restored
+    after it (``warnings.catch_warnings``).
 
     Each filter matches a message, its category and the module that warns,
     so the same category from anywhere else, or another message of the same
-    module, still shows. Calling it again adds no duplicate filters
-    (``warnings.filterwarnings`` replaces an identical one). Call it before
-    importing mmpfc / mmpretrain (the mmcv notice is raised at import) and
-    before building the runner; MMEngine's own logged notices are handled by
+    module, still shows. ``import mmpfc`` imports mmpretrain within it (the
+    mmcv notice is raised at import), and ``PartialFCRunner`` sets up its
+    environment within it; MMEngine's own logged notices are handled by
     :func:`quiet_console` instead.
     """
-    for message, category, module, _reason in KNOWN_WARNINGS:
-        warnings.filterwarnings('ignore', message=message, category=category,
-                                module=module + r'\Z')
+    with warnings.catch_warnings():
+        for message, category, module, _reason in KNOWN_WARNINGS:
+            warnings.filterwarnings('ignore', message=message,
+                                    category=category, module=module + r'\Z')
+        yield

@@ -18,7 +18,7 @@ from mmpfc.engine.hooks import (MemoryTableHook, SpeedLogHook,
                                 rank_memory)
 from mmpfc.engine.hooks.speed_log_hook import format_lr, hours_left
 from mmpfc.registry import HOOKS
-from mmpfc.utils.logging import (QuietConsoleFilter, filter_known_warnings,
+from mmpfc.utils.logging import (QuietConsoleFilter, ignoring_known_warnings,
                                  quiet_console)
 
 REFERENCE = ('Training: Speed 5299.56 samples/sec   Loss 1.0965   '
@@ -205,9 +205,12 @@ def test_quiet_console_on_a_real_runner(tmp_path, capsys):
             quiet_console(logger)
             return logger
 
+    # a name of its own: MMEngine names a runner's logger after the second
+    # it was built in, and would reuse an earlier runner's of that second
     runner = QuietRunner(model=nn.Linear(2, 2), work_dir=str(tmp_path),
                          cfg=Config(dict(answer=42)),
-                         default_scope='mmengine')
+                         default_scope='mmengine',
+                         experiment_name=f'quiet-{tmp_path.name}')
     out = capsys.readouterr().out
     assert out.count('Environment, config and hook order: see ') == 1
     for block in ('System environment:', 'Config:', 'answer = 42',
@@ -231,17 +234,17 @@ MKL = ('Setting MKL_NUM_THREADS environment variable for each process to be '
 
 
 def shown_warnings(*emitted):
-    """The (message, module) pairs that pass the filters, after
-    ``filter_known_warnings`` (twice: it must stay idempotent)."""
+    """The (message, category) pairs that pass the filters within
+    ``ignoring_known_warnings``; the filters are back as before after it."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
-        before = len(warnings.filters)
-        filter_known_warnings()
-        filter_known_warnings()
-        assert len(warnings.filters) == before + 2
-        for message, category, module in emitted:
-            warnings.warn_explicit(message, category, f'{module}.py', 1,
-                                   module=module)
+        before = list(warnings.filters)
+        with ignoring_known_warnings():
+            assert len(warnings.filters) == len(before) + 2
+            for message, category, module in emitted:
+                warnings.warn_explicit(message, category, f'{module}.py', 1,
+                                       module=module)
+        assert warnings.filters == before
     return [(str(w.message), w.category) for w in caught]
 
 

@@ -84,7 +84,7 @@ def test_amp_step_logs_the_scale_and_norm_it_read():
 
 # --------------------------------------------------------- 1b. backends
 def test_backend_is_explicit_and_overridable(monkeypatch):
-    from mmpfc.utils.compat import choose_backend
+    from mmpfc.utils.process_group import choose_backend
     fake_cuda_available(monkeypatch)
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
     monkeypatch.delenv('MMPFC_DIST_BACKEND', raising=False)
@@ -108,7 +108,7 @@ def test_backend_is_explicit_and_overridable(monkeypatch):
 def test_nccl_without_cuda_is_refused(monkeypatch):
     import torch.distributed as dist
 
-    from mmpfc.utils.compat import init_process_group_for_device
+    from mmpfc.utils.process_group import init_process_group_for_device
     if dist.is_initialized():
         pytest.skip('a process group exists already')
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
@@ -289,38 +289,6 @@ def test_sampler_state_of_the_same_device_type_continues():
     resumed = CenterSampler(200, 0.25, seed=4)
     resumed.load_state_dict(state)
     assert torch.equal(resumed.sample(labels)[0], expected)
-
-
-# ------------------------------------------- 5b. host copies of a save
-def test_offered_host_copies_are_used_once_and_never_stale():
-    from mmpfc.checkpoint.sharded_state import strip_sharded
-    from mmpfc.engine.optimizers import PartialFCOptimWrapper
-    from mmpfc.models.heads import PartialFCHead
-    from mmpfc.models.utils.host_copies import offer_host_copies
-    head = PartialFCHead(num_classes=20, in_channels=4, sample_rate=1.0)
-    wrapper = PartialFCOptimWrapper(optimizer=torch.optim.SGD(
-        head.parameters(), lr=0.1, momentum=0.9))
-    loss = head.loss_by_labels(torch.randn(3, 4), torch.tensor([1, 2, 3]))
-    wrapper.update_params(loss)
-    weight_copy = head.weight.detach().clone()
-    momentum = wrapper.optimizer.state[head.weight]['momentum_buffer']
-    momentum_copy = momentum.clone()
-
-    offer_host_copies(head.weight, {'weight': weight_copy,
-                                    'state.momentum_buffer': momentum_copy})
-    assert head.state_dict()['weight'] is weight_copy
-    assert wrapper.state_dict()['state'][0]['momentum_buffer'] is \
-        momentum_copy
-    assert wrapper.optimizer.state[head.weight]['momentum_buffer'] is \
-        momentum  # the live state is untouched
-    assert head.state_dict()['weight'] is not weight_copy  # used once
-
-    offer_host_copies(head.weight, {'weight': weight_copy})
-    head.loss_by_labels(torch.randn(3, 4), torch.tensor([1, 2, 3]))
-    assert head.state_dict()['weight'] is not weight_copy  # a step drops
-    offer_host_copies(head.weight, {'weight': weight_copy})
-    strip_sharded(dict(state_dict={}), {})
-    assert head.state_dict()['weight'] is not weight_copy  # so does strip
 
 
 # ------------------------------------------------- 4b. preprocessor

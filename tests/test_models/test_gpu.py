@@ -228,7 +228,7 @@ def test_process_group_on_one_rank(device, monkeypatch):
     import torch.distributed as dist
 
     from mmpfc.models.utils.distributed import _AllGatherWithGrad
-    from mmpfc.utils.compat import init_process_group_for_device
+    from mmpfc.utils.process_group import init_process_group_for_device
     if dist.is_initialized():
         pytest.skip('a process group exists already')
     with socket.socket() as sock:
@@ -409,6 +409,7 @@ def test_sampler_state_crosses_device_types(cuda):
 def test_sharded_save_copies_the_shard_to_the_host_once(cuda):
     from mmengine.runner.checkpoint import weights_to_cpu
 
+    from mmpfc.checkpoint.host_copies import lend_host_copies
     from mmpfc.checkpoint.sharded_state import collect_shard
     from mmpfc.engine.optimizers import PartialFCOptimWrapper
     from mmpfc.models.heads import PartialFCHead
@@ -422,10 +423,11 @@ def test_sharded_save_copies_the_shard_to_the_host_once(cuda):
     payload, _ = collect_shard(model, wrapper, 0, 1, 'token')
     entry = payload['params']['head.weight']
     assert torch.equal(entry['weight'], model.head.weight.detach().cpu())
-    # what MMEngine's save_checkpoint does for the main file
-    state_dict = weights_to_cpu(model.state_dict())
+    with lend_host_copies(model, wrapper, payload):
+        # what MMEngine's save_checkpoint does for the main file
+        state_dict = weights_to_cpu(model.state_dict())
+        momentum = wrapper.state_dict()['state'][0]['momentum_buffer']
     assert state_dict['head.weight'] is entry['weight']
-    momentum = wrapper.state_dict()['state'][0]['momentum_buffer']
     assert momentum is entry['rows']['momentum_buffer']
 
 

@@ -186,14 +186,44 @@ def test_mmpretrain_image_classifier_config_trains(tmp_path):
     assert backbone_group['lr'] == pytest.approx(head_group['lr'])
 
 
-def test_plain_optimizer_step_with_sampled_head_raises():
+def test_plain_optim_wrapper_with_sampled_head_refuses_the_next_step():
+    """A stock wrapper's step leaves the sampled gradients unapplied: the
+    head's next training step raises instead of training centers that
+    never learn."""
     from mmengine.optim import OptimWrapper
 
-    import mmpfc  # noqa: F401
     from mmpfc.models.heads import PartialFCHead
     head = PartialFCHead(NUM_CLASSES, DIM, sample_rate=0.5)
     wrapper = OptimWrapper(optimizer=torch.optim.SGD(head.parameters(),
                                                      lr=0.1))
-    loss = head.loss_by_labels(torch.randn(4, DIM), torch.arange(4))
-    with pytest.raises(RuntimeError, match='PartialFCOptimWrapper'):
-        wrapper.update_params(loss)
+    before = head.weight.detach().clone()
+    wrapper.update_params(head.loss_by_labels(torch.randn(4, DIM),
+                                              torch.arange(4)))
+    assert torch.equal(head.weight, before)  # nothing was applied
+    with torch.no_grad():  # evaluation is not a training step
+        head.loss_by_labels(torch.randn(4, DIM), torch.arange(4))
+    with pytest.raises(RuntimeError) as err:
+        head.loss_by_labels(torch.randn(4, DIM), torch.arange(4))
+    assert 'sample_rate=0.5' in str(err.value)
+    assert "type='mmpfc.PartialFCOptimWrapper'" in str(err.value)
+
+
+def test_accumulated_steps_wait_for_the_partial_fc_update():
+    """With ``accumulative_counts=3`` three backward passes wait for the
+    update, which applies them; a fourth unapplied one is refused."""
+    from mmpfc.engine.optimizers import PartialFCOptimWrapper
+    from mmpfc.models.heads import PartialFCHead
+    head = PartialFCHead(NUM_CLASSES, DIM, sample_rate=0.5)
+    wrapper = PartialFCOptimWrapper(
+        optimizer=torch.optim.SGD(head.parameters(), lr=0.1),
+        accumulative_counts=3)
+    wrapper.initialize_count_status(head, 0, 6)
+    for step in range(6):
+        before = head.weight.detach().clone()
+        wrapper.update_params(head.loss_by_labels(torch.randn(4, DIM),
+                                                  torch.arange(4)))
+        assert torch.equal(head.weight, before) == (step % 3 != 2)
+    for _ in range(3):  # backward passes the wrapper never steps
+        head.loss_by_labels(torch.randn(4, DIM), torch.arange(4)).backward()
+    with pytest.raises(RuntimeError, match=r'gradients of 3 step\(s\)'):
+        head.loss_by_labels(torch.randn(4, DIM), torch.arange(4))

@@ -20,7 +20,7 @@ def start_rank(rank: int, port: int, results) -> None:
                       MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     import torch.distributed as dist
 
-    from mmpfc.utils.compat import init_process_group_for_device
+    from mmpfc.utils.process_group import init_process_group_for_device
     try:
         init_process_group_for_device('pytorch', backend='gloo',
                                       start_timeout=2)

@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 from mmpfc.registry import TRANSFORMS
-from mmpfc.utils.compat import build_in_scope
 
 
 def build_transforms(pipeline: Sequence[dict | Callable]) -> list[Callable]:
@@ -13,6 +12,8 @@ def build_transforms(pipeline: Sequence[dict | Callable]) -> list[Callable]:
     mmengine's ``Compose`` looks dicts up in the *current default scope*, so a
     dataset built outside a Runner (scripts, tests) would not find
     ``LoadImageFromBytes``; building here finds mmpfc names, plain mmcv
-    names and scoped ones such as ``mmpretrain.PackInputs``.
+    names and scoped ones such as ``mmpretrain.PackInputs``. Built
+    transforms (callables) are kept as they are.
     """
-    return [build_in_scope(TRANSFORMS, t) for t in pipeline]
+    return [TRANSFORMS.build(t) if isinstance(t, dict) else t
+            for t in pipeline]

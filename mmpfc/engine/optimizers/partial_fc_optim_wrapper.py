@@ -21,26 +21,23 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from functools import partial
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from mmengine.logging import print_log
-from mmengine.optim import AmpOptimWrapper, OptimWrapper
+from mmengine.optim import OptimWrapper
 
 from mmpfc.models.heads.sharded_head import ShardedHead
 from mmpfc.models.utils import (get_rank_and_world_size, is_sharded,
                                 sharded_owner)
-from mmpfc.models.utils.host_copies import take_host_copy
 from mmpfc.models.utils.low_precision import dtype_name
 from mmpfc.models.utils.sharding import split_state
 from mmpfc.registry import OPTIM_WRAPPERS
 from mmpfc.utils.arg_checks import (AnyOf, Instance, OneOf, Opt, Parsed, Real,
                                     Str, arg_specs)
-from mmpfc.utils.compat import (grad_scaler_found_inf, grad_scaler_scale,
-                                init_amp_optim_wrapper_anywhere)
+from mmpfc.utils.compat import grad_scaler_found_inf, grad_scaler_scale
 
 from .center_state import ROW_STATES, parse_state_dtype, to_form
 from .sparse_step import SPARSE_RULES, sparse_rule, sparse_step
@@ -55,10 +52,18 @@ class ShardAwareMixin:
 
     center_state_dtype = 'float32'
 
+    def _init_shard_aware(self, center_state_dtype: str) -> None:
+        """Check and keep the form of the centers' optimizer state, and tell
+        the heads updated by rows how many backward passes accumulate
+        before an update (they refuse a step beyond it: their gradients
+        would never be applied)."""
+        self._init_center_state(center_state_dtype)
+        for _, owner in self._row_owners():
+            owner.steps_per_update = self._accumulative_counts
+
     def _init_center_state(self, center_state_dtype: str) -> None:
-        """Check and keep the form of the centers' optimizer state; a
-        compact form needs an optimizer that updates by rows, which only
-        the built optimizer can tell."""
+        """A compact form needs an optimizer that updates by rows, which
+        only the built optimizer can tell."""
         self.center_state_dtype = parse_state_dtype(center_state_dtype)
         if (self.center_state_dtype != 'float32'
                 and sparse_rule(self.optimizer) is None):
@@ -156,6 +161,13 @@ class ShardAwareMixin:
                 state[index] = rest
         return kept
 
+    def _plain_step(self, updates: List[SparseUpdate], **kwargs) -> None:
+        """An unscaled step: clip, the optimizer, then the row updates."""
+        if self.clip_grad_kwargs:
+            self._clip_grad()
+        self.optimizer.step(**kwargs)
+        self._apply_sparse_updates(updates)
+
     def _clip_params(self) -> Optional[torch.Tensor]:
         """Clip replicated parameters only (identical on every rank).
 
@@ -175,24 +187,6 @@ class ShardAwareMixin:
         if norm is not None:
             self.message_hub.update_scalar(f'train/{self.grad_name}',
                                            float(norm))
-
-    def _with_host_copies(self, state_dict: dict) -> dict:
-        """``state_dict`` with the host copies a sharded save offered for
-        the optimizer state of sharded parameters (not copied twice)."""
-        state = state_dict.get('state', {})
-        for index, param in enumerate(self._all_params()):
-            if not is_sharded(param) or index not in state:
-                continue
-            entry = dict(state[index])  # never change the live state
-            for key in entry:
-                copy = take_host_copy(param, f'state.{key}')
-                if copy is not None:
-                    entry[key] = copy
-            state[index] = entry
-        return state_dict
-
-    def state_dict(self) -> dict:
-        return self._with_host_copies(super().state_dict())
 
     def zero_grad(self, **kwargs) -> None:
         super().zero_grad(**kwargs)
@@ -223,17 +217,13 @@ class PartialFCOptimWrapper(ShardAwareMixin, OptimWrapper):
     def __init__(self, *args, center_state_dtype: str = 'float32',
                  **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._init_center_state(center_state_dtype)
+        self._init_shard_aware(center_state_dtype)
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._load_keeping_center_state(state_dict, super().load_state_dict)
 
     def step(self, **kwargs) -> None:
-        updates = self._pop_sparse_updates()
-        if self.clip_grad_kwargs:
-            self._clip_grad()
-        self.optimizer.step(**kwargs)
-        self._apply_sparse_updates(updates)
+        self._plain_step(self._pop_sparse_updates(), **kwargs)
 
 
 @OPTIM_WRAPPERS.register_module()
@@ -241,7 +231,7 @@ class PartialFCOptimWrapper(ShardAwareMixin, OptimWrapper):
                             Instance(dict)),
            dtype=Opt(AnyOf(Str(), Instance(torch.dtype))),
            center_state_dtype=CENTER_STATE_DTYPE)
-class PartialFCAmpOptimWrapper(ShardAwareMixin, AmpOptimWrapper):
+class PartialFCAmpOptimWrapper(ShardAwareMixin, OptimWrapper):
     """Mixed precision for a sharded head, on the device of its parameters.
 
     The device type comes from the parameters of ``optimizer`` (all must be
@@ -256,7 +246,10 @@ class PartialFCAmpOptimWrapper(ShardAwareMixin, AmpOptimWrapper):
     logits and softmax stay fp32 in every case. The current loss scale is
     logged as ``train/loss_scale``.
 
-    A loss-scaled step reads the device once: the shared overflow flag, the
+    It takes the arguments of MMEngine's ``AmpOptimWrapper`` (whose
+    ``__init__`` accepts CUDA-like devices only) and saves the loss scaler's
+    state under the same ``'loss_scaler'`` key. A loss-scaled step reads the
+    device once: the shared overflow flag, the
     scale used and the gradient norm (with ``clip_grad``) come back in one
     copy; an overflowed step skips the optimizer, as ``GradScaler.step``
     does.
@@ -276,8 +269,8 @@ class PartialFCAmpOptimWrapper(ShardAwareMixin, AmpOptimWrapper):
 
     def __init__(self, loss_scale='dynamic', dtype=None,
                  center_state_dtype: str = 'float32', **kwargs) -> None:
-        init_amp_optim_wrapper_anywhere(self, **kwargs)
-        self._init_center_state(center_state_dtype)
+        super().__init__(**kwargs)
+        self._init_shard_aware(center_state_dtype)
         self.device = params_device(self.optimizer)
         self.device_type = self.device.type
         if self.device_type not in self.DTYPES:
@@ -320,23 +313,19 @@ class PartialFCAmpOptimWrapper(ShardAwareMixin, AmpOptimWrapper):
 
     @contextmanager
     def optim_context(self, model: nn.Module):
-        with OptimWrapper.optim_context(self, model), torch.autocast(
+        with super().optim_context(model), torch.autocast(
                 self.device_type, dtype=self.cast_dtype):
             yield
 
     def backward(self, loss: torch.Tensor, **kwargs) -> None:
-        if self.loss_scaler is None:
-            return OptimWrapper.backward(self, loss, **kwargs)
-        return super().backward(loss, **kwargs)
+        if self.loss_scaler is not None:
+            loss = self.loss_scaler.scale(loss)
+        super().backward(loss, **kwargs)
 
     def step(self, **kwargs) -> None:
         updates = self._pop_sparse_updates()
         if self.loss_scaler is None:
-            if self.clip_grad_kwargs:
-                self._clip_grad()
-            self.optimizer.step(**kwargs)
-            self._apply_sparse_updates(updates)
-            return
+            return self._plain_step(updates, **kwargs)
         scale = grad_scaler_scale(self.loss_scaler)
         self.loss_scaler.unscale_(self.optimizer)
         inv_scale = scale.double().reciprocal().float()  # as unscale_
@@ -389,17 +378,16 @@ class PartialFCAmpOptimWrapper(ShardAwareMixin, AmpOptimWrapper):
         return flag
 
     def state_dict(self) -> dict:
-        if self.loss_scaler is None:
-            return self._with_host_copies(OptimWrapper.state_dict(self))
-        return super().state_dict()
+        state_dict = super().state_dict()
+        if self.loss_scaler is not None:
+            state_dict['loss_scaler'] = self.loss_scaler.state_dict()
+        return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if self.loss_scaler is None:
-            state_dict.pop('loss_scaler', None)
-            load = partial(OptimWrapper.load_state_dict, self)
-        else:
-            load = super().load_state_dict
-        self._load_keeping_center_state(state_dict, load)
+        scaler_state = state_dict.pop('loss_scaler', None)
+        if self.loss_scaler is not None and scaler_state is not None:
+            self.loss_scaler.load_state_dict(scaler_state)
+        self._load_keeping_center_state(state_dict, super().load_state_dict)
 
 
 def params_device(optimizer: torch.optim.Optimizer) -> torch.device:
@@ -420,25 +408,3 @@ def params_device(optimizer: torch.optim.Optimizer) -> torch.device:
             'move the whole model (model.to(device)) before building the '
             'optimizer')
     return next(iter(devices.values()))
-
-
-def refuse_unapplied_sampled_gradients(optimizer, args, kwargs) -> None:
-    """Fail loudly when a plain optimizer step would skip sampled centers.
-
-    Registered for every torch optimizer by
-    :func:`mmpfc.utils.process_hooks.install_process_hooks` (``import
-    mmpfc``): the PartialFC wrappers collect the
-    sampled gradients before calling ``optimizer.step``; if some are still
-    waiting afterwards, the optimizer was driven by another wrapper and the
-    centers would silently never learn.
-    """
-    for group in optimizer.param_groups:
-        for param in group['params']:
-            owner = sharded_owner(param)
-            if owner is not None and owner.has_sampled_gradient():
-                raise RuntimeError(
-                    f'{type(owner).__name__} (sample_rate='
-                    f'{owner.sample_rate}) has sampled-center gradients that '
-                    f'{type(optimizer).__name__}.step() cannot apply: use '
-                    "optim_wrapper=dict(type='mmpfc.PartialFCOptimWrapper', "
-                    "...) or 'mmpfc.PartialFCAmpOptimWrapper'.")

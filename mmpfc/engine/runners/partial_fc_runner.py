@@ -23,9 +23,9 @@ from mmpfc.engine.hooks.training_health_hook import (TrainingDivergedError,
 from mmpfc.engine.model_wrappers import PartialFCDistributedDataParallel
 from mmpfc.models.utils import sharded_names
 from mmpfc.registry import MODEL_WRAPPERS, RUNNERS
-from mmpfc.utils.compat import (init_process_group_for_device,
-                                scoped_registry_name, warn_if_loop_sleeps)
-from mmpfc.utils.logging import quiet_console
+from mmpfc.utils.compat import scoped_registry_name, warn_if_loop_sleeps
+from mmpfc.utils.logging import ignoring_known_warnings, quiet_console
+from mmpfc.utils.process_group import init_process_group_for_device
 
 from .sharded_checkpoint import ShardedCheckpointMixin
 from .work_dir import (WorkDirLock, WorkDirLockedError, existing_checkpoints,
@@ -45,8 +45,8 @@ class PartialFCRunner(ShardedCheckpointMixin, Runner):
     * the console shows one line for MMEngine's environment dump, config
       dump and hook table (the log file keeps them);
     * ``setup_env`` initializes the process group with
-      :func:`mmpfc.utils.compat.init_process_group_for_device`: NCCL on GPUs,
-      gloo on a machine without CUDA (stock ``init_dist`` calls
+      :func:`mmpfc.utils.process_group.init_process_group_for_device`: NCCL
+      on GPUs, gloo on a machine without CUDA (stock ``init_dist`` calls
       ``torch.cuda.set_device`` and fails there);
     * ``wrap_model`` wraps a model with sharded parameters only in
       :class:`PartialFCDistributedDataParallel` (the default when
@@ -87,7 +87,8 @@ class PartialFCRunner(ShardedCheckpointMixin, Runner):
         if self.distributed and not is_distributed():
             dist_cfg = dict(env_cfg.get('dist_cfg', {}))
             init_process_group_for_device(self.launcher, **dist_cfg)
-        super().setup_env(env_cfg)
+        with ignoring_known_warnings():  # MMEngine's OMP/MKL notice
+            super().setup_env(env_cfg)
 
     def wrap_model(self, model_wrapper_cfg: Optional[Dict],
                    model: nn.Module) -> Union[DistributedDataParallel,

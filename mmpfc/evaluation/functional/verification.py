@@ -55,19 +55,7 @@ def evaluate_pairs(emb1: np.ndarray,
         thresholds), ``fold_accuracy`` and ``fold_threshold`` (per fold),
         ``tpr`` and ``fpr`` (per threshold, averaged over the test folds).
     """
-    emb1 = np.asarray(emb1, dtype=np.float64)
-    emb2 = np.asarray(emb2, dtype=np.float64)
-    issame = np.asarray(issame, dtype=bool).ravel()
-    if emb1.shape != emb2.shape or emb1.ndim != 2:
-        raise ValueError(f'emb1 {emb1.shape} and emb2 {emb2.shape} must be '
-                         'two (P, D) arrays of the same shape')
-    if len(issame) != len(emb1):
-        raise ValueError(f'{len(issame)} issame flags for {len(emb1)} pairs')
-    if not 1 <= nrof_folds <= len(issame):
-        raise ValueError(f'nrof_folds={nrof_folds} must lie in [1, number '
-                         f'of pairs={len(issame)}]')
-    _check_unit_rows('emb1', emb1)
-    _check_unit_rows('emb2', emb2)
+    emb1, emb2, issame = _checked_pairs(emb1, emb2, issame, nrof_folds)
     thresholds = DEFAULT_THRESHOLDS if thresholds is None else np.asarray(
         thresholds, dtype=np.float64)
 
@@ -77,8 +65,7 @@ def evaluate_pairs(emb1: np.ndarray,
 
     folds = np.array_split(np.arange(len(issame)), nrof_folds)
     fold_acc, fold_thr = np.zeros(nrof_folds), np.zeros(nrof_folds)
-    tpr, fpr = np.zeros((nrof_folds, len(thresholds))), np.zeros(
-        (nrof_folds, len(thresholds)))
+    tpr, fpr = np.zeros((2, nrof_folds, len(thresholds)))
     for k, test in enumerate(folds):
         train = np.ones(len(issame), bool)
         if nrof_folds > 1:
@@ -92,6 +79,25 @@ def evaluate_pairs(emb1: np.ndarray,
                 threshold=float(fold_thr.mean()),
                 fold_accuracy=fold_acc, fold_threshold=fold_thr,
                 tpr=tpr.mean(axis=0), fpr=fpr.mean(axis=0))
+
+
+def _checked_pairs(emb1, emb2, issame, nrof_folds: int):
+    """``(emb1, emb2, issame)`` as float64 and bool arrays, checked against
+    each other, the fold count and the unit-norm rule."""
+    emb1 = np.asarray(emb1, dtype=np.float64)
+    emb2 = np.asarray(emb2, dtype=np.float64)
+    issame = np.asarray(issame, dtype=bool).ravel()
+    if emb1.shape != emb2.shape or emb1.ndim != 2:
+        raise ValueError(f'emb1 {emb1.shape} and emb2 {emb2.shape} must be '
+                         'two (P, D) arrays of the same shape')
+    if len(issame) != len(emb1):
+        raise ValueError(f'{len(issame)} issame flags for {len(emb1)} pairs')
+    if not 1 <= nrof_folds <= len(issame):
+        raise ValueError(f'nrof_folds={nrof_folds} must lie in [1, number '
+                         f'of pairs={len(issame)}]')
+    _check_unit_rows('emb1', emb1)
+    _check_unit_rows('emb2', emb2)
+    return emb1, emb2, issame
 
 
 def _check_unit_rows(name: str, emb: np.ndarray) -> None:

@@ -17,7 +17,6 @@ from ..utils import (all_gather_with_grad, distributed_cross_entropy,
                      get_rank_and_world_size, mark_sharded,
                      refuse_replicating_ddp, shard_range)
 from ..utils.distributed import all_gather_no_grad
-from ..utils.host_copies import drop_host_copies, take_host_copy
 from ..utils.low_precision import (check_representable, dtype_name, is_compact,
                                    parse_center_dtype, parse_center_rounding,
                                    stochastic_round)
@@ -26,7 +25,6 @@ from .base_margin_head import BaseMarginHead, build_margin_loss
 from .center_sampler import CenterSampler
 from .fused_margin_softmax import (MAX_SUBCENTERS, Workspace,
                                    fused_margin_softmax, supports_fused)
-from .label_check import LabelRangeCheck
 from .sampled_gradients import SampledGradients, SampledRows
 
 __all__ = ['PartialFCHead', 'build_margin_loss']
@@ -175,17 +173,11 @@ class PartialFCHead(BaseMarginHead):
         self._workspace = Workspace()
         # (rows, holder of .grad) of the steps since the last optimizer update
         self._sampled = SampledGradients()
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        # a sharded save already copied the shard to the host: reuse it
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        copy = None if keep_vars else take_host_copy(self.weight, 'weight')
-        if copy is not None:
-            destination[prefix + 'weight'] = copy
+        self.steps_per_update = 1
+        self._ddp_checked = False
 
     def _load_from_state_dict(self, state_dict, prefix, *args,
                               **kwargs) -> None:
-        drop_host_copies([self.weight])  # offered copies would be stale
         saved = state_dict.get(prefix + 'weight')
         if torch.is_tensor(saved) and saved.dtype != self.weight.dtype:
             check_representable(saved, self.weight.dtype,
@@ -203,13 +195,6 @@ class PartialFCHead(BaseMarginHead):
         # a copy (deepcopy, pickle) owns its own copy of the shard
         super().__setstate__(state)
         mark_sharded(self.weight, owner=self)
-        # heads pickled before these attributes existed
-        self.__dict__.setdefault('check_batch_size', None)
-        self.__dict__.setdefault('rounding', None)
-        self.__dict__.setdefault('center_rounding', 'stochastic')
-        self.__dict__.setdefault('num_subcenters', 1)
-        if '_label_check' not in self.__dict__:
-            self._label_check = LabelRangeCheck(self.num_classes)
 
     @property
     def samples_centers(self) -> bool:
@@ -238,11 +223,12 @@ class PartialFCHead(BaseMarginHead):
     def loss_by_labels(self, embeddings: torch.Tensor,
                        labels: torch.Tensor) -> torch.Tensor:
         """Loss for a (B, D) embedding batch and its (B,) class ids."""
-        if self.world_size > 1:
-            refuse_replicating_ddp()  # before stock DDP trains rank 0's rows
+        if self.world_size > 1 and not self._ddp_checked:
+            # before stock DDP trains rank 0's rows; once a DDP was seen
+            self._ddp_checked = refuse_replicating_ddp()
         labels = self._check_inputs(embeddings, labels)
         if self._training_step():
-            drop_host_copies([self.weight])  # about to change: not reusable
+            self._refuse_unapplied_gradients()
         embeddings = all_gather_with_grad(embeddings)
         labels = all_gather_no_grad(
             labels.to(embeddings.device, non_blocking=True))
@@ -326,9 +312,25 @@ class PartialFCHead(BaseMarginHead):
         """
         return self._sampled.pop(self.weight.shape[1])  # K*D per row
 
-    def has_sampled_gradient(self) -> bool:
-        """True if a backward left sampled-row gradients not yet applied."""
-        return self._sampled.pending()
+    def _refuse_unapplied_gradients(self) -> None:
+        """Fail loudly before a step whose predecessors' sampled gradients
+        were never applied: the optimizer is driven by a wrapper that does
+        not know them, and the sampled centers would never learn.
+
+        ``steps_per_update`` backward passes may wait (gradient
+        accumulation; the PartialFC optim wrappers set it to their
+        ``accumulative_counts``).
+        """
+        if self._sampled.pending_steps() < self.steps_per_update:
+            return
+        raise RuntimeError(
+            f'{type(self).__name__} (sample_rate={self.sample_rate}, '
+            f'center_dtype={dtype_name(self.weight.dtype)}): the sampled-'
+            f'center gradients of {self._sampled.pending_steps()} '
+            'step(s) were never applied, so the optimizer driving this '
+            'head cannot update its centers: use '
+            "optim_wrapper=dict(type='mmpfc.PartialFCOptimWrapper', ...) "
+            "or 'mmpfc.PartialFCAmpOptimWrapper'.")
 
     def clear_sampled_gradient(self) -> None:
         """Forget sampled gradients (``zero_grad`` of the optim wrapper)."""

@@ -41,9 +41,9 @@ class SampledGradients:
         """Row indices of the latest step."""
         return self._steps[-1][0]
 
-    def pending(self) -> bool:
-        """True if a backward produced gradients not yet applied."""
-        return any(holder.grad is not None for _, holder in self._steps)
+    def pending_steps(self) -> int:
+        """How many steps' backward left gradients not yet applied."""
+        return sum(holder.grad is not None for _, holder in self._steps)
 
     def clear(self) -> None:
         self._steps = []

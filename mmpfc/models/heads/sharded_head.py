@@ -29,7 +29,9 @@ class ShardedHead(Protocol):
     rows, or a 16-bit shard) a step leaves the fp32 gradient of the rows it
     used to :meth:`pop_sampled_gradient` instead of ``weight.grad``, and
     the optim wrapper writes the updated rows back through
-    :meth:`round_rows`.
+    :meth:`round_rows`; it sets ``steps_per_update`` to the backward passes
+    it accumulates before an update, and the head refuses a step once that
+    many wait unapplied (the optimizer driving it cannot apply them).
     """
 
     num_classes: int
@@ -39,6 +41,7 @@ class ShardedHead(Protocol):
     sample_rate: float
     sampler: object
     rounding: object
+    steps_per_update: int
 
     @property
     def samples_centers(self) -> bool:
@@ -56,9 +59,6 @@ class ShardedHead(Protocol):
                              ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         """``(rows, grad)`` since the last update (summed per row), or
         None; clears the record."""
-
-    def has_sampled_gradient(self) -> bool:
-        """True while sampled-row gradients wait for the optimizer."""
 
     def clear_sampled_gradient(self) -> None:
         """Forget the sampled-row gradients (``zero_grad``)."""

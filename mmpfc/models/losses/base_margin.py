@@ -256,9 +256,5 @@ class BaseMargin(nn.Module):
                 'already L2-normalized (normalize after the head instead, '
                 'or feed the raw features)', stacklevel=3)
 
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        self.__dict__.setdefault('_norms_checked', False)
-
     def extra_repr(self) -> str:
         return f's={self.s}'

@@ -90,11 +90,6 @@ class ElasticFaceLoss(BaseMargin):
         ascending = torch.sort(margins, stable=True)[0]
         return torch.empty_like(margins).index_copy_(0, order, ascending)
 
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        self.__dict__.setdefault('_seed_synced', False)
-        self.__dict__.setdefault('_row_margins', None)
-
     def row_margins(self, cos_t: torch.Tensor) -> torch.Tensor:
         """This step's margin of each row (``m`` before :meth:`prepare`, in
         eval mode, or for rows of another size)."""

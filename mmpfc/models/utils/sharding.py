@@ -88,14 +88,12 @@ def sharded_names(module: torch.nn.Module) -> List[str]:
     return [name for name, _ in named_sharded_tensors(module)]
 
 
-# DDP wrappers already found to ignore every sharded tensor of their module
-_SAFE_DDPS: 'weakref.WeakSet' = weakref.WeakSet()
 SHARD_SAFE_CONFIG = ("runner_type = 'mmpfc.PartialFCRunner'\n"
                      "model_wrapper_cfg = dict("
                      "type='mmpfc.PartialFCDistributedDataParallel')")
 
 
-def refuse_replicating_ddp() -> None:
+def refuse_replicating_ddp() -> bool:
     """Raise if the DDP running this forward replicates sharded tensors.
 
     Stock DDP (MMEngine's ``MMDistributedDataParallel`` included, which a
@@ -104,12 +102,16 @@ def refuse_replicating_ddp() -> None:
     step, and a stock ``Runner`` then saves rank 0's rows only. The wrapper
     is visible only while it runs the forward
     (``DistributedDataParallel._active_ddp_module``), so a sharded head calls
-    this from its loss; each wrapper is inspected once.
+    this from its loss until a wrapper was seen.
+
+    Returns:
+        True when a DDP wrapper runs the forward and ignores every sharded
+        tensor; False when no DDP wrapper runs it.
     """
     from torch.nn.parallel import DistributedDataParallel
     ddp = getattr(DistributedDataParallel, '_active_ddp_module', None)
-    if ddp is None or ddp in _SAFE_DDPS:
-        return
+    if ddp is None:
+        return False
     ignored = set(getattr(ddp, 'parameters_to_ignore', ()))
     replicated = [name for name in sharded_names(ddp.module)
                   if name not in ignored]
@@ -121,7 +123,7 @@ def refuse_replicating_ddp() -> None:
             "rank 0 and averages their gradients: every rank now trains rank "
             "0's rows, and a stock MMEngine Runner saves rank 0's only. Add "
             f'these two lines to the config:\n    {fix}')
-    _SAFE_DDPS.add(ddp)
+    return True
 
 
 def split_state(state: dict, num_local: int) -> Tuple[dict, dict]:
