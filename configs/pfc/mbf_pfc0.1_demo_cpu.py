@@ -1,4 +1,4 @@
-# CPU demo of Partial FC training on 2 processes (about two minutes on
+# CPU demo of Partial FC training on 2 processes (2 to 3 minutes on
 # 2 cores):
 #   bash tools/dist_train.sh configs/pfc/mbf_pfc0.1_demo_cpu.py 2
 # A reduced MobileFaceNet (width 64, one block per stage, 128-d) learns 1,000
