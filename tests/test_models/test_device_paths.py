@@ -214,7 +214,7 @@ def test_embedding_is_fp32_under_bf16_autocast(name):
 
 # ------------------------------------------- 4. sync-free paths of the head
 def test_bit_mask_round_trip():
-    from mmpfc.models.heads.fused_margin_softmax import pack_bits, unpack_bits
+    from mmpfc.models.heads.bit_mask import pack_bits, unpack_bits
     gen = torch.Generator().manual_seed(0)
     for width in (1, 7, 8, 13, 64):
         mask = torch.rand(5, width, generator=gen) < 0.3

@@ -14,6 +14,7 @@ from dist_utils import run_distributed
 import mmpfc  # noqa: F401
 from mmpfc.models.heads.fused_margin_softmax import chunk_rows, supports_fused
 from mmpfc.models.losses import CombinedMarginLoss
+from mmpfc.models.utils.chunks import CHUNK_BYTES
 
 NUM_CLASSES, DIM, BATCH = 37, 6, 5
 MARGINS = {
@@ -47,8 +48,12 @@ def run_head(margin_cls, margin, sample_rate, emb, labels, weight_init):
 
 
 def compare_worker(rank, world_size, sample_rate, chunk_bytes):
-    from mmpfc.models.heads import fused_margin_softmax as fused
-    fused.CHUNK_BYTES['cpu'] = chunk_bytes  # several chunks per shard
+    with pytest.MonkeyPatch.context() as patch:  # restored on return
+        patch.setitem(CHUNK_BYTES, 'cpu', chunk_bytes)  # several chunks
+        return compare_margins(rank, world_size, sample_rate)
+
+
+def compare_margins(rank, world_size, sample_rate):
     gen = torch.Generator().manual_seed(11)
     emb = torch.randn(world_size, BATCH, DIM, generator=gen,
                       dtype=torch.float64)
@@ -80,7 +85,6 @@ def test_fused_equals_plain(world_size, sample_rate, chunk_bytes):
 
 
 def test_chunk_rows_respects_budget():
-    from mmpfc.models.heads.fused_margin_softmax import CHUNK_BYTES
     rows = chunk_rows(10**6, 512, torch.device('cpu'))
     assert rows * 512 * 4 <= CHUNK_BYTES['cpu']
     assert chunk_rows(3, 512, torch.device('cpu')) == 3
@@ -191,7 +195,7 @@ def test_reused_buffer_changes_nothing(sample_rate, accumulate):
 
 
 def test_reused_buffer_is_recycled_only_when_nothing_views_it():
-    from mmpfc.models.heads.fused_margin_softmax import Workspace
+    from mmpfc.models.utils.workspace import Workspace
     space = Workspace()
     like = torch.zeros(1)
     first = space.take(12, like)
@@ -227,7 +231,7 @@ def test_copies_of_a_head_do_not_copy_its_buffer():
     import pickle
 
     from mmpfc.models.heads import PartialFCHead
-    from mmpfc.models.heads.fused_margin_softmax import Workspace
+    from mmpfc.models.utils.workspace import Workspace
     head = PartialFCHead(NUM_CLASSES, DIM, reuse_buffer=True)
     head.loss_by_labels(torch.randn(BATCH, DIM),
                         torch.arange(BATCH)).backward()
@@ -246,10 +250,9 @@ def test_copies_of_a_head_do_not_copy_its_buffer():
 
 def test_bit_mask_clamp_path_equals_the_plain_composition(monkeypatch):
     """The CUDA way of remembering clamped cosines, run on the CPU."""
-    from mmpfc.models.heads import fused_margin_softmax as fused
-    monkeypatch.setitem(fused.BIT_MASK_CLAMP, 'cpu', True)
-    monkeypatch.setitem(fused.CHUNK_BYTES, 'cpu', fused.CHUNK_BYTES['cpu'])
-    monkeypatch.setattr(fused, 'MASK_BLOCK', 8)  # masks in several blocks
+    from mmpfc.models.heads import bit_mask
+    monkeypatch.setitem(bit_mask.BIT_MASK_CLAMP, 'cpu', True)
+    monkeypatch.setattr(bit_mask, 'MASK_BLOCK', 8)  # masks in several blocks
     for sample_rate, chunk_bytes in ((1.0, 64), (0.5, 96)):
         results = compare_worker(0, 1, sample_rate, chunk_bytes)
         for name, (got, want) in results.items():

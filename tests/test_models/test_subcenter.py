@@ -152,13 +152,14 @@ def test_one_process_paths_match_dense_reference(rows, bit_mask,
     """Every margin path, one and several chunks, both orders of writing
     the (S, K*D) gradient over the (S, N) logits, a clamped class cosine
     (no gradient), with and without the bit mask of clamped positions."""
-    from mmpfc.models.heads import fused_margin_softmax as fused
-    monkeypatch.setitem(fused.BIT_MASK_CLAMP, 'cpu', bit_mask)
-    monkeypatch.setattr(fused, 'MASK_BLOCK', 16)
+    from mmpfc.models.heads import bit_mask as bits
+    from mmpfc.models.utils.chunks import CHUNK_BYTES
+    monkeypatch.setitem(bits.BIT_MASK_CLAMP, 'cpu', bit_mask)
+    monkeypatch.setattr(bits, 'MASK_BLOCK', 16)
     emb, labels = batch(7, rows)
     worst = 0.0
     for chunk_bytes in (2**20, 300):
-        monkeypatch.setitem(fused.CHUNK_BYTES, 'cpu', chunk_bytes)
+        monkeypatch.setitem(CHUNK_BYTES, 'cpu', chunk_bytes)
         for name in MARGINS:
             head = PartialFCHead(NUM_CLASSES, DIM, num_subcenters=K,
                                  loss=build_margin(name), seed=5).double()

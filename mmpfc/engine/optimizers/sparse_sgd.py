@@ -19,8 +19,7 @@ from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 
-# CHUNK_BYTES is re-exported: the budget the chunks below are cut to
-from mmpfc.models.utils.chunks import CHUNK_BYTES, rows_per_chunk  # noqa
+from mmpfc.models.utils.chunks import rows_per_chunk
 from mmpfc.models.utils.low_precision import is_compact
 
 from .center_state import RowState
@@ -64,8 +63,9 @@ def find_param_group(optimizer: torch.optim.Optimizer,
 
 def row_chunks(data: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor
                ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-    """(row indices, their gradient) in chunks of ``CHUNK_BYTES`` of
-    ``data``, so that temporaries stay small whatever the number of rows."""
+    """(row indices, their gradient) in chunks of ``data`` cut to
+    :data:`mmpfc.models.utils.chunks.CHUNK_BYTES`, so that temporaries stay
+    small whatever the number of rows."""
     # 16-bit rows are sized in fp32 bytes: the update works on fp32 copies
     size = rows_per_chunk(data[:1].numel() * max(4, data.element_size()),
                           data.device)

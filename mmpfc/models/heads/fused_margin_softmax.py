@@ -11,10 +11,12 @@ the same loss and gradients with:
   gradient ``dL/dw = g - |w|^-2 (g . w) w`` with ``g = G @ e_n``;
 * one logit buffer of ``S x N`` values (classes by rows, so that a chunk of
   centers is a block of rows), turned in place into cosine, logit, ``exp``
-  and, in backward, the gradient; it is freed as soon as backward is done;
-* sampled centers (``index`` given) gathered chunk by chunk
-  (``CHUNK_BYTES``) and never held whole; their gradient goes to a
-  :class:`SampledRows` record instead of a full-shard ``weight.grad``.
+  and, in backward, the gradient; it is freed as soon as backward is done
+  (or kept for the next step by a :class:`Workspace`);
+* sampled centers (``index`` given) gathered chunk by chunk (the budget of
+  :mod:`mmpfc.models.utils.chunks`) and never held whole; their gradient
+  goes to a :class:`SampledRows` record instead of a full-shard
+  ``weight.grad``.
 
 The margin (a :class:`~mmpfc.models.losses.BaseMargin`) sees the target
 cosine of every row of the global batch: the rank that holds a row's target
@@ -29,9 +31,7 @@ Nothing is read from the device on CUDA (no host-device synchronization):
 the targets are addressed with one (row, column) pair per column, columns
 whose target lives on another rank included (masked, never changed), and
 the positions whose cosine was clamped (outside [-1, 1] by rounding, no
-gradient) are kept as a bit mask of S x N bits. On the CPU, where a read
-costs nothing, one ``aminmax`` decides whether any position was clamped
-(:data:`BIT_MASK_CLAMP`).
+gradient) are kept as a bit mask of S x N bits (:mod:`.bit_mask`).
 
 Sub-centers (``num_subcenters=K > 1``, sub-center ArcFace): a row of
 ``weight`` holds the K sub-centers of one class side by side, (S, K*D). Per
@@ -40,125 +40,40 @@ buffer keeps their maximum (the class cosine, which the margin sees) and a
 uint8 (S, N) map keeps which sub-center gave it. Backward sends each class
 gradient to that sub-center only, removes its radial part with that
 sub-center's norm, and writes the (S, K*D) gradient into the same buffer
-(width ``max(N, K*D)``). K = 1 runs the code without any of this.
+(width ``max(N, K*D)``). K = 1 is the same backward with one sub-center
+(no map, nothing to route); its forward writes the cosines straight into
+the buffer.
+
+:class:`FusedMarginSoftmax` runs the step as the named stages of
+:class:`_Steps`, in order; what backward needs of forward travels in one
+:class:`_Saved`.
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional, Tuple
+from dataclasses import dataclass
+from typing import Iterator, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from mmpfc.utils.compat import storage_use_count
-
 from ..losses import BaseMargin, MarginBatch
-# CHUNK_BYTES is re-exported: the budget the chunks below are cut to
-from ..utils.chunks import CHUNK_BYTES, rows_per_chunk  # noqa: F401
+from ..utils.chunks import rows_per_chunk
 from ..utils.distributed import all_reduce_
+from ..utils.workspace import Workspace
+from .bit_mask import keeps_bit_mask, pack_clamped, zero_clamped
 from .sampled_gradients import SampledRows
 
+__all__ = ['FusedMarginSoftmax', 'MAX_SUBCENTERS', 'NORM_EPS',
+           'check_num_subcenters', 'check_subcenters', 'chunk_rows',
+           'fused_margin_softmax', 'supports_fused']
+
 NORM_EPS = 1e-12  # as F.normalize
-#: By device type: keep the clamped positions as a bit mask (True, the
-#: default: no device read) or find them with ``aminmax`` + ``nonzero``.
-BIT_MASK_CLAMP = {'cpu': False}
-#: Logits whose clamp mask is made or applied at a time (bounds the
-#: temporaries of the bit mask to a few bytes per element of a block).
-MASK_BLOCK = 2**22
-_BIT_WEIGHTS: dict = {}  # device -> (1, 2, 4, ..., 128) as uint8
 #: Sub-centers per class at most (the arg-max is kept as uint8).
 MAX_SUBCENTERS = 255
 
-
-def _bit_weights(device: torch.device) -> torch.Tensor:
-    weights = _BIT_WEIGHTS.get(device)
-    if weights is None:  # made on the device: no host-to-device copy
-        weights = torch.bitwise_left_shift(
-            torch.ones(8, dtype=torch.uint8, device=device),
-            torch.arange(8, dtype=torch.uint8, device=device))
-        _BIT_WEIGHTS[device] = weights
-    return weights
-
-
-def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """(R, N) bool -> (R, ceil(N / 8)) uint8; bit ``j % 8`` of byte
-    ``j // 8`` of a row is ``mask[row, j]``."""
-    rows, width = mask.shape
-    pad = (-width) % 8
-    if pad:
-        mask = torch.cat([mask, mask.new_zeros(rows, pad)], dim=1)
-    weights = _bit_weights(mask.device)
-    return (mask.view(rows, -1, 8).to(torch.uint8) * weights).sum(
-        dim=2, dtype=torch.uint8)
-
-
-def unpack_bits(bits: torch.Tensor, width: int) -> torch.Tensor:
-    """The (R, ``width``) bool mask that :func:`pack_bits` packed."""
-    weights = _bit_weights(bits.device)
-    mask = (bits.unsqueeze(2) & weights).ne(0)
-    return mask.view(bits.shape[0], -1)[:, :width]
-
-
-def _row_blocks(rows: int, width: int) -> Iterator[slice]:
-    step = max(1, MASK_BLOCK // max(1, width))
-    for start in range(0, rows, step):
-        yield slice(start, start + step)
-
-
-def pack_clamped(cos: torch.Tensor, bits: torch.Tensor,
-                 bound: float = 1.0) -> None:
-    """Write into ``bits`` where the (R, N) ``cos`` lies outside
-    [-bound, bound]."""
-    for rows in _row_blocks(cos.shape[0], cos.shape[1]):
-        block = cos[rows]
-        bits[rows] = pack_bits((block < -bound) | (block > bound))
-
-
-def zero_clamped(grad: torch.Tensor, bits: torch.Tensor) -> None:
-    """Zero the entries of the (R, N) ``grad`` that ``bits`` marks."""
-    width = grad.shape[1]
-    for rows in _row_blocks(grad.shape[0], width):
-        grad[rows].masked_fill_(unpack_bits(bits[rows], width), 0.0)
-
-
-class Workspace:
-    """The (S, max(N, D)) logit/gradient buffer, kept from step to step.
-
-    Without a caching allocator (the CPU), a fresh buffer of a shard's size
-    is mapped, page-faulted and zeroed by the kernel every step, and given
-    back when the optimizer drops the gradient that lives in it; at 1M
-    identities on 2 CPU ranks that costs more than the softmax itself (see
-    docs/benchmark.md). The buffer is handed out again only when no tensor
-    views it any more (the previous step's backward and optimizer update are
-    done), so gradient accumulation and kept references stay correct.
-    The peak is unchanged; between steps the buffer stays allocated.
-    """
-
-    def __init__(self) -> None:
-        self._flat: Optional[torch.Tensor] = None
-
-    def take(self, numel: int, like: torch.Tensor) -> torch.Tensor:
-        """A 1-D buffer of ``numel`` elements of ``like``'s dtype/device."""
-        if not self._reusable(numel, like):
-            self._flat = None  # an unused old buffer goes before the new one
-            self._flat = like.new_empty(numel)
-        return self._flat[:numel]
-
-    def _reusable(self, numel: int, like: torch.Tensor) -> bool:
-        flat = self._flat
-        return (flat is not None and flat.numel() >= numel
-                and flat.dtype == like.dtype and flat.device == like.device
-                and storage_use_count(flat) == 1)
-
-    # A copied or pickled head (e.g. an EMA copy) starts without a buffer.
-    def __deepcopy__(self, memo: dict) -> 'Workspace':
-        return Workspace()
-
-    def __getstate__(self) -> dict:
-        return {}
-
-    def __setstate__(self, state: dict) -> None:
-        self._flat = None
+#: (row, column) of every column's target in the (S, N) logits
+_Positions = Tuple[torch.Tensor, torch.Tensor]
 
 
 def supports_fused(margin: torch.nn.Module) -> bool:
@@ -174,19 +89,30 @@ def chunk_rows(num_rows: int, width: int, device: torch.device,
     return max(1, min(num_rows, rows_per_chunk(width * itemsize, device)))
 
 
+def check_num_subcenters(value: object) -> int:
+    """``value`` as K, or ValueError: an int in [1, :data:`MAX_SUBCENTERS`]
+    (the arg-max sub-center is kept as uint8)."""
+    if isinstance(value, bool) or not isinstance(value, int) or \
+            not 1 <= value <= MAX_SUBCENTERS:
+        raise ValueError(f'num_subcenters must be an int in [1, '
+                         f'{MAX_SUBCENTERS}], got {value!r}')
+    return value
+
+
+def check_subcenters(weight: torch.Tensor, emb: torch.Tensor,
+                     subs: int) -> None:
+    """A row of ``weight`` must hold ``subs`` centers of the embedding
+    size (a wrong width would otherwise be read as other sub-centers)."""
+    check_num_subcenters(subs)
+    if weight.dim() != 2 or weight.shape[1] != subs * emb.shape[1]:
+        raise ValueError(
+            f'centers of shape {tuple(weight.shape)} do not hold {subs} '
+            f'sub-center(s) of the embedding size {emb.shape[1]} per row')
+
+
 def _spans(total: int, size: int) -> Iterator[Tuple[int, int]]:
     for start in range(0, total, size):
         yield start, min(start + size, total)
-
-
-def _rows(weight: torch.Tensor, index: Optional[torch.Tensor], start: int,
-          stop: int, dtype: torch.dtype) -> torch.Tensor:
-    """Rows ``start:stop`` of the (sampled) centers, in ``dtype``."""
-    if index is None:
-        rows = weight[start:stop]
-    else:
-        rows = weight.index_select(0, index[start:stop])
-    return rows.to(dtype)
 
 
 class _TargetTerms:
@@ -235,6 +161,417 @@ class _TargetTerms:
         return None if grad is None else grad * factor
 
 
+class _Plan(NamedTuple):
+    """How a step is cut: S used rows of K sub-centers, N columns, and the
+    rows per chunk that keep a chunk's temporaries within the budget."""
+    total: int
+    num: int
+    subs: int
+    size: int
+    need_w: bool  # backward writes the centers' gradient into the buffer
+
+    @classmethod
+    def make(cls, emb: torch.Tensor, weight: torch.Tensor,
+             index: Optional[torch.Tensor], subs: int,
+             need_w: bool) -> '_Plan':
+        num = emb.shape[0]
+        total = weight.shape[0] if index is None else index.numel()
+        # a chunk of K-wide rows and its (chunk*K, N) cosines fit the budget
+        size = chunk_rows(total, subs * max(emb.shape[1], num), emb.device,
+                          emb.element_size())
+        return cls(total, num, subs, size, need_w)
+
+
+class _Routing(NamedTuple):
+    """Which logits get a gradient, and which sub-center it goes to."""
+    arg: Optional[torch.Tensor]  # (S, N) uint8 arg-max sub-center, K > 1
+    bits: Optional[torch.Tensor]  # clamped positions, one bit each
+    clamped: Optional[_Positions]  # clamped positions, found on the CPU
+
+
+class _Targets(NamedTuple):
+    """Each column's target: where it is and its (all-reduced) cosine."""
+    at: Optional[_Positions]  # row 0 where the target is on another rank
+    present: torch.Tensor  # (N,) the target is one of this rank's rows
+    cos: torch.Tensor  # (N,) the target cosine of every row
+
+
+class _MarginChanges(NamedTuple):
+    """What the margin changed in the logits, for backward."""
+    target: _TargetTerms
+    filtered: Optional[torch.Tensor]  # non-targets zeroed by the filter
+    slope: Optional[torch.Tensor]  # d logit / d cos, (S, N), if not 1
+
+
+@dataclass
+class _Saved:
+    """What backward needs of forward besides ``ctx.saved_tensors``."""
+    plan: _Plan
+    buffer: torch.Tensor  # the logits, then the centers' gradient
+    index: Optional[torch.Tensor]
+    record: Optional[SampledRows]
+    weight_dtype: torch.dtype
+    routing: _Routing
+    targets: _Targets
+    margin: _MarginChanges
+    scale: float
+    row_sum: torch.Tensor
+
+
+class _Steps:
+    """The stages of the fused step, in the order they run."""
+
+    # ---------------------------------------------------------- forward
+    @staticmethod
+    def unit_embeddings(
+            emb: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(N, D) unit rows and the (N,) norms they were divided by."""
+        emb_norm = torch.linalg.vector_norm(emb, dim=1).clamp_min_(NORM_EPS)
+        return emb / emb_norm[:, None], emb_norm
+
+    @staticmethod
+    def logit_buffer(plan: _Plan, emb: torch.Tensor, weight: torch.Tensor,
+                     workspace: Optional[Workspace]) -> torch.Tensor:
+        """The flat buffer of the (S, N) logits; backward writes the
+        (S, D) (or (S, K*D)) center gradient into the same memory."""
+        width = max(plan.num, weight.shape[1]) if plan.need_w else plan.num
+        numel = plan.total * width
+        if workspace is not None:
+            return workspace.take(numel, emb)
+        return emb.new_empty(numel)
+
+    @staticmethod
+    def gather_rows(weight: torch.Tensor, index: Optional[torch.Tensor],
+                    start: int, stop: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``start:stop`` of the (sampled) centers, in ``dtype``."""
+        if index is None:
+            rows = weight[start:stop]
+        else:
+            rows = weight.index_select(0, index[start:stop])
+        return rows.to(dtype)
+
+    @staticmethod
+    def cosines(plan: _Plan, buffer: torch.Tensor, weight: torch.Tensor,
+                index: Optional[torch.Tensor], emb_n: torch.Tensor,
+                bound: float
+                ) -> Tuple[torch.Tensor, torch.Tensor, _Routing]:
+        """The (S, N) class cosines, clamped to [-bound, bound], written
+        chunk by chunk into ``buffer``; the (S, K) center norms and where
+        backward sends each logit's gradient."""
+        total, num, device = plan.total, plan.num, emb_n.device
+        logits = buffer[:total * num].view(total, num)
+        w_norm = emb_n.new_empty(total, plan.subs)
+        arg = None if plan.subs == 1 else torch.empty(
+            (total, num), dtype=torch.uint8, device=device)
+        bits = None
+        if total and keeps_bit_mask(device):
+            bits = torch.empty((total, (num + 7) // 8), dtype=torch.uint8,
+                               device=device)
+        for start, stop in _spans(total, plan.size):
+            rows = _Steps.gather_rows(weight, index, start, stop,
+                                      emb_n.dtype)
+            cos = _Steps.chunk_cosines(
+                rows, emb_n, w_norm[start:stop], logits[start:stop],
+                None if arg is None else arg[start:stop])
+            if bits is not None:
+                pack_clamped(cos, bits[start:stop], bound)
+                cos.clamp_(-bound, bound)
+        clamped = None
+        if total and bits is None:
+            clamped = _Steps.clamp_and_find(logits, bound)
+        return logits, w_norm, _Routing(arg, bits, clamped)
+
+    @staticmethod
+    def chunk_cosines(rows: torch.Tensor, emb_n: torch.Tensor,
+                      w_norm: torch.Tensor, out: torch.Tensor,
+                      arg: Optional[torch.Tensor]) -> torch.Tensor:
+        """Class cosines of a chunk of rows into ``out`` (c, N), the
+        (c, K) center norms into ``w_norm``; with sub-centers the largest
+        of each class's K, whose position goes into ``arg``."""
+        if arg is not None:
+            return _Steps.max_subcenter_cosines(rows, emb_n, w_norm, out,
+                                                arg)
+        norm = w_norm[:, 0]
+        torch.linalg.vector_norm(rows, dim=1, out=norm)
+        cos = torch.mm(rows, emb_n.t(), out=out)
+        return cos.mul_(norm.clamp_min(NORM_EPS).reciprocal()[:, None])
+
+    @staticmethod
+    def max_subcenter_cosines(rows: torch.Tensor, emb_n: torch.Tensor,
+                              w_norm: torch.Tensor, out: torch.Tensor,
+                              arg: torch.Tensor) -> torch.Tensor:
+        """The largest of each class's K sub-center cosines, computed in a
+        (c*K, N) chunk-sized temporary."""
+        count, subs = w_norm.shape
+        sub = rows.reshape(count * subs, -1)
+        norm = torch.linalg.vector_norm(sub, dim=1)
+        w_norm.copy_(norm.view(count, subs))
+        cos = torch.mm(sub, emb_n.t())
+        cos.mul_(norm.clamp_min_(NORM_EPS).reciprocal_()[:, None])
+        best, which = cos.view(count, subs, -1).max(dim=1)
+        arg.copy_(which)
+        return out.copy_(best)
+
+    @staticmethod
+    def clamp_and_find(logits: torch.Tensor,
+                       bound: float) -> Optional[_Positions]:
+        """Clamp the cosines; the positions that were outside the bound,
+        or None (one device read: meant for the CPU)."""
+        clamped = None
+        low, high = torch.aminmax(logits)
+        if low < -bound or high > bound:
+            clamped = ((logits < -bound) | (logits > bound)).nonzero(
+                as_tuple=True)
+        logits.clamp_(-bound, bound)
+        return clamped
+
+    @staticmethod
+    def target_cosines(logits: torch.Tensor,
+                       labels: torch.Tensor) -> _Targets:
+        """Every row's target cosine, from the rank that holds it (one
+        all-reduce of N values): the margin sees the whole global batch."""
+        num = labels.shape[0]
+        present = labels >= 0
+        at = None
+        if logits.shape[0]:
+            at = (labels.clamp_min(0), torch.arange(num,
+                                                    device=labels.device))
+        cos_t = logits.new_zeros(num) if at is None else \
+            logits[at].masked_fill_(~present, 0.0)
+        all_reduce_(cos_t)
+        return _Targets(at, present, cos_t)
+
+    @staticmethod
+    def apply_margin(logits: torch.Tensor, margin: BaseMargin,
+                     targets: _Targets, emb_norm: torch.Tensor,
+                     size: int) -> _MarginChanges:
+        """Turn the cosines into scaled logits in place: the margin's
+        target logits, its filter and non-target change, times ``s``."""
+        norms = emb_norm if margin.uses_norms else None
+        margin.begin_step(MarginBatch(targets.cos, norms))
+        terms = _TargetTerms(margin, targets.cos, norms)
+        filtered = _Steps.filter_non_targets(
+            logits, margin.interclass_filtering_threshold, targets)
+        slope = None
+        if margin.modifies_non_target and logits.shape[0]:
+            slope = _Steps.non_target_slope(logits, margin, targets, size)
+        at = targets.at
+        if at is not None:
+            logits.index_put_(at, torch.where(targets.present, terms.logit,
+                                              logits[at]))
+        logits.mul_(margin.s)
+        return _MarginChanges(terms, filtered, slope)
+
+    @staticmethod
+    def filter_non_targets(logits: torch.Tensor, threshold: float,
+                           targets: _Targets) -> Optional[torch.Tensor]:
+        """Zero the non-target cosines above ``threshold`` (if > 0); the
+        mask of them, for backward."""
+        if threshold <= 0:
+            return None
+        filtered = logits > threshold
+        at = targets.at
+        if at is not None:  # the target column is never filtered
+            filtered.index_put_(at, filtered[at] & ~targets.present)
+        logits.masked_fill_(filtered, 0.0)
+        return filtered
+
+    @staticmethod
+    def non_target_slope(logits: torch.Tensor, margin: BaseMargin,
+                         targets: _Targets, size: int) -> torch.Tensor:
+        """Apply the margin's non-target change chunk by chunk and keep
+        d logit / d cos of every entry (1 at the targets, whose own slope
+        is the terms')."""
+        slope = torch.empty_like(logits)
+        for start, stop in _spans(logits.shape[0], size):
+            margin.apply_non_target_(logits[start:stop], targets.cos[None, :],
+                                     slope[start:stop])
+        at = targets.at
+        if at is not None:
+            slope.index_put_(at, torch.where(
+                targets.present, torch.ones_like(targets.cos), slope[at]))
+        return slope
+
+    @staticmethod
+    def log_sum_exp(logits: torch.Tensor, scale: float,
+                    terms: _TargetTerms) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Softmax over the columns of every rank (distributed max, then
+        sum of ``exp`` in place): the row sums and the mean loss."""
+        if logits.shape[0]:
+            row_max = logits.amax(dim=0)
+        else:
+            row_max = logits.new_full((logits.shape[1], ), -float('inf'))
+        all_reduce_(row_max, dist.ReduceOp.MAX)
+        row_sum = logits.sub_(row_max).exp_().sum(dim=0)
+        all_reduce_(row_sum)
+        row_loss = row_sum.log() + row_max - scale * terms.logit
+        if terms.extra is not None:
+            row_loss += terms.extra
+        return row_sum, row_loss.mean()
+
+    # --------------------------------------------------------- backward
+    @staticmethod
+    def logit_gradient(grad: torch.Tensor, saved: _Saved,
+                       factor: torch.Tensor) -> Optional[torch.Tensor]:
+        """Turn the ``exp`` values in place into d loss / d cos =
+        (p - onehot) * s * factor, times the target slope at the targets;
+        zero where nothing flows. Returns the target probabilities."""
+        at, scale = saved.targets.at, saved.scale
+        prob_t = None
+        if at is not None:
+            prob_t = grad[at] / saved.row_sum
+        grad.mul_((factor * scale) / saved.row_sum)
+        if at is not None:
+            grad_t = (prob_t - 1.0) * factor * scale * \
+                saved.margin.target.slope
+            grad.index_put_(at, torch.where(saved.targets.present, grad_t,
+                                            grad[at]))
+        if saved.margin.filtered is not None:
+            grad.masked_fill_(saved.margin.filtered, 0.0)
+        if saved.routing.clamped is not None:  # positions (CPU)
+            grad[saved.routing.clamped] = 0.0
+        return prob_t
+
+    @staticmethod
+    def center_gradients(
+        grad: torch.Tensor, saved: _Saved, emb_n: torch.Tensor,
+        w_norm: torch.Tensor, weight: torch.Tensor, need_e: bool
+    ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The (S, K*D) gradient of the used rows (written over the
+        logits) and the (N, D) gradient of the unit embeddings.
+
+        Block [a, b) of the gradient goes to elements [a*W, b*W) of the
+        buffer after every logit row it could overwrite is used: rows in
+        descending order when N <= W, ascending otherwise.
+        """
+        plan, width = saved.plan, weight.shape[1]
+        grad_w = None
+        if plan.need_w:
+            grad_w = saved.buffer[:plan.total * width].view(
+                plan.total, width)
+        grad_e = torch.zeros_like(emb_n) if need_e else None
+        inv_norm = w_norm.clamp_min(NORM_EPS).reciprocal_()
+        spans = list(_spans(plan.total, plan.size))
+        for start, stop in (reversed(spans) if plan.num <= width else spans):
+            rows = _Steps.gather_rows(weight, saved.index, start, stop,
+                                      emb_n.dtype)
+            _Steps.block_gradient(grad, rows, emb_n, inv_norm, w_norm, saved,
+                                  grad_w, grad_e, start, stop)
+        return grad_w, grad_e
+
+    @staticmethod
+    def block_gradient(grad: torch.Tensor, rows: torch.Tensor,
+                       emb_n: torch.Tensor, inv_norm: torch.Tensor,
+                       w_norm: torch.Tensor, saved: _Saved,
+                       grad_w: Optional[torch.Tensor],
+                       grad_e: Optional[torch.Tensor], start: int,
+                       stop: int) -> None:
+        """Backward of rows ``[start, stop)``: d loss / d cos of a class
+        goes to its arg-max sub-center only (with K = 1, its center)."""
+        count, subs = stop - start, inv_norm.shape[1]
+        routing, slope = saved.routing, saved.margin.slope
+        block = grad[start:stop]
+        if routing.bits is not None:  # clamped cosines: no gradient
+            zero_clamped(block, routing.bits[start:stop])
+        routed = _Steps.route_to_subcenters(
+            block, inv_norm[start:stop].reshape(-1),
+            None if slope is None else slope[start:stop],
+            None if routing.arg is None else routing.arg[start:stop])
+        sub = rows.reshape(count * subs, -1)
+        if grad_e is not None:
+            grad_e.addmm_(routed.t(), sub)
+        if grad_w is not None:
+            num, width = grad.shape[1], grad_w.shape[1]
+            # with K = 1 the product reads the block's logits in the buffer
+            overlap = routed is block and (max(start * num, start * width) <
+                                           min(stop * num, stop * width))
+            _Steps.tangential_gradient(
+                routed, sub, emb_n, inv_norm[start:stop].reshape(-1),
+                w_norm[start:stop].reshape(-1),
+                grad_w[start:stop].view(count * subs, -1), overlap)
+
+    @staticmethod
+    def route_to_subcenters(block: torch.Tensor, inv: torch.Tensor,
+                            slope: Optional[torch.Tensor],
+                            which: Optional[torch.Tensor]) -> torch.Tensor:
+        """d loss / d (w_k . e_n) of a (c, N) block, (c*K, N): times the
+        non-target slope, zero for every sub-center but the arg-max, over
+        that sub-center's norm ``1 / inv``. K = 1 (``which`` None): the
+        block itself, scaled in place (norm, then slope: the rounding of
+        the two products depends on their order)."""
+        if which is None:
+            block.mul_(inv[:, None])
+            return block if slope is None else block.mul_(slope)
+        if slope is not None:
+            block.mul_(slope)
+        count, subs = block.shape[0], inv.numel() // block.shape[0]
+        routed = block.new_zeros(count, subs, block.shape[1])
+        routed.scatter_(1, which.long().unsqueeze(1), block.unsqueeze(1))
+        return routed.view(count * subs, -1).mul_(inv[:, None])
+
+    @staticmethod
+    def tangential_gradient(routed: torch.Tensor, sub: torch.Tensor,
+                            emb_n: torch.Tensor, inv: torch.Tensor,
+                            norms: torch.Tensor, out: torch.Tensor,
+                            overlap: bool) -> None:
+        """``out`` = the (c*K, D) gradient of the raw sub-centers ``sub``:
+        ``routed @ e_n`` less its radial part (the centers are normalized),
+        each with its own norm. ``overlap``: ``routed`` shares memory with
+        ``out``, so the product goes through a temporary."""
+        grad = torch.mm(routed, emb_n) if overlap else torch.mm(
+            routed, emb_n, out=out)
+        coef = (grad * sub).sum(dim=1).mul_(inv * inv).neg_()
+        coef.masked_fill_(norms <= NORM_EPS, 0)
+        grad.addcmul_(sub, coef[:, None])
+        if overlap:
+            out.copy_(grad)
+
+    @staticmethod
+    def embedding_gradient(grad_e: torch.Tensor, emb_n: torch.Tensor,
+                           emb_norm: torch.Tensor,
+                           norm_grad: Optional[torch.Tensor]) -> torch.Tensor:
+        """d loss / d emb from that of the unit rows (radial part removed),
+        plus the margin's own d loss / d norm (``norm_grad``, masked to
+        the rows whose target this rank holds)."""
+        radial = (grad_e * emb_n).sum(dim=1, keepdim=True)
+        radial.masked_fill_(emb_norm[:, None] <= NORM_EPS, 0)
+        grad_emb = grad_e.sub_(radial * emb_n).div_(emb_norm[:, None])
+        if norm_grad is not None:
+            grad_emb.addcmul_(emb_n, norm_grad[:, None])
+        return grad_emb
+
+    @staticmethod
+    def norm_gradient(saved: _Saved, prob_t: Optional[torch.Tensor],
+                      emb_norm: torch.Tensor,
+                      factor: torch.Tensor) -> Optional[torch.Tensor]:
+        """The margin's d loss / d norm per row, counted on the rank that
+        holds the row's target (None when nothing depends on the norm)."""
+        targets = saved.targets
+        if targets.at is None:
+            return None
+        norm_grad = saved.margin.target.norm_gradient(
+            prob_t, saved.scale, factor)
+        if norm_grad is None:
+            return None
+        keep = targets.present & (emb_norm > NORM_EPS)
+        return torch.where(keep, norm_grad, torch.zeros_like(norm_grad))
+
+    @staticmethod
+    def deliver_center_gradient(
+            grad_w: Optional[torch.Tensor],
+            saved: _Saved) -> Optional[torch.Tensor]:
+        """``weight``'s gradient for autograd, or None when the rows'
+        gradient goes to the record instead (summed over steps)."""
+        record = saved.record
+        if record is None:
+            return None if grad_w is None else grad_w.to(saved.weight_dtype)
+        if grad_w is not None:
+            record.grad = grad_w if record.grad is None else \
+                record.grad.add_(grad_w)
+        return None
+
+
 class FusedMarginSoftmax(torch.autograd.Function):
     """Mean margin-softmax loss of (N, D) embeddings over sharded centers."""
 
@@ -245,288 +582,48 @@ class FusedMarginSoftmax(torch.autograd.Function):
                 record: Optional[SampledRows],
                 workspace: Optional[Workspace],
                 subs: int = 1) -> torch.Tensor:
-        num, dtype = emb.shape[0], emb.dtype
         check_subcenters(weight, emb, subs)
-        emb_norm = torch.linalg.vector_norm(emb, dim=1).clamp_min_(NORM_EPS)
-        emb_n = emb / emb_norm[:, None]
-        total = weight.shape[0] if index is None else index.numel()
-        # a chunk of K-wide rows and its (chunk*K, N) cosines fit the budget
-        size = chunk_rows(total, subs * max(emb.shape[1], num), emb.device,
-                          emb.element_size())
         # a record takes the rows' fp32 gradient (sampled rows, or every
         # row of a 16-bit shard); otherwise autograd's weight.grad does
         need_w = (record is not None or
                   (index is None and ctx.needs_input_grad[1]))
-        # logits transposed, (S, N): a chunk of centers is a block of rows.
-        # Backward writes the (S, D) (or (S, K*D)) center gradient into
-        # the same buffer.
-        width = max(num, weight.shape[1]) if need_w else num
-        buffer = (workspace.take(total * width, emb) if workspace is not None
-                  else emb.new_empty(total * width))
-        logits = buffer[:total * num].view(total, num)
-        # the norm of every used center (sub-center), (S,) or (S, K)
-        w_norm = emb.new_empty(total) if subs == 1 else emb.new_empty(
-            total, subs)
-        # with sub-centers: which one gave the class cosine, (S, N)
-        arg = None if subs == 1 else torch.empty(
-            (total, num), dtype=torch.uint8, device=emb.device)
-        # outside [-1, 1] by rounding only (or the margin's tighter
-        # bound): clamp, and no gradient there
-        bound = margin.cos_bound
-        bits = None
-        if total and BIT_MASK_CLAMP.get(emb.device.type, True):
-            bits = torch.empty((total, (num + 7) // 8), dtype=torch.uint8,
-                               device=emb.device)
-        for start, stop in _spans(total, size):
-            rows = _rows(weight, index, start, stop, dtype)
-            if subs == 1:
-                torch.linalg.vector_norm(rows, dim=1, out=w_norm[start:stop])
-                cos = torch.mm(rows, emb_n.t(), out=logits[start:stop])
-                cos.mul_(w_norm[start:stop].clamp_min(
-                    NORM_EPS).reciprocal()[:, None])
-            else:
-                cos = _max_subcenter_cosines(rows, emb_n, w_norm[start:stop],
-                                             logits[start:stop],
-                                             arg[start:stop])
-            if bits is not None:
-                pack_clamped(cos, bits[start:stop], bound)
-                cos.clamp_(-bound, bound)
-        clamped = None
-        if total and bits is None:
-            low, high = torch.aminmax(logits)
-            if low < -bound or high > bound:
-                clamped = ((logits < -bound) | (logits > bound)).nonzero(
-                    as_tuple=True)
-            logits.clamp_(-bound, bound)
-
-        # one (row, column) per column: its target's row, row 0 where the
-        # target is on another rank (read, but never changed)
-        has_target = labels >= 0
-        target = None
-        if total:
-            target = (labels.clamp_min(0),
-                      torch.arange(num, device=labels.device))
-        # every row's target cosine, from the rank that holds it (one
-        # all-reduce of N values): the margin sees the whole global batch
-        cos_t = emb.new_zeros(num) if target is None else \
-            logits[target].masked_fill_(~has_target, 0.0)
-        all_reduce_(cos_t)
-        norms = emb_norm if margin.uses_norms else None
-        margin.begin_step(MarginBatch(cos_t, norms))
-        terms = _TargetTerms(margin, cos_t, norms)
-        logit_t = terms.logit
-        filtered = None
-        if margin.interclass_filtering_threshold > 0:
-            filtered = logits > margin.interclass_filtering_threshold
-            if target is not None:  # the target column is never filtered
-                filtered.index_put_(target, filtered[target] & ~has_target)
-            logits.masked_fill_(filtered, 0.0)
-        non_target_slope = None
-        if margin.modifies_non_target and total:
-            # d logit / d cos of every non-target entry, for backward;
-            # the targets' own slope is the terms' (1 here: kept as is)
-            non_target_slope = torch.empty_like(logits)
-            for start, stop in _spans(total, size):
-                margin.apply_non_target_(logits[start:stop], cos_t[None, :],
-                                         non_target_slope[start:stop])
-            if target is not None:
-                non_target_slope.index_put_(target, torch.where(
-                    has_target, torch.ones_like(cos_t),
-                    non_target_slope[target]))
-        scale = margin.s
-        if target is not None:
-            logits.index_put_(target,
-                              torch.where(has_target, logit_t,
-                                          logits[target]))
-        logits.mul_(scale)
-
-        # softmax over the columns of every rank: max, exp, sum
-        row_max = logits.amax(dim=0) if total else emb.new_full(
-            (num, ), -float('inf'))
-        all_reduce_(row_max, dist.ReduceOp.MAX)
-        row_sum = logits.sub_(row_max).exp_().sum(dim=0)
-        all_reduce_(row_sum)
-        row_loss = row_sum.log() + row_max - scale * logit_t
-        if terms.extra is not None:
-            row_loss += terms.extra
-        loss = row_loss.mean()
-
-        ctx.buffer, ctx.clamped, ctx.filtered = buffer, clamped, filtered
-        ctx.bits, ctx.need_w, ctx.arg = bits, need_w, arg
-        ctx.non_target_slope = non_target_slope
-        ctx.target, ctx.has_target = target, has_target
-        ctx.terms, ctx.size, ctx.margin = terms, size, margin
-        ctx.row_sum, ctx.scale, ctx.index, ctx.record = (row_sum, scale,
-                                                         index, record)
-        ctx.weight_dtype = weight.dtype
+        plan = _Plan.make(emb, weight, index, subs, need_w)
+        emb_n, emb_norm = _Steps.unit_embeddings(emb)
+        buffer = _Steps.logit_buffer(plan, emb, weight, workspace)
+        logits, w_norm, routing = _Steps.cosines(plan, buffer, weight, index,
+                                                 emb_n, margin.cos_bound)
+        targets = _Steps.target_cosines(logits, labels)
+        changes = _Steps.apply_margin(logits, margin, targets, emb_norm,
+                                      plan.size)
+        row_sum, loss = _Steps.log_sum_exp(logits, margin.s, changes.target)
+        ctx.forward_state = _Saved(plan, buffer, index, record, weight.dtype,
+                                   routing, targets, changes, margin.s,
+                                   row_sum)
         ctx.save_for_backward(emb_n, emb_norm, w_norm, weight)
         return loss
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_loss: torch.Tensor):
+    def backward(ctx, grad_loss: torch.Tensor
+                 ) -> Tuple[Optional[torch.Tensor], ...]:
         emb_n, emb_norm, w_norm, weight = ctx.saved_tensors
-        index, record, target = ctx.index, ctx.record, ctx.target
-        (total, num), dim = (w_norm.shape[0], emb_n.shape[0]), emb_n.shape[1]
-        arg = ctx.arg
-        scale, buffer, need_w = ctx.scale, ctx.buffer, ctx.need_w
-        need_e = ctx.needs_input_grad[0]
-        grad = buffer[:total * num].view(total, num)
-        # d loss / d logit = (p - onehot) * grad_loss / N, p = exp / row_sum;
-        # through the margin: times s, and at the target times its slope
-        factor = grad_loss / num
-        if target is not None:
-            prob_t = grad[target] / ctx.row_sum
-        grad.mul_((factor * scale) / ctx.row_sum)
-        if target is not None:
-            grad_t = (prob_t - 1.0) * factor * scale * ctx.terms.slope
-            grad.index_put_(target, torch.where(ctx.has_target, grad_t,
-                                                grad[target]))
-        if ctx.filtered is not None:
-            grad.masked_fill_(ctx.filtered, 0.0)
-        if ctx.clamped is not None:  # positions (CPU), no device read
-            grad[ctx.clamped] = 0.0
-        bits = ctx.bits
-        inv_norm = w_norm.clamp_min(NORM_EPS).reciprocal_()
-        if arg is None:
-            grad.mul_(inv_norm[:, None])  # d loss / d (w . e_n)
-
-        # The (S, W) gradient (W = D, or K*D with sub-centers) overwrites
-        # the (S, N) logits in place: block [a, b) is written to elements
-        # [a*W, b*W), after every logit row it could overwrite is used
-        # (rows in descending order when N <= W, ascending otherwise); a
-        # block overlapping its own logits goes through a small temporary.
-        width = weight.shape[1]  # D, or K*D with sub-centers
-        grad_w = buffer[:total * width].view(total, width) if need_w \
-            else None
-        grad_e = torch.zeros_like(emb_n) if need_e else None
-        spans = list(_spans(total, ctx.size))
-        for start, stop in (reversed(spans) if num <= width else spans):
-            rows = _rows(weight, index, start, stop, emb_n.dtype)
-            if arg is not None:
-                _subcenter_backward_block(ctx, grad, rows, emb_n, inv_norm,
-                                          w_norm, arg, grad_w, grad_e, start,
-                                          stop)
-                continue
-            block = grad[start:stop]
-            if bits is not None:  # clamped cosines: no gradient
-                zero_clamped(block, bits[start:stop])
-            if ctx.non_target_slope is not None:
-                block.mul_(ctx.non_target_slope[start:stop])
-            if need_w:
-                overlap = (max(start * num, start * dim) <
-                           min(stop * num, stop * dim))
-                out = torch.mm(block, emb_n) if overlap else torch.mm(
-                    block, emb_n, out=grad_w[start:stop])
-            if need_e:
-                grad_e.addmm_(block.t(), rows)
-            if need_w:
-                # remove the radial part: the centers are normalized
-                inv = inv_norm[start:stop]
-                coef = (out * rows).sum(dim=1).mul_(inv * inv).neg_()
-                coef.masked_fill_(w_norm[start:stop] <= NORM_EPS, 0)
-                out.addcmul_(rows, coef[:, None])
-                if overlap:
-                    grad_w[start:stop] = out
-        ctx.buffer = ctx.filtered = ctx.record = ctx.bits = ctx.arg = None
-        ctx.non_target_slope = None
-        ctx.margin = None
-        grad_emb = None
-        if need_e:
-            radial = (grad_e * emb_n).sum(dim=1, keepdim=True)
-            radial.masked_fill_(emb_norm[:, None] <= NORM_EPS, 0)
-            grad_emb = grad_e.sub_(radial * emb_n).div_(emb_norm[:, None])
-            if target is not None:  # the radial part of a norm-based margin
-                norm_grad = ctx.terms.norm_gradient(prob_t, scale, factor)
-                if norm_grad is not None:
-                    # counted on the rank that holds the row's target
-                    keep = ctx.has_target & (emb_norm > NORM_EPS)
-                    grad_emb.addcmul_(emb_n, torch.where(
-                        keep, norm_grad, torch.zeros_like(norm_grad))[:,
-                                                                      None])
-        if record is None:
-            if grad_w is not None:
-                grad_w = grad_w.to(ctx.weight_dtype)
-            return grad_emb, grad_w, None, None, None, None, None, None
-        if grad_w is not None:
-            record.grad = grad_w if record.grad is None else \
-                record.grad.add_(grad_w)
-        return grad_emb, None, None, None, None, None, None, None
-
-
-def check_num_subcenters(value: object) -> int:
-    """``value`` as K, or ValueError: an int in [1, :data:`MAX_SUBCENTERS`]
-    (the arg-max sub-center is kept as uint8)."""
-    if isinstance(value, bool) or not isinstance(value, int) or \
-            not 1 <= value <= MAX_SUBCENTERS:
-        raise ValueError(f'num_subcenters must be an int in [1, '
-                         f'{MAX_SUBCENTERS}], got {value!r}')
-    return value
-
-
-def check_subcenters(weight: torch.Tensor, emb: torch.Tensor,
-                     subs: int) -> None:
-    """A row of ``weight`` must hold ``subs`` centers of the embedding
-    size (a wrong width would otherwise be read as other sub-centers)."""
-    check_num_subcenters(subs)
-    if weight.dim() != 2 or weight.shape[1] != subs * emb.shape[1]:
-        raise ValueError(
-            f'centers of shape {tuple(weight.shape)} do not hold {subs} '
-            f'sub-center(s) of the embedding size {emb.shape[1]} per row')
-
-
-def _max_subcenter_cosines(rows: torch.Tensor, emb_n: torch.Tensor,
-                           w_norm: torch.Tensor, out: torch.Tensor,
-                           arg: torch.Tensor) -> torch.Tensor:
-    """Class cosines of a chunk of (c, K*D) rows into ``out`` (c, N): the
-    largest of each class's K sub-center cosines; which one into ``arg``
-    (uint8) and the sub-center norms into ``w_norm`` (c, K)."""
-    count, subs = w_norm.shape
-    sub = rows.reshape(count * subs, -1)
-    norm = torch.linalg.vector_norm(sub, dim=1)
-    w_norm.copy_(norm.view(count, subs))
-    cos = torch.mm(sub, emb_n.t())  # (c*K, N): a chunk-sized temporary
-    cos.mul_(norm.clamp_min_(NORM_EPS).reciprocal_()[:, None])
-    best, which = cos.view(count, subs, -1).max(dim=1)
-    arg.copy_(which)
-    return out.copy_(best)
-
-
-def _subcenter_backward_block(ctx, grad: torch.Tensor, rows: torch.Tensor,
-                              emb_n: torch.Tensor, inv_norm: torch.Tensor,
-                              w_norm: torch.Tensor, arg: torch.Tensor,
-                              grad_w: Optional[torch.Tensor],
-                              grad_e: Optional[torch.Tensor], start: int,
-                              stop: int) -> None:
-    """Backward of rows ``[start, stop)`` with sub-centers: d loss / d cos
-    of a class (in ``grad``) goes to its arg-max sub-center only.
-
-    The block's logits are read into a (c*K, N) temporary before its
-    gradient is written over them; the chunk order of the caller keeps the
-    other blocks' logits intact.
-    """
-    count, subs = stop - start, inv_norm.shape[1]
-    block = grad[start:stop]
-    which = arg[start:stop].long()
-    if ctx.bits is not None:  # clamped cosines: no gradient
-        zero_clamped(block, ctx.bits[start:stop])
-    sub = rows.reshape(count * subs, -1)
-    inv = inv_norm[start:stop].reshape(-1)
-    if ctx.non_target_slope is not None:
-        block.mul_(ctx.non_target_slope[start:stop])
-    # d loss / d (w_k . e_n), zero for every sub-center but the arg-max
-    routed = block.new_zeros(count, subs, block.shape[1])
-    routed.scatter_(1, which.unsqueeze(1), block.unsqueeze(1))
-    routed = routed.view(count * subs, -1).mul_(inv[:, None])
-    if grad_e is not None:
-        grad_e.addmm_(routed.t(), sub)
-    if grad_w is not None:
-        out = torch.mm(routed, emb_n,
-                       out=grad_w[start:stop].view(count * subs, -1))
-        # remove the radial part of each sub-center, with its own norm
-        coef = (out * sub).sum(dim=1).mul_(inv * inv).neg_()
-        coef.masked_fill_(w_norm[start:stop].reshape(-1) <= NORM_EPS, 0)
-        out.addcmul_(sub, coef[:, None])
+        saved = ctx.forward_state
+        ctx.forward_state = None  # once: the buffer is rewritten
+        plan = saved.plan
+        grad = saved.buffer[:plan.total * plan.num].view(plan.total, plan.num)
+        factor = grad_loss / plan.num
+        prob_t = _Steps.logit_gradient(grad, saved, factor)
+        grad_w, grad_e = _Steps.center_gradients(grad, saved, emb_n, w_norm,
+                                                 weight,
+                                                 ctx.needs_input_grad[0])
+        grad_weight = _Steps.deliver_center_gradient(grad_w, saved)
+        if grad_e is None:
+            return None, grad_weight, None, None, None, None, None, None
+        norm_grad = _Steps.norm_gradient(saved, prob_t, emb_norm, factor)
+        del saved, grad, grad_w  # masks and slopes go before the last step
+        grad_emb = _Steps.embedding_gradient(grad_e, emb_n, emb_norm,
+                                             norm_grad)
+        return grad_emb, grad_weight, None, None, None, None, None, None
 
 
 def fused_margin_softmax(emb: torch.Tensor, weight: torch.Tensor,

@@ -21,10 +21,11 @@ from ..utils.low_precision import (check_representable, dtype_name, is_compact,
                                    parse_center_dtype, parse_center_rounding,
                                    stochastic_round)
 from ..utils.rank_generator import RankGenerator
+from ..utils.workspace import Workspace
 from .base_margin_head import BaseMarginHead, build_margin_loss
 from .center_sampler import CenterSampler
-from .fused_margin_softmax import (MAX_SUBCENTERS, Workspace,
-                                   fused_margin_softmax, supports_fused)
+from .fused_margin_softmax import (MAX_SUBCENTERS, fused_margin_softmax,
+                                   supports_fused)
 from .sampled_gradients import SampledGradients, SampledRows
 
 __all__ = ['PartialFCHead', 'build_margin_loss']
@@ -103,7 +104,7 @@ class PartialFCHead(BaseMarginHead):
         seed: Base seed of the center sampler; rank r uses ``seed + r``.
             Defaults to ``torch.initial_seed()`` at construction.
         reuse_buffer: Keep the fused (S, max(N, D)) logit/gradient buffer
-            from step to step (:class:`.fused_margin_softmax.Workspace`).
+            from step to step (:class:`..utils.workspace.Workspace`).
             None: on the CPU only, where every fresh buffer is page-faulted
             by the kernel; CUDA's caching allocator already recycles it, and
             freeing it there leaves the memory to the backbone's next
