@@ -6,6 +6,10 @@ import importlib.util
 import logging
 import os.path as osp
 from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mmpfc.benchmark.speed.rows import BenchmarkRecord
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -43,14 +47,30 @@ class LogRecords(logging.Handler):
         MMLogger.get_current_instance().removeHandler(self)
 
 
-def benchmark_record(label: str, step: float, peak: float,
-                     classes: int = 10**6) -> dict:
+def benchmark_record(method: str, step: float, peak: float,
+                     classes: int = 10**6, storage: str = 'fp32',
+                     margin: str = 'arcface') -> BenchmarkRecord:
     """A head-only benchmark row of ``classes`` identities on 2 ranks as
-    the report merges it: one run of ``step`` s and ``peak`` MB."""
-    from mmpfc.benchmark.report import merge_runs
-    run = dict(step_s=step, phases_s=dict(head=step), peak_mb=peak,
-               steady_mb=peak, phase_peak_mb={}, loss=1.0, device='cpu',
-               num_local=classes // 2, rows_per_step=1)
-    return merge_runs(dict(label=label, num_classes=classes, world_size=2,
-                           batch_size=128, embedding_size=512, backbone=None,
-                           predicted_mb=peak), [run])
+    the report merges it: one run of ``step`` s and ``peak`` MB.
+    ``method`` (``'mp'``, ``'pfc0.1'``), ``storage`` (``'bf16/int8'``) and
+    ``margin`` (``'curricularface'``, ``'subcenter3'``) build the row as
+    the benchmark does."""
+    from mmpfc.benchmark.head_methods import parse_method
+    from mmpfc.benchmark.margins import parse_margin
+    from mmpfc.benchmark.speed.report import merge_runs
+    from mmpfc.benchmark.speed.rows import (BenchmarkRow, LaunchSummary,
+                                            parse_storage, row_label)
+    from mmpfc.benchmark.speed.runner import margin_fields
+    head, spec = parse_method(method), parse_margin(margin)
+    center, state = parse_storage(storage)
+    row = BenchmarkRow(
+        label=row_label(head.label, center, state, spec.label),
+        method=head.method, sample_rate=head.sample_rate,
+        num_classes=classes, center_dtype=center, state_dtype=state,
+        world_size=2, batch_size=128, embedding_size=512, backbone=None,
+        predicted_mb=peak, **margin_fields(spec))
+    run = LaunchSummary(step_s=step, phases_s=dict(head=step), peak_mb=peak,
+                        steady_mb=peak, reserved_peak_mb=None,
+                        phase_peak_mb={}, loss=1.0, device='cpu',
+                        num_local=classes // 2, rows_per_step=1)
+    return merge_runs(row, [run])

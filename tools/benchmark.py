@@ -55,18 +55,20 @@ import time
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
+from mmpfc.benchmark.head_methods import parse_method
 from mmpfc.benchmark.margins import MARGIN_NAMES, parse_margins
-from mmpfc.benchmark.report import (MARGIN_ROWS, markdown, plot, ratio_checks,
-                                    verdict, write_json)
-from mmpfc.benchmark.runner import (FP32_STORAGE, BenchmarkConfig, config_dict,
-                                    dtype_name, parse_count, parse_method,
-                                    parse_storage, run_benchmark)
+from mmpfc.benchmark.speed.ratios import RATIO_MARGINS, ratio_checks, verdict
+from mmpfc.benchmark.speed.report import markdown, plot, write_json
+from mmpfc.benchmark.speed.rows import (FP32_STORAGE, canonical_dtype,
+                                        parse_storage)
+from mmpfc.benchmark.speed.runner import (BenchmarkConfig, config_dict,
+                                          parse_count, run_benchmark)
 from mmpfc.utils.spawn import load_average
 
 
 def _dtype_arg(text: str) -> str:
     try:
-        return dtype_name(text)
+        return canonical_dtype(text)
     except ValueError as err:  # argparse shows this message, not its own
         raise argparse.ArgumentTypeError(str(err)) from None
 
@@ -174,9 +176,9 @@ def storages(args: argparse.Namespace) -> list:
 TARGET_LIMITS = {'time': 1 / 6, 'memory': 0.55, 'shard': 2.2, 'gemm': 1.5,
                  'shard_bf16_bf16': 1.25, 'shard_bf16_int8': 1.0,
                  'time_bf16_bf16': 1.3, 'time_bf16_int8': 1.3,
-                 **{f'time_{m}': 1.25 for m in (*MARGIN_ROWS, 'subcenter')},
+                 **{f'time_{m}': 1.25 for m in (*RATIO_MARGINS, 'subcenter')},
                  **{f'memory_{m}': 1.05
-                    for m in (*MARGIN_ROWS, 'subcenter')}}
+                    for m in (*RATIO_MARGINS, 'subcenter')}}
 TARGET_MIN_CLASSES = 1_000_000
 
 
@@ -234,13 +236,12 @@ def main(argv=None) -> int:
     plots = plot(records, osp.join(args.out_dir, ''))
     print('\n' + table + '\n')
     for chk in checks:
-        print(f"target {chk['target']} at {chk['num_classes']:,}: "
-              f"{chk['value']:.3f} (limit {chk['limit']:.3f}) "
-              f'{verdict(chk)}')
+        print(f'target {chk.target} at {chk.num_classes:,}: '
+              f'{chk.value:.3f} (limit {chk.limit:.3f}) {verdict(chk)}')
     print(f"{info['seconds']:.0f} s; wrote {args.out_dir}/benchmark.md, "
           f"benchmark.json, {', '.join(osp.basename(p) for p in plots)}; "
           f"load average {info['load_average_end']}")
-    if args.check_targets and any(c['passed'] is False for c in checks):
+    if args.check_targets and any(c.passed is False for c in checks):
         return 1
     return 0
 

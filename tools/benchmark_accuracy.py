@@ -208,8 +208,8 @@ def main(argv=None) -> int:
     print(f'\n{table}\n\n{verdict}')
     print(f'{wall:.0f} s; wrote {args.out_dir}/accuracy.md and '
           f'accuracy.json; load average {info["load_average_end"]}')
-    if args.check and not (check and check['passed'] and all(
-            c['passed'] for c in storage_checks)):
+    if args.check and not (check and check.passed and all(
+            c.passed for c in storage_checks)):
         return 1
     return 0
 

@@ -157,63 +157,105 @@ def check_fit(cfg: Config, gpus: int, gpu_memory: Optional[int] = None,
     device = gpu_by_name(gpu)
     budget = device.memory if gpu_memory is None else gpu_memory
     batch = int((cfg.get('train_dataloader') or {}).get('batch_size', 128))
+    setup, figures = _measure_model(cfg, gpus, config_name)
+    estimate = predict(figures, setup, gpus, batch_size=batch)
+    fit = _what_fits(figures, setup, gpus, batch, budget)
+    speed = _estimate_speed(cfg, setup, gpus, batch, device) if timing \
+        else _SpeedEstimate()
+    total = speed.times.get('total')
+    return FitReport(
+        config=config_name, gpus=gpus, gpu_memory=budget, batch_size=batch,
+        peak_bytes=estimate.peak, fits=estimate.peak <= budget,
+        parts=dict(estimate.parts), max_num_classes=fit.max_num_classes,
+        max_batch_size=fit.max_batch_size, num_classes=setup.num_classes,
+        sample_rate=setup.kwargs.get('sample_rate'),
+        fitting_sample_rate=fit.sample_rate, fitting_storage=fit.storage,
+        gpu=device.name, step_seconds=speed.times,
+        samples_per_second=gpus * batch / total if total else 0.0,
+        head_share=speed.head_share, pfc_over_mp=speed.pfc_over_mp,
+        timing_note=speed.note)
+
+
+def _measure_model(cfg: Config, gpus: int,
+                   config_name: str) -> Tuple[HeadSetup, ModelFigures]:
+    """The head's setup and the rest of the model's figures, a registry
+    or constructor error turned into a ``ValueError`` naming the config."""
     try:
-        setup = head_setup(cfg, gpus)
-        figures = model_figures(dict(cfg.model, head=None))
+        return head_setup(cfg, gpus), model_figures(dict(cfg.model,
+                                                         head=None))
     except ValueError:
         raise
     except Exception as err:  # a registry or constructor error
         raise ValueError(f'the model of {config_name or "the config"} '
                          f'cannot be built: {type(err).__name__}: {err}'
                          ) from err
-    estimate = predict(figures, setup, gpus, batch_size=batch)
 
+
+@dataclass(frozen=True)
+class _Fit:
+    """The most identities and the largest batch that fit; for a sampled
+    head that does not, a smaller sample rate or a storage that would."""
+    max_num_classes: int
+    max_batch_size: int
+    sample_rate: Optional[float] = None
+    storage: Optional[Tuple[str, str]] = None
+
+
+def _what_fits(figures: ModelFigures, setup: HeadSetup, gpus: int,
+               batch: int, budget: int) -> _Fit:
     def fits(**changes) -> bool:
         return predict(figures, setup, gpus, **dict(
             dict(batch_size=batch), **changes)).peak <= budget
 
     max_classes = largest_fitting(lambda c: fits(num_classes=c))
     max_batch = largest_fitting(lambda b: fits(batch_size=b))
-    rate = storage = None
-    if setup.sampled and estimate.peak > budget:
-        current = setup.kwargs['sample_rate']
-        rate = next((r for r in SAMPLE_RATES
-                     if r < current and fits(sample_rate=r)), None)
-        storage = next((s for s in STORAGES if fits(
-            center_dtype=s[0], state_dtype=s[1])), None)
-    times, share, ratio, note = {}, 0.0, None, ''
-    if timing:
-        try:
-            times = _timed(cfg, gpus, batch, device)
-        except DynamicOutputShapeException as err:
-            note = (f'no step-time estimate: {err.func} makes a tensor '
-                    'whose size depends on values, which a virtual GPU '
-                    'does not have (the sampler of a small shard, where '
-                    'num_classes * sample_rate / gpus <= the global batch)')
-            timing = False
-    if timing:
-        no_head = _timed(_with_head(cfg, num_classes=gpus, sample_rate=1.0)
-                         if setup.sampled else cfg, gpus, batch, device)
-        share = max(0.0, 1 - no_head['total'] / times['total'])
-        if setup.sampled:
-            def at_rate(rate: float) -> Dict[str, float]:
-                # the config's own step when it already samples at ``rate``
-                if setup.kwargs['sample_rate'] == rate:
-                    return times
-                return _timed(_with_head(cfg, sample_rate=rate), gpus,
-                              batch, device)
-            ratio = at_rate(1.0)['total'] / at_rate(0.1)['total']
-    total = times.get('total')
-    return FitReport(
-        config=config_name, gpus=gpus, gpu_memory=budget, batch_size=batch,
-        peak_bytes=estimate.peak, fits=estimate.peak <= budget,
-        parts=dict(estimate.parts), max_num_classes=max_classes,
-        max_batch_size=max_batch, num_classes=setup.num_classes,
-        sample_rate=setup.kwargs.get('sample_rate'),
-        fitting_sample_rate=rate, fitting_storage=storage, gpu=device.name,
-        step_seconds=times,
-        samples_per_second=gpus * batch / total if total else 0.0,
-        head_share=share, pfc_over_mp=ratio, timing_note=note)
+    if not setup.sampled or fits():
+        return _Fit(max_classes, max_batch)
+    current = setup.kwargs['sample_rate']
+    rate = next((r for r in SAMPLE_RATES
+                 if r < current and fits(sample_rate=r)), None)
+    storage = next((s for s in STORAGES if fits(
+        center_dtype=s[0], state_dtype=s[1])), None)
+    return _Fit(max_classes, max_batch, rate, storage)
+
+
+@dataclass(frozen=True)
+class _SpeedEstimate:
+    """Seconds per phase of a step, the head's share of it, the PFC0.1 /
+    MP speed ratio of a sampled head, or why there is no estimate."""
+    times: Dict[str, float] = field(default_factory=dict)
+    head_share: float = 0.0
+    pfc_over_mp: Optional[float] = None
+    note: str = ''
+
+
+def _estimate_speed(cfg: Config, setup: HeadSetup, gpus: int, batch: int,
+                    device: GPU) -> _SpeedEstimate:
+    """One virtual step of the config, one without its head (a one-class
+    head) and, for a sampled head, one at sample rate 1.0 and 0.1 (the
+    config's own step where it already samples at that rate)."""
+    try:
+        times = _timed(cfg, gpus, batch, device)
+    except DynamicOutputShapeException as err:
+        return _SpeedEstimate(note=(
+            f'no step-time estimate: {err.func} makes a tensor '
+            'whose size depends on values, which a virtual GPU '
+            'does not have (the sampler of a small shard, where '
+            'num_classes * sample_rate / gpus <= the global batch)'))
+    no_head = _timed(_with_head(cfg, num_classes=gpus, sample_rate=1.0)
+                     if setup.sampled else cfg, gpus, batch, device)
+    share = max(0.0, 1 - no_head['total'] / times['total'])
+    if not setup.sampled:
+        return _SpeedEstimate(times, share)
+
+    def at_rate(rate: float) -> Dict[str, float]:
+        if setup.kwargs['sample_rate'] == rate:
+            return times
+        return _timed(_with_head(cfg, sample_rate=rate), gpus, batch,
+                      device)
+
+    ratio = at_rate(1.0)['total'] / at_rate(0.1)['total']
+    return _SpeedEstimate(times, share, ratio)
 
 
 def describe(report: FitReport) -> str:

@@ -169,6 +169,34 @@ def head_memory(method: str, num_classes: int, world_size: int,
             keeps for backward are counted.
         num_subcenters: K, the centers per identity of the sharded head.
     """
+    _check_head_options(center_dtype, state_dtype, optimizer, momentum,
+                        num_subcenters)
+    compact = (center_dtype, state_dtype) != ('float32', 'float32')
+    if method == 'dp':
+        if compact or optimizer != 'sgd' or non_target_margin or \
+                num_subcenters != 1:
+            raise ValueError("method 'dp' is modelled with fp32 storage, "
+                             'SGD and ArcFace only; compact storage, Adam, '
+                             'non-target margins and sub-centers are for '
+                             "the sharded head ('pfc')")
+        return _replicated_head(num_classes, embedding_size, batch_size,
+                                momentum)
+    if method != 'pfc':
+        raise ValueError(f"method must be 'dp' or 'pfc', got {method!r}")
+    if sample_rate >= 1.0 and not compact and optimizer == 'adam':
+        raise ValueError('model parallel with fp32 storage steps the shard '
+                         "with torch.optim.Adam, whose temporaries are not "
+                         "modelled; use optimizer='sgd' or compact storage")
+    return _sharded_head(num_classes, world_size, embedding_size, batch_size,
+                         sample_rate, momentum, weight_decay, center_dtype,
+                         state_dtype, optimizer, non_target_margin,
+                         num_subcenters)
+
+
+def _check_head_options(center_dtype: str, state_dtype: str, optimizer: str,
+                        momentum: bool, num_subcenters: int) -> None:
+    """Refuse a storage, optimizer or sub-center count the head cannot
+    have, naming it."""
     check_dtypes(center_dtype, state_dtype)
     if not isinstance(num_subcenters, int) or num_subcenters < 1:
         raise ValueError(f'num_subcenters must be an int >= 1, got '
@@ -179,31 +207,31 @@ def head_memory(method: str, num_classes: int, world_size: int,
     if optimizer == 'adam' and not momentum:
         raise ValueError("optimizer='adam' always keeps state: momentum=False "
                          'means plain SGD')
-    compact = (center_dtype, state_dtype) != ('float32', 'float32')
+
+
+def _replicated_head(num_classes: int, embedding_size: int, batch_size: int,
+                     momentum: bool) -> Dict[str, int]:
+    """Data parallel: every rank holds all C centers (fp32, SGD)."""
+    centers = num_classes * embedding_size * FP32
+    return dict(centers=centers, momentum=centers * momentum,
+                center_grads=4 * centers,
+                logits=4 * batch_size * num_classes * FP32,
+                embeddings=4 * batch_size * embedding_size * FP32)
+
+
+def _sharded_head(num_classes: int, world_size: int, embedding_size: int,
+                  batch_size: int, sample_rate: float, momentum: bool,
+                  weight_decay: bool, center_dtype: str, state_dtype: str,
+                  optimizer: str, non_target_margin: bool,
+                  num_subcenters: int) -> Dict[str, int]:
+    """Model parallel and Partial FC: a shard of the centers, its states
+    and the buffer of the rows a step uses."""
     dim, num = embedding_size, world_size * batch_size
-    if method == 'dp':
-        if compact or optimizer != 'sgd' or non_target_margin or \
-                num_subcenters != 1:
-            raise ValueError("method 'dp' is modelled with fp32 storage, "
-                             'SGD and ArcFace only; compact storage, Adam, '
-                             'non-target margins and sub-centers are for '
-                             "the sharded head ('pfc')")
-        centers = num_classes * dim * FP32
-        return dict(centers=centers, momentum=centers * momentum,
-                    center_grads=4 * centers,
-                    logits=4 * batch_size * num_classes * FP32,
-                    embeddings=4 * batch_size * dim * FP32)
-    if method != 'pfc':
-        raise ValueError(f"method must be 'dp' or 'pfc', got {method!r}")
-    dense = sample_rate >= 1.0 and not compact
-    if dense and optimizer == 'adam':
-        raise ValueError('model parallel with fp32 storage steps the shard '
-                         "with torch.optim.Adam, whose temporaries are not "
-                         "modelled; use optimizer='sgd' or compact storage")
+    dense = sample_rate >= 1.0 and (center_dtype, state_dtype) == (
+        'float32', 'float32')
     local = shard_rows(num_classes, world_size)
     rows = sampled_rows(num_classes, world_size, sample_rate, batch_size)
-    subs = num_subcenters
-    width = subs * dim  # values per row of the shard
+    width = num_subcenters * dim  # values per row of the shard
     parts = dict(centers=local * width * CENTER_BYTES[center_dtype])
     state = state_bytes(local, width, state_dtype)
     if optimizer == 'sgd':
@@ -212,7 +240,7 @@ def head_memory(method: str, num_classes: int, world_size: int,
         parts.update(exp_avg=state, exp_avg_sq=state, row_step=8 * local)
     parts.update(logits_and_grad=rows * max(num, width) * FP32,
                  embeddings=4 * num * dim * FP32)
-    if subs > 1:
+    if num_subcenters > 1:
         parts['subcenter_argmax'] = rows * num
     if sample_rate < 1.0:
         parts['sampling'] = local * FP32 + 12 * rows

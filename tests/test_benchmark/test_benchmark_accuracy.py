@@ -2,13 +2,15 @@
 run of the command line (tiny sizes, 2 gloo ranks)."""
 import json
 import re
+from dataclasses import replace
 
 import pytest
 import torch
 from helpers import load_tool
 
-from mmpfc.benchmark.accuracy import (AccuracyConfig, SyntheticIdentityDataset,
-                                      build_pairs, check_line, check_methods,
+from mmpfc.benchmark.accuracy import (AccuracyConfig, AccuracyRecord,
+                                      SyntheticIdentityDataset, build_pairs,
+                                      check_line, check_methods,
                                       compact_storage_labels, held_out,
                                       markdown, paired_difference,
                                       parse_methods, summarize)
@@ -175,29 +177,34 @@ def test_loss_over_all_centers_ignores_sampling():
 
 
 # ---------------------------------------------------------------- report
-def _record(label, seed, accuracy, loss=1.0):
-    return dict(label=label, seed=seed, accuracy=accuracy, train_loss=loss,
-                full_loss=loss + 1, run_s=10.0)
+def _record(label, seed, accuracy, loss=1.0, name='', head=None,
+            optim=None):
+    return AccuracyRecord(
+        label=label, train_loss=loss, full_loss=loss + 1, first_loss=loss,
+        loss_curve=[loss], train_s=8.0, accuracy=accuracy, fold_std=0.0,
+        threshold=0.5, eval_s=2.0, seed=seed, name=name, head=head or {},
+        optim_wrapper=optim or {}, launch_s=12.0, train_s_ranks=[8.0],
+        run_s=10.0)
 
 
 def test_summary_table_and_check():
     records = [_record('MP', 0, 0.90, 2.0), _record('PFC0.1', 0, 0.896),
                _record('MP', 1, 0.92, 4.0), _record('PFC0.1', 1, 0.910)]
     mp, pfc = summarize(records)
-    assert mp['accuracy'] == pytest.approx(0.91)
-    assert mp['accuracy_std'] == pytest.approx(0.0141421, rel=1e-4)
-    assert mp['train_loss'] == 3.0 and mp['seeds'] == [0, 1]
+    assert mp.accuracy == pytest.approx(0.91)
+    assert mp.accuracy_std == pytest.approx(0.0141421, rel=1e-4)
+    assert mp.train_loss == 3.0 and mp.seeds == [0, 1]
     table = markdown([mp, pfc]).splitlines()
     assert table[0].startswith('| method | verification accuracy % |')
     assert table[2] == ('| MP | 91.00 +- 1.41 | 3.000 +- 1.414 | '
                         '4.000 +- 1.414 | 10 |')
     check = paired_difference(records, 'PFC0.1', 'MP', 0.5)
-    assert check['difference_points'] == pytest.approx(-0.7)
-    assert not check['passed']
+    assert check.difference_points == pytest.approx(-0.7)
+    assert not check.passed
     assert check_line(check) == ('PFC0.1 within 0.5 points of model '
                                  'parallel: FAIL (difference -0.70)')
-    close = [dict(r, accuracy=r['accuracy'] + 0.004)
-             if r['label'] == 'PFC0.1' else r for r in records]
+    close = [replace(r, accuracy=r.accuracy + 0.004)
+             if r.label == 'PFC0.1' else r for r in records]
     assert check_line(paired_difference(
         close, 'PFC0.1', 'MP', 0.5)).endswith('PASS (difference -0.30)')
     assert 'not checked' in check_line(
@@ -209,8 +216,7 @@ def test_compact_rows_are_checked_against_fp32_pfc():
     with fp32 PFC0.1, at their own tolerance; a round-to-nearest row and
     other methods are not."""
     def run(label, name, head=None, optim=None, acc=0.9):
-        return dict(_record(label, 0, acc), name=name, head=head or {},
-                    optim_wrapper=optim or {})
+        return _record(label, 0, acc, name=name, head=head, optim=optim)
     records = [
         run('PFC0.1', 'pfc0.1', acc=0.900),
         run('bf16', 'pfc0.1', dict(center_dtype='bfloat16'), acc=0.898),
@@ -221,10 +227,10 @@ def test_compact_rows_are_checked_against_fp32_pfc():
         run('MP bf16', 'mp', dict(center_dtype='bfloat16'))]
     assert compact_storage_labels(records) == ['bf16', 'int8']
     check = paired_difference(records, 'bf16', 'PFC0.1', 0.3)
-    assert check['passed'] and check['tolerance'] == 0.3
+    assert check.passed and check.tolerance == 0.3
     assert check_line(check, 'fp32 PFC0.1') == (
         'bf16 within 0.3 points of fp32 PFC0.1: PASS (difference -0.20)')
-    assert not paired_difference(records, 'int8', 'PFC0.1', 0.3)['passed']
+    assert not paired_difference(records, 'int8', 'PFC0.1', 0.3).passed
 
 
 # ------------------------------------------------------------- smoke run

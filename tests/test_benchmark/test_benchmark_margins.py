@@ -3,18 +3,21 @@ margin ratio checks. No process is started here (the worker's heads are
 built in this process, tiny)."""
 import os.path as osp
 import re
+from dataclasses import replace
 
 import pytest
 import torch
 from helpers import ROOT, benchmark_record, load_tool
 
 from mmpfc.benchmark import margins as margins_mod
-from mmpfc.benchmark import runner as runner_mod
-from mmpfc.benchmark import worker
 from mmpfc.benchmark.margins import NORM_RANGE, parse_margin, parse_margins
-from mmpfc.benchmark.report import markdown, ratio_checks
-from mmpfc.benchmark.runner import (BenchmarkConfig, make_rows, row_label,
-                                    run_benchmark)
+from mmpfc.benchmark.speed import runner as runner_mod
+from mmpfc.benchmark.speed import worker
+from mmpfc.benchmark.speed.ratios import ratio_checks
+from mmpfc.benchmark.speed.report import markdown
+from mmpfc.benchmark.speed.rows import BenchmarkRow, row_label
+from mmpfc.benchmark.speed.runner import (BenchmarkConfig, make_rows,
+                                          run_benchmark)
 
 ALL = 'arcface,curricularface,adaface,magface,elasticface'
 
@@ -86,19 +89,21 @@ def test_labels():
 def test_rows_per_margin(tool):
     rows = rows_of(tool, '--methods', 'dp,mp,pfc0.1', '--num-classes', '1M',
                    '--margin', 'arcface,curricularface,adaface')
-    assert [r['label'] for r in rows] == [
+    assert [r.label for r in rows] == [
         'DP', 'MP', 'MP CurricularFace', 'MP AdaFace', 'PFC0.1',
         'PFC0.1 CurricularFace', 'PFC0.1 AdaFace']
-    by_label = {r['label']: r for r in rows}
-    assert 'loss' not in by_label['DP'] and 'loss' not in by_label['PFC0.1']
-    assert by_label['PFC0.1 AdaFace']['loss']['type'] == 'AdaFaceLoss'
-    assert by_label['PFC0.1 AdaFace']['embedding_norms'] == NORM_RANGE
-    assert 'embedding_norms' not in by_label['PFC0.1 CurricularFace']
+    by_label = {r.label: r for r in rows}
+    assert by_label['DP'].loss is None and by_label['PFC0.1'].loss is None
+    assert 'loss' not in by_label['DP'].to_json()
+    assert by_label['PFC0.1 AdaFace'].loss['type'] == 'AdaFaceLoss'
+    assert by_label['PFC0.1 AdaFace'].embedding_norms == NORM_RANGE
+    assert by_label['PFC0.1 CurricularFace'].embedding_norms is None
+    assert 'embedding_norms' not in by_label['PFC0.1 CurricularFace'].to_json()
     # norm-based margins keep every per-row value at N: the same prediction
-    assert by_label['PFC0.1 AdaFace']['predicted_mb'] == \
-        by_label['PFC0.1']['predicted_mb']
-    assert by_label['PFC0.1 CurricularFace']['predicted_mb'] > \
-        by_label['PFC0.1']['predicted_mb']
+    assert by_label['PFC0.1 AdaFace'].predicted_mb == \
+        by_label['PFC0.1'].predicted_mb
+    assert by_label['PFC0.1 CurricularFace'].predicted_mb > \
+        by_label['PFC0.1'].predicted_mb
 
 
 def test_arcface_rows_are_unchanged(tool):
@@ -107,30 +112,34 @@ def test_arcface_rows_are_unchanged(tool):
     arc = rows_of(tool, '--methods', 'mp,pfc0.1', '--num-classes', '1M',
                   '--margin', 'arcface,elasticface')[::2]
     assert plain == arc
-    assert {r['margin'] for r in plain} == {'arcface'}
-    assert not {'loss', 'num_subcenters', 'embedding_norms'} & set(plain[0])
+    assert {r.margin for r in plain} == {'arcface'}
+    first = plain[0]
+    assert (first.loss, first.num_subcenters, first.embedding_norms) == (
+        None, 1, None)
+    assert not {'loss', 'num_subcenters', 'embedding_norms'} & set(
+        first.to_json())
 
 
 def test_subcenter_row_brings_its_yardstick(tool, monkeypatch):
     monkeypatch.setattr(runner_mod, 'subcenters_available', lambda: True)
     rows = rows_of(tool, '--methods', 'pfc0.1', '--num-classes', '1M,3M',
                    '--margin', 'arcface,subcenter3')
-    assert [(r['label'], r['num_classes']) for r in rows] == [
+    assert [(r.label, r.num_classes) for r in rows] == [
         ('PFC0.1', 10**6), ('PFC0.1 SubCenter3', 10**6),
         ('PFC0.1', 3 * 10**6), ('PFC0.1 SubCenter3', 3 * 10**6),
         ('PFC0.1', 9 * 10**6)]  # 3M is there already: added once, for 9M
     sub, ref = rows[1], rows[2]
-    assert sub['num_subcenters'] == 3 and 'unavailable' not in sub
-    assert sub['shard_mb'] == ref['shard_mb']  # as many center rows
-    assert abs(sub['predicted_mb'] - ref['predicted_mb']) < 20
+    assert sub.num_subcenters == 3 and sub.unavailable is None
+    assert sub.shard_mb == ref.shard_mb  # as many center rows
+    assert abs(sub.predicted_mb - ref.predicted_mb) < 20
 
 
 def test_subcenter_not_available(tool, monkeypatch):
     monkeypatch.setattr(runner_mod, 'subcenters_available', lambda: False)
     rows = rows_of(tool, '--methods', 'pfc0.1', '--num-classes', '1M',
                    '--margin', 'arcface,subcenter3')
-    assert [r['label'] for r in rows] == ['PFC0.1', 'PFC0.1 SubCenter3']
-    assert 'not available' in rows[1]['unavailable']
+    assert [r.label for r in rows] == ['PFC0.1', 'PFC0.1 SubCenter3']
+    assert 'not available' in rows[1].unavailable
 
     def no_launch(*args, **kwargs):
         raise AssertionError('an unavailable row must not launch')
@@ -141,7 +150,7 @@ def test_subcenter_not_available(tool, monkeypatch):
                           device='cpu')
     lines = []
     records = run_benchmark(cfg, log=lines.append)
-    assert records[0]['status'] == 'not available'
+    assert records[0].status == 'not available'
     assert 'num_subcenters' in lines[0]
     table = markdown(records, [])
     assert '| 1,000 | n/a | n/a |' in table
@@ -151,14 +160,15 @@ def test_subcenter_not_available(tool, monkeypatch):
 
 def test_worker_refuses_subcenters_without_the_head(monkeypatch):
     monkeypatch.setattr(margins_mod, 'subcenters_available', lambda: False)
-    row = dict(method='pfc', sample_rate=0.1, num_classes=10,
-               embedding_size=8, seed=0, num_subcenters=3)
+    row = BenchmarkRow(label='PFC0.1 SubCenter3', method='pfc',
+                       sample_rate=0.1, num_classes=10, embedding_size=8,
+                       seed=0, num_subcenters=3)
     with pytest.raises(RuntimeError, match='not available'):
         worker.build_head(row)
 
 
-TINY = dict(method='pfc', sample_rate=0.5, num_classes=20, embedding_size=8,
-            seed=0)
+TINY = dict(label='PFC0.5', method='pfc', sample_rate=0.5, num_classes=20,
+            embedding_size=8, seed=0)
 
 
 @pytest.mark.parametrize('name', ALL.split(','))
@@ -167,7 +177,7 @@ def test_worker_builds_the_margin(tool, name):
     from mmpfc.models.heads import PartialFCHead
     from mmpfc.registry import MODELS
     spec = parse_margin(name)
-    row = dict(TINY, **runner_mod.margin_fields(spec))
+    row = BenchmarkRow(**TINY, **runner_mod.margin_fields(spec))
     head = worker.build_head(row)
     assert isinstance(head, PartialFCHead) and head.sample_rate == 0.5
     margin = head.margin_loss
@@ -184,7 +194,8 @@ def test_worker_builds_the_margin(tool, name):
 def test_worker_builds_subcenters_when_the_head_has_them():
     if not margins_mod.subcenters_available():
         pytest.skip('PartialFCHead without num_subcenters')
-    row = dict(TINY, **runner_mod.margin_fields(parse_margin('subcenter3')))
+    row = BenchmarkRow(**TINY,
+                       **runner_mod.margin_fields(parse_margin('subcenter3')))
     head = worker.build_head(row)
     assert head.num_subcenters == 3
     assert head.weight.shape[1] == 3 * 8
@@ -193,35 +204,39 @@ def test_worker_builds_subcenters_when_the_head_has_them():
 
 
 def test_head_embeddings():
-    row = dict(batch_size=64, embedding_size=512, seed=3)
+    row = BenchmarkRow(label='PFC0.1', method='pfc', sample_rate=0.1,
+                       num_classes=10, batch_size=64, embedding_size=512,
+                       seed=3)
     gen = torch.Generator().manual_seed(3)
     plain = worker.head_embeddings(row, 1, gen)
     after_plain = torch.rand(1, generator=gen)
     assert torch.equal(plain, torch.randn(
         64, 512, generator=torch.Generator().manual_seed(3)))
     gen = torch.Generator().manual_seed(3)
-    scaled = worker.head_embeddings(dict(row, embedding_norms=NORM_RANGE), 1,
-                                    gen)
+    scaled = worker.head_embeddings(
+        replace(row, embedding_norms=NORM_RANGE), 1, gen)
     assert torch.equal(torch.rand(1, generator=gen), after_plain)  # labels
     norms = torch.linalg.vector_norm(scaled, dim=1)
     assert NORM_RANGE[0] <= norms.min() and norms.max() <= NORM_RANGE[1]
     assert norms.max() - norms.min() > 20  # spread, not all alike
     torch.testing.assert_close(scaled / norms[:, None],
                                plain / plain.norm(dim=1, keepdim=True))
-    other = worker.head_embeddings(dict(row, embedding_norms=NORM_RANGE), 0,
-                                   torch.Generator().manual_seed(3))
+    other = worker.head_embeddings(replace(row, embedding_norms=NORM_RANGE),
+                                   0, torch.Generator().manual_seed(3))
     assert not torch.equal(torch.linalg.vector_norm(other, dim=1), norms)
 
 
 def test_margin_ratio_checks(tool):
     rec = benchmark_record
-    records = [rec('PFC0.1', 0.70, 2092.0),
-               rec('PFC0.1 CurricularFace', 0.91, 2100.0),  # 1.30x: slow
-               rec('PFC0.1 AdaFace', 0.72, 2300.0),  # 1.10x: too big
-               rec('PFC0.1 MagFace', 0.75, 2093.0),
-               rec('PFC0.1 CurricularFace', 1.0, 10.0, classes=1000),
-               rec('PFC0.1', 1.0, 10.0, classes=1000)]
-    checks = {(c['num_classes'], c['target']): c for c in
+    records = [rec('pfc0.1', 0.70, 2092.0),
+               rec('pfc0.1', 0.91, 2100.0,  # 1.30x: slow
+                   margin='curricularface'),
+               rec('pfc0.1', 0.72, 2300.0, margin='adaface'),  # 1.10x: big
+               rec('pfc0.1', 0.75, 2093.0, margin='magface'),
+               rec('pfc0.1', 1.0, 10.0, classes=1000,
+                   margin='curricularface'),
+               rec('pfc0.1', 1.0, 10.0, classes=1000)]
+    checks = {(c.num_classes, c.target): c for c in
               ratio_checks(records, tool.TARGET_LIMITS, 10**6)}
     big = {t: c for (n, t), c in checks.items() if n == 10**6}
     assert sorted(big) == sorted(
@@ -229,31 +244,31 @@ def test_margin_ratio_checks(tool):
                                        'MagFace')
         for what in ('step / PFC0.1 step', 'peak / PFC0.1 peak'))
     slow = big['PFC0.1 CurricularFace step / PFC0.1 step']
-    assert slow['value'] == pytest.approx(1.3) and slow['limit'] == 1.25
-    assert slow['passed'] is False
-    assert big['PFC0.1 CurricularFace peak / PFC0.1 peak']['passed']
+    assert slow.value == pytest.approx(1.3) and slow.limit == 1.25
+    assert slow.passed is False
+    assert big['PFC0.1 CurricularFace peak / PFC0.1 peak'].passed
     fat = big['PFC0.1 AdaFace peak / PFC0.1 peak']
-    assert fat['limit'] == 1.05 and fat['passed'] is False
-    assert big['PFC0.1 AdaFace step / PFC0.1 step']['passed']
-    assert all(c['passed'] for t, c in big.items() if 'MagFace' in t)
+    assert fat.limit == 1.05 and fat.passed is False
+    assert big['PFC0.1 AdaFace step / PFC0.1 step'].passed
+    assert all(c.passed for t, c in big.items() if 'MagFace' in t)
     small = [c for (n, _), c in checks.items() if n == 1000]
-    assert len(small) == 2 and all(c['passed'] is None for c in small)
+    assert len(small) == 2 and all(c.passed is None for c in small)
     # no ArcFace PFC0.1 row of the same C: no margin ratio
     assert ratio_checks(records[1:4], tool.TARGET_LIMITS, 10**6) == []
 
 
 def test_subcenter_ratio_checks(tool):
-    records = [benchmark_record('PFC0.1 SubCenter3', 2.2, 6300.0),
-               benchmark_record('PFC0.1', 2.0, 6210.0, classes=3 * 10**6),
-               benchmark_record('PFC0.1', 0.7, 2092.0)]
-    checks = {c['target']: c for c in
+    records = [benchmark_record('pfc0.1', 2.2, 6300.0, margin='subcenter3'),
+               benchmark_record('pfc0.1', 2.0, 6210.0, classes=3 * 10**6),
+               benchmark_record('pfc0.1', 0.7, 2092.0)]
+    checks = {c.target: c for c in
               ratio_checks(records, tool.TARGET_LIMITS, 10**6)
-              if 'SubCenter' in c['target']}
+              if 'SubCenter' in c.target}
     step = checks['PFC0.1 SubCenter3 step / PFC0.1 step at 3 x C']
-    assert step['value'] == pytest.approx(1.1) and step['passed']
-    assert step['num_classes'] == 10**6
+    assert step.value == pytest.approx(1.1) and step.passed
+    assert step.num_classes == 10**6
     peak = checks['PFC0.1 SubCenter3 peak / PFC0.1 peak at 3 x C']
-    assert peak['value'] == pytest.approx(6300 / 6210) and peak['passed']
+    assert peak.value == pytest.approx(6300 / 6210) and peak.passed
     # the yardstick at 3 x C missing: nothing to compare
     assert not [c for c in ratio_checks(records[::2], tool.TARGET_LIMITS)
-                if 'SubCenter' in c['target']]
+                if 'SubCenter' in c.target]

@@ -96,14 +96,15 @@ def test_prediction_matches_measured_peak(method, rate):
     # every buffer above glibc's 32 MB mmap threshold, so freed memory leaves
     # the resident set and the RSS peak counts tensors (smaller temporaries
     # can stay resident after free and the peak then exceeds the model)
-    from mmpfc.benchmark.worker import run_rank
-    row = dict(method=method, sample_rate=rate, label=method,
-               num_classes=100_000,
-               world_size=1, batch_size=128, embedding_size=512,
-               backbone=None, amp=False, device='cpu', steps=2, warmup=1,
-               threads=1, seed=0, gemm=False)
-    measured = run_in_fresh_process(run_rank, row)['peak_mb'] * 2**20
-    predicted = predict_memory(method, row['num_classes'], 1, 512, 128,
+    from mmpfc.benchmark.speed.rows import BenchmarkRow
+    from mmpfc.benchmark.speed.worker import run_rank
+    row = BenchmarkRow(method=method, sample_rate=rate, label=method,
+                       num_classes=100_000,
+                       world_size=1, batch_size=128, embedding_size=512,
+                       backbone=None, amp=False, device='cpu', steps=2,
+                       warmup=1, threads=1, seed=0, gemm=False)
+    measured = run_in_fresh_process(run_rank, row).peak_mb * 2**20
+    predicted = predict_memory(method, row.num_classes, 1, 512, 128,
                                rate).peak
     print(f'{method} {rate}: measured {measured / 2**20:.0f} MB, '
           f'predicted {predicted / 2**20:.0f} MB')

@@ -13,13 +13,14 @@ import torch
 from dist_utils import run_in_fresh_process
 from helpers import benchmark_record, load_tool
 
-from mmpfc.benchmark import make_rows
 from mmpfc.benchmark.memory_model import (RUNTIME_SLACK, head_memory,
                                           max_num_classes, predict_memory,
                                           state_bytes)
-from mmpfc.benchmark.report import markdown, ratio_checks
-from mmpfc.benchmark.runner import (BenchmarkConfig, parse_storage, row_label,
-                                    run_benchmark)
+from mmpfc.benchmark.speed.ratios import ratio_checks
+from mmpfc.benchmark.speed.report import markdown
+from mmpfc.benchmark.speed.rows import BenchmarkRow, parse_storage, row_label
+from mmpfc.benchmark.speed.runner import (BenchmarkConfig, make_rows,
+                                          run_benchmark)
 
 SETUP = dict(num_classes=1_000_000, world_size=2, embedding_size=512,
              batch_size=128)
@@ -227,18 +228,18 @@ def test_rows_per_storage(tool):
     argv = ['--methods', 'dp,mp,pfc0.1', '--num-classes', '1M', '--storage',
             'fp32,bf16/int8', '--device', 'cpu', '--nproc', '2']
     rows = make_rows(tool.build_config(tool.parse_args(argv)))
-    assert [r['label'] for r in rows] == ['DP', 'MP', 'MP bf16/int8',
-                                          'PFC0.1', 'PFC0.1 bf16/int8']
-    by_label = {r['label']: r for r in rows}
-    assert by_label['DP']['center_dtype'] == 'float32'
+    assert [r.label for r in rows] == ['DP', 'MP', 'MP bf16/int8',
+                                       'PFC0.1', 'PFC0.1 bf16/int8']
+    by_label = {r.label: r for r in rows}
+    assert by_label['DP'].center_dtype == 'float32'
     compact = by_label['PFC0.1 bf16/int8']
-    assert (compact['center_dtype'], compact['state_dtype']) == ('bfloat16',
-                                                                 'int8')
+    assert (compact.center_dtype, compact.state_dtype) == ('bfloat16',
+                                                           'int8')
     expected = (CL * D * 2 + CL * D + CL * 8 * 4 + S * D * 4 + EMBEDDINGS
                 + SAMPLING + RUNTIME_SLACK)
-    assert compact['predicted_mb'] == expected / 2**20
-    assert compact['shard_mb'] == SHARD / 2**20  # fp32 bytes, the yardstick
-    assert by_label['PFC0.1']['predicted_mb'] == predict_memory(
+    assert compact.predicted_mb == expected / 2**20
+    assert compact.shard_mb == SHARD / 2**20  # fp32 bytes, the yardstick
+    assert by_label['PFC0.1'].predicted_mb == predict_memory(
         'pfc', sample_rate=0.1, **SETUP).peak / 2**20
 
 
@@ -250,12 +251,12 @@ def test_does_not_fit_reports_the_largest_count():
                           gemm=False)
     lines = []
     records = run_benchmark(cfg, log=lines.append)  # nothing launches
-    assert [r['status'] for r in records] == ['does not fit'] * 2
+    assert [r.status for r in records] == ['does not fit'] * 2
     for rec, (center, state) in zip(records, cfg.storage):
         expected = max_num_classes(0.5 * 2**30, 'pfc', 2, sample_rate=0.1,
                                    center_dtype=center, state_dtype=state)
-        assert rec['max_classes'] == expected
-    fp32, int8 = (r['max_classes'] for r in records)
+        assert rec.max_classes == expected
+    fp32, int8 = (r.max_classes for r in records)
     assert 1.5 < int8 / fp32 < 3  # ~4.3 KB vs ~1.8 KB per local row
     assert f'does not fit (fits <= {fp32:,})' in lines[0]
     table = markdown(records, [])
@@ -265,45 +266,45 @@ def test_does_not_fit_reports_the_largest_count():
 def test_compact_ratio_checks(tool):
     shard_mb = SHARD / 2**20
     rec = benchmark_record
-    records = [rec('MP', 6.0, 3900.0), rec('PFC0.1', 0.70, 2.1 * shard_mb),
-               rec('PFC0.1 bf16/bf16', 0.84, 1.2 * shard_mb),
-               rec('PFC0.1 bf16/int8', 0.98, 0.95 * shard_mb)]
-    checks = {c['target']: c for c in
+    records = [rec('mp', 6.0, 3900.0), rec('pfc0.1', 0.70, 2.1 * shard_mb),
+               rec('pfc0.1', 0.84, 1.2 * shard_mb, storage='bf16/bf16'),
+               rec('pfc0.1', 0.98, 0.95 * shard_mb, storage='bf16/int8')]
+    checks = {c.target: c for c in
               ratio_checks(records, tool.TARGET_LIMITS, 10**6)}
     assert len(checks) == 7  # no GEMM time in these records
     bf16 = checks['PFC0.1 bf16/bf16 peak / shard fp32 weight']
-    assert bf16['value'] == pytest.approx(1.2) and bf16['limit'] == 1.25
-    assert bf16['passed']
+    assert bf16.value == pytest.approx(1.2) and bf16.limit == 1.25
+    assert bf16.passed
     int8 = checks['PFC0.1 bf16/int8 peak / shard fp32 weight']
-    assert int8['value'] == pytest.approx(0.95) and int8['limit'] == 1.0
-    assert checks['PFC0.1 bf16/bf16 step / PFC0.1 step']['value'] == \
+    assert int8.value == pytest.approx(0.95) and int8.limit == 1.0
+    assert checks['PFC0.1 bf16/bf16 step / PFC0.1 step'].value == \
         pytest.approx(1.2)
     slow = checks['PFC0.1 bf16/int8 step / PFC0.1 step']
-    assert slow['value'] == pytest.approx(1.4) and slow['passed'] is False
-    assert checks['PFC0.1 step / MP step']['passed']
+    assert slow.value == pytest.approx(1.4) and slow.passed is False
+    assert checks['PFC0.1 step / MP step'].passed
     # without the fp32 PFC0.1 row: the memory ratios only
     alone = ratio_checks(records[2:], tool.TARGET_LIMITS, 10**6)
-    assert sorted(c['target'] for c in alone) == [
+    assert sorted(c.target for c in alone) == [
         'PFC0.1 bf16/bf16 peak / shard fp32 weight',
         'PFC0.1 bf16/int8 peak / shard fp32 weight']
-    assert not math.isnan(alone[0]['value'])
+    assert not math.isnan(alone[0].value)
 
 
 def test_worker_passes_storage_only_when_compact(monkeypatch):
-    from mmpfc.benchmark import worker
+    from mmpfc.benchmark.speed import worker
     from mmpfc.engine import optimizers
     from mmpfc.registry import MODELS
     built, wrapped = [], []
     monkeypatch.setattr(MODELS, 'build', lambda cfg: built.append(cfg))
     monkeypatch.setattr(optimizers, 'PartialFCOptimWrapper',
                         lambda **kw: wrapped.append(kw))
-    row = dict(method='pfc', sample_rate=0.1, num_classes=10,
+    row = dict(label='PFC0.1', method='pfc', sample_rate=0.1, num_classes=10,
                embedding_size=8, seed=0, amp=False)
     for storage in ({}, dict(center_dtype='float32', state_dtype='float32'),
                     dict(center_dtype='bfloat16', state_dtype='int8')):
-        worker.build_head(dict(row, **storage))
+        worker.build_head(BenchmarkRow(**row, **storage))
         worker.build_optim_wrapper([torch.zeros(1, requires_grad=True)],
-                                   dict(row, **storage), clip=False)
+                                   BenchmarkRow(**row, **storage), clip=False)
     assert 'center_dtype' not in built[0] and 'center_dtype' not in built[1]
     assert built[2]['center_dtype'] == 'bfloat16'
     assert 'center_state_dtype' not in wrapped[0]
@@ -332,13 +333,13 @@ def test_compact_prediction_matches_measured_peak(rate, center, state):
     if not _compact_storage_available():
         pytest.skip('PartialFCHead / PartialFCOptimWrapper without compact '
                     'storage')
-    from mmpfc.benchmark.worker import run_rank
-    row = dict(method='pfc', sample_rate=rate, label='pfc',
-               num_classes=200_000, world_size=1, batch_size=128,
-               embedding_size=512, backbone=None, amp=False, device='cpu',
-               steps=1, warmup=1, threads=1, seed=0, gemm=False,
-               center_dtype=center, state_dtype=state)
-    measured = run_in_fresh_process(run_rank, row)['peak_mb'] * 2**20
+    from mmpfc.benchmark.speed.worker import run_rank
+    row = BenchmarkRow(method='pfc', sample_rate=rate, label='pfc',
+                       num_classes=200_000, world_size=1, batch_size=128,
+                       embedding_size=512, backbone=None, amp=False,
+                       device='cpu', steps=1, warmup=1, threads=1, seed=0,
+                       gemm=False, center_dtype=center, state_dtype=state)
+    measured = run_in_fresh_process(run_rank, row).peak_mb * 2**20
     predicted = predict_memory('pfc', 200_000, 1, 512, 128, rate,
                                center_dtype=center, state_dtype=state).peak
     print(f'{rate} {center}/{state}: measured {measured / 2**20:.0f} MB, '

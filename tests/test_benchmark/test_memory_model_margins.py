@@ -68,14 +68,16 @@ def test_curricular_face_term_matches_measured_peak():
     backward; at a global batch of 1024 (> D) that is the logit buffer
     once more, 13 % of this peak (measured 590 MB, predicted 603 MB;
     without the term 525 MB)."""
-    from mmpfc.benchmark.worker import run_rank
+    from mmpfc.benchmark.speed.rows import BenchmarkRow
+    from mmpfc.benchmark.speed.worker import run_rank
     classes, batch, rate = 100_000, 1024, 0.2
-    row = dict(method='pfc', sample_rate=rate, label='pfc',
-               num_classes=classes, world_size=1, batch_size=batch,
-               embedding_size=512, backbone=None, amp=False, device='cpu',
-               steps=1, warmup=1, threads=1, seed=0, gemm=False,
-               loss=dict(type='CurricularFaceLoss', s=64.0, m=0.5))
-    measured = run_in_fresh_process(run_rank, row)['peak_mb'] * 2**20
+    row = BenchmarkRow(method='pfc', sample_rate=rate, label='pfc',
+                       num_classes=classes, world_size=1, batch_size=batch,
+                       embedding_size=512, backbone=None, amp=False,
+                       device='cpu', steps=1, warmup=1, threads=1, seed=0,
+                       gemm=False,
+                       loss=dict(type='CurricularFaceLoss', s=64.0, m=0.5))
+    measured = run_in_fresh_process(run_rank, row).peak_mb * 2**20
     estimate = predict_memory('pfc', classes, 1, 512, batch, rate,
                               non_target_margin=True)
     term = estimate.parts['non_target_slope']

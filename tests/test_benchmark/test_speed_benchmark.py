@@ -3,15 +3,16 @@ own business, never asserted on timings here)."""
 import json
 import os.path as osp
 import sys
+from dataclasses import replace
 
 import pytest
-from helpers import ROOT
+from helpers import ROOT, benchmark_record
 
-from mmpfc.benchmark import (BenchmarkConfig, make_rows, parse_count,
-                             parse_method)
-from mmpfc.benchmark.report import (markdown, merge_runs, ratio_checks,
-                                    summarize_launch)
-from mmpfc.benchmark.worker import run_rank
+from mmpfc.benchmark.head_methods import parse_method
+from mmpfc.benchmark.speed import (BenchmarkConfig, BenchmarkRecord,
+                                   BenchmarkRow, make_rows, markdown,
+                                   parse_count, ratio_checks, summarize_launch)
+from mmpfc.benchmark.speed.worker import run_rank
 
 # the limits are the caller's (tools/benchmark.py has the project's)
 LIMITS = {'time': 1 / 6, 'memory': 0.55, 'shard': 2.2, 'gemm': 1.5}
@@ -27,7 +28,7 @@ TINY = dict(num_classes=300, world_size=1, batch_size=4, embedding_size=8,
     ('pfc1.0', ('MP', 'pfc', 1.0))])
 def test_parse_method(spec, expected):
     got = parse_method(spec)
-    assert (got['label'], got['method'], got['sample_rate']) == expected
+    assert (got.label, got.method, got.sample_rate) == expected
 
 
 @pytest.mark.parametrize('bad', ['pfc', 'pfc1.5', 'tp', ''])
@@ -48,51 +49,50 @@ def test_parse_count():
 @pytest.mark.parametrize('method,rate', [('dp', 1.0), ('pfc', 1.0),
                                          ('pfc', 0.2)])
 def test_one_rank_head_only(method, rate):
-    row = dict(TINY, method=method, sample_rate=rate, label=method)
+    row = BenchmarkRow(**TINY, method=method, sample_rate=rate,
+                       label=method)
     result = run_rank(0, 1, row)
     for phase in ('head', 'optimizer'):
-        assert len(result['times'][phase]) == row['steps']
-    assert result['num_local'] == 300
-    assert result['rows_per_step'] == (60 if rate < 1 else 300)
-    assert result['peak_mb'] >= 0 and result['loss'] > 0
-    assert set(result['gemm']) == {'forward', 'grad_embedding',
-                                   'grad_centers'}
+        assert len(result.times[phase]) == row.steps
+    assert result.num_local == 300
+    assert result.rows_per_step == (60 if rate < 1 else 300)
+    assert result.peak_mb >= 0 and result.loss > 0
+    assert set(result.gemm) == {'forward', 'grad_embedding', 'grad_centers'}
     launch = summarize_launch([result])
-    assert launch['step_s'] > 0
+    assert launch.step_s > 0
 
 
-def fake_record(label, classes, step, peak, gemm=None):
-    run = dict(step_s=step, phases_s=dict(head=step), peak_mb=peak,
-               steady_mb=peak, phase_peak_mb={}, loss=1.0, device='cpu',
-               num_local=classes // 2, rows_per_step=1)
+def fake_record(method, classes, step, peak, gemm=None):
+    record = benchmark_record(method, step, peak, classes)
     if gemm:
-        run.update(gemm_s=gemm, gemm_parts_s=dict(forward=gemm))
-    record = dict(label=label, num_classes=classes, world_size=2,
-                  batch_size=128, embedding_size=512, backbone=None,
-                  predicted_mb=peak)
-    return merge_runs(record, [run])
+        record = replace(record, measured=replace(
+            record.measured, gemm_s=gemm, gemm_parts_s=dict(forward=gemm)))
+    return record
 
 
 def test_targets_and_table():
     shard_mb = 500_000 * 512 * 4 / 2**20
-    records = [fake_record('MP', 10**6, 6.0, 3900, gemm=3.0),
-               fake_record('PFC0.1', 10**6, 0.7, 2.1 * shard_mb),
-               fake_record('MP', 1000, 1.0, 10, gemm=0.1),
-               fake_record('PFC0.1', 1000, 1.0, 10),
-               dict(label='DP', num_classes=10**6, status='does not fit',
-                    predicted_mb=9e4)]
-    checks = {(c['num_classes'], c['target']): c
+    records = [fake_record('mp', 10**6, 6.0, 3900, gemm=3.0),
+               fake_record('pfc0.1', 10**6, 0.7, 2.1 * shard_mb),
+               fake_record('mp', 1000, 1.0, 10, gemm=0.1),
+               fake_record('pfc0.1', 1000, 1.0, 10),
+               BenchmarkRecord(BenchmarkRow(label='DP', method='dp',
+                                            sample_rate=1.0,
+                                            num_classes=10**6,
+                                            predicted_mb=9e4),
+                               status='does not fit')]
+    checks = {(c.num_classes, c.target): c
               for c in ratio_checks(records, LIMITS, 10**6)}
     big = {k[1]: c for k, c in checks.items() if k[0] == 10**6}
-    assert big['PFC0.1 step / MP step']['passed']
-    assert big['PFC0.1 peak / MP peak']['value'] == pytest.approx(
+    assert big['PFC0.1 step / MP step'].passed
+    assert big['PFC0.1 peak / MP peak'].value == pytest.approx(
         2.1 * shard_mb / 3900)
-    assert big['PFC0.1 peak / shard fp32 weight']['value'] == \
+    assert big['PFC0.1 peak / shard fp32 weight'].value == \
         pytest.approx(2.1)
-    assert big['MP step / its 3 GEMMs alone']['value'] == 2.0
-    assert big['MP step / its 3 GEMMs alone']['passed'] is False
+    assert big['MP step / its 3 GEMMs alone'].value == 2.0
+    assert big['MP step / its 3 GEMMs alone'].passed is False
     small = [c for k, c in checks.items() if k[0] == 1000]
-    assert small and all(c['passed'] is None for c in small)
+    assert small and all(c.passed is None for c in small)
     table = markdown(records, list(checks.values()))
     lines = table.splitlines()
     assert lines[0] == ('| identities | MP speed | PFC0.1 speed | DP speed | '
@@ -110,7 +110,7 @@ def test_command_line_full_model_and_does_not_fit(tmp_path):
             'mbf', '--steps', '1', '--warmup', '1', '--device', 'cpu',
             '--out-dir', str(tmp_path)]
     rows = make_rows(tool.build_config(tool.parse_args(argv)))
-    pfc_mb, dp_mb = (r['predicted_mb'] for r in rows)
+    pfc_mb, dp_mb = (r.predicted_mb for r in rows)
     assert dp_mb > pfc_mb
     budget_gb = (pfc_mb + dp_mb) / 2 / 1024
     assert tool.main(argv + ['--memory-budget-gb', str(budget_gb)]) == 0

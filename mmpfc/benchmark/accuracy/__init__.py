@@ -11,6 +11,8 @@ from .data import (SyntheticIdentityDataset, VerificationPairs, build_pairs,
 from .methods import MethodSpec, parse_method_spec, parse_methods
 from .report import (check_line, compact_storage_labels, markdown,
                      paired_difference, summarize, write_json)
+from .rows import (AccuracyRecord, AccuracyRow, AccuracySummary, MethodResult,
+                   PairedDifference, SeedResult, Verification)
 from .runner import AccuracyConfig, check_methods, make_row, run_accuracy
 
 __all__ = [
@@ -18,6 +20,8 @@ __all__ = [
     'held_out', 'MethodSpec', 'parse_method_spec', 'parse_methods',
     'check_line', 'compact_storage_labels', 'markdown',
     'paired_difference',
-    'summarize', 'write_json', 'AccuracyConfig', 'check_methods',
-    'make_row', 'run_accuracy'
+    'summarize', 'write_json', 'AccuracyRecord', 'AccuracyRow',
+    'AccuracySummary', 'MethodResult', 'PairedDifference', 'SeedResult',
+    'Verification', 'AccuracyConfig', 'check_methods', 'make_row',
+    'run_accuracy'
 ]

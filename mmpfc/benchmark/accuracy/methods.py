@@ -34,13 +34,13 @@ import json
 from dataclasses import dataclass, field
 from typing import List, Sequence, Union
 
-from ..runner import parse_method
+from ..head_methods import parse_method
 
 MethodLike = Union[str, dict, 'MethodSpec']
 OPTIM_PREFIXES = ('optim.', 'optim_wrapper.')
 
 
-@dataclass
+@dataclass(frozen=True)
 class MethodSpec:
     """One row of the table: a head and its extra kwargs.
 
@@ -70,10 +70,10 @@ def _literal(text: str):
 def _base(name: str) -> tuple:
     """(label, head config) of ``dp``, ``mp`` or ``pfc<rate>``."""
     method = parse_method(name)  # raises naming the value and the choices
-    if method['method'] == 'dp':
-        return method['label'], dict(type='MarginSoftmaxHead')
-    return method['label'], dict(type='PartialFCHead',
-                                 sample_rate=method['sample_rate'])
+    if not method.sharded:
+        return method.label, dict(type='MarginSoftmaxHead')
+    return method.label, dict(type='PartialFCHead',
+                              sample_rate=method.sample_rate)
 
 
 def _label(base: str, options: List[str]) -> str:

@@ -13,13 +13,14 @@ the sampling, so the methods of one seed are compared on equal terms.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Union
 
 from mmpfc.utils.spawn import threads_per_rank
 
 from .. import launcher
 from .methods import MethodLike, MethodSpec, parse_methods
+from .rows import AccuracyRecord, AccuracyRow, SeedResult
 
 #: margins of ``CombinedMarginLoss`` by name: (m1, m2, m3)
 MARGINS = dict(arcface=(1.0, 0.5, 0.0), cosface=(1.0, 0.0, 0.35))
@@ -121,18 +122,16 @@ class AccuracyConfig:
 
 
 def make_row(cfg: AccuracyConfig, seed: int,
-             methods: Sequence[MethodSpec]) -> dict:
-    """The plain dict one launch's ranks get (see :mod:`.worker`)."""
-    return dict(device='cpu', seed=int(seed),
-                methods=[asdict(m) for m in methods], data=dict(cfg.data),
-                num_classes=cfg.num_classes,
-                eval_identities=cfg.eval_identities,
-                num_pairs=cfg.num_pairs, steps=cfg.steps,
-                warmup_steps=cfg.warmup_steps, batch_size=cfg.batch_size,
-                embedding_size=cfg.embedding_size, lr=cfg.lr,
-                weight_decay=cfg.weight_decay, loss=cfg.loss_config(),
-                probe_batches=cfg.probe_batches,
-                threads=cfg.resolved_threads())
+             methods: Sequence[MethodSpec]) -> AccuracyRow:
+    """What one launch's ranks get (see :mod:`.worker`)."""
+    return AccuracyRow(
+        seed=int(seed), methods=tuple(methods), data=dict(cfg.data),
+        num_classes=cfg.num_classes, eval_identities=cfg.eval_identities,
+        num_pairs=cfg.num_pairs, steps=cfg.steps,
+        warmup_steps=cfg.warmup_steps, batch_size=cfg.batch_size,
+        embedding_size=cfg.embedding_size, lr=cfg.lr,
+        weight_decay=cfg.weight_decay, loss=cfg.loss_config(),
+        probe_batches=cfg.probe_batches, threads=cfg.resolved_threads())
 
 
 def check_methods(cfg: AccuracyConfig,
@@ -147,27 +146,52 @@ def check_methods(cfg: AccuracyConfig,
 
     from .worker import model_config, optim_wrapper_config
     row = make_row(cfg, cfg.seeds[0], methods)
-    for method in row['methods']:
+    for method in row.methods:
         try:
             head = MODELS.build(model_config(row, method)['head'])
             build_optim_wrapper(torch.nn.ModuleDict(dict(head=head)),
                                 optim_wrapper_config(row, method))
         except Exception as err:
             raise ValueError(
-                f"method {method['label']!r} (head {method['head']}, optim "
-                f"wrapper kwargs {method['optim_wrapper']}) cannot be "
+                f'method {method.label!r} (head {method.head}, optim '
+                f'wrapper kwargs {method.optim_wrapper}) cannot be '
                 f'built: {type(err).__name__}: {err}') from err
 
 
-def launch_seed(row: dict, world_size: int, timeout: float) -> List[dict]:
+def launch_seed(row: AccuracyRow, world_size: int,
+                timeout: float) -> List[SeedResult]:
     """One seed on ``world_size`` fresh ranks running :func:`.worker.run_rank`
     (the project's launcher); results in rank order."""
     from .worker import run_rank
-    return launcher.launch(row, world_size, timeout, target=run_rank)
+    return launcher.launch(run_rank, row, world_size, timeout,
+                           device=row.device)
+
+
+def seed_records(seed: int, methods: Sequence[MethodSpec],
+                 ranks: Sequence[SeedResult],
+                 launch_s: float) -> List[AccuracyRecord]:
+    """One record per method of a seed: rank 0's figures (it verified),
+    every rank's training time."""
+    records = []
+    for i, result in enumerate(ranks[0].methods):
+        verification = result.verification
+        records.append(AccuracyRecord(
+            label=result.label, train_loss=result.train_loss,
+            full_loss=result.full_loss, first_loss=result.first_loss,
+            loss_curve=result.loss_curve, train_s=result.train_s,
+            accuracy=verification.accuracy,
+            fold_std=verification.fold_std,
+            threshold=verification.threshold, eval_s=result.eval_s,
+            seed=int(seed), name=methods[i].name, head=methods[i].head,
+            optim_wrapper=methods[i].optim_wrapper, launch_s=launch_s,
+            train_s_ranks=[r.methods[i].train_s for r in ranks],
+            run_s=result.train_s + result.eval_s))
+    return records
 
 
 def run_accuracy(cfg: AccuracyConfig,
-                 log: Callable[[str], None] = print) -> List[dict]:
+                 log: Callable[[str], None] = print
+                 ) -> List[AccuracyRecord]:
     """Run every seed; one record per (seed, method), in run order."""
     cfg.validate()
     methods = cfg.method_specs()
@@ -178,18 +202,10 @@ def run_accuracy(cfg: AccuracyConfig,
         ranks = launch_seed(make_row(cfg, seed, methods), cfg.world_size,
                             cfg.timeout)
         wall = time.perf_counter() - start
-        for i, result in enumerate(ranks[0]['methods']):
-            record = dict(result, seed=int(seed),
-                          name=methods[i].name,
-                          head=methods[i].head,
-                          optim_wrapper=methods[i].optim_wrapper,
-                          launch_s=wall,
-                          train_s_ranks=[r['methods'][i]['train_s']
-                                         for r in ranks])
-            record['run_s'] = record['train_s'] + record['eval_s']
+        for record in seed_records(seed, methods, ranks, wall):
             records.append(record)
-            log(f"seed {seed} {record['label']}: accuracy "
-                f"{100 * record['accuracy']:.2f} %, loss "
-                f"{record['train_loss']:.3f} (all centers "
-                f"{record['full_loss']:.3f}), {record['run_s']:.0f} s")
+            log(f'seed {seed} {record.label}: accuracy '
+                f'{100 * record.accuracy:.2f} %, loss '
+                f'{record.train_loss:.3f} (all centers '
+                f'{record.full_loss:.3f}), {record.run_s:.0f} s')
     return records

@@ -1,6 +1,6 @@
 """One rank of one seed: train every method in turn, then evaluate it.
 
-A launch (one seed) gets a plain dict ``row`` (it crosses process
+A launch (one seed) gets an :class:`~.rows.AccuracyRow` (it crosses process
 boundaries; :func:`mmpfc.benchmark.accuracy.runner.make_row` writes it) and
 runs its methods one after the other in the same processes, each from the
 same initial state: the same backbone initialization, the same batches
@@ -14,33 +14,36 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from typing import Iterator, List
+from typing import Iterator, List, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from .methods import MethodSpec
+from .rows import AccuracyRow, MethodResult, SeedResult, Verification
 
-def model_config(row: dict, method: dict) -> dict:
+
+def model_config(row: AccuracyRow, method: MethodSpec) -> dict:
     """``FaceRecognizer`` config of ``method`` (1x32x32 grey inputs)."""
-    head = dict(method['head'], num_classes=row['num_classes'],
-                in_channels=row['embedding_size'], seed=row['seed'],
-                loss=dict(row['loss']))
+    head = dict(method.head, num_classes=row.num_classes,
+                in_channels=row.embedding_size, seed=row.seed,
+                loss=dict(row.loss))
     return dict(
         type='FaceRecognizer',
         data_preprocessor=dict(mean=[127.5], std=[127.5]),
         backbone=dict(type='mmpretrain.LeNet5'),
         neck=dict(type='mmpretrain.LinearNeck', in_channels=120,
-                  out_channels=row['embedding_size'], gap_dim=2),
+                  out_channels=row.embedding_size, gap_dim=2),
         head=head)
 
 
-def optim_wrapper_config(row: dict, method: dict) -> dict:
+def optim_wrapper_config(row: AccuracyRow, method: MethodSpec) -> dict:
     """``PartialFCOptimWrapper`` config: SGD, the backbone clipped at 5."""
     return dict(type='mmpfc.PartialFCOptimWrapper',
-                optimizer=dict(type='SGD', lr=row['lr'], momentum=0.9,
-                               weight_decay=row['weight_decay']),
-                **method['optim_wrapper'])
+                optimizer=dict(type='SGD', lr=row.lr, momentum=0.9,
+                               weight_decay=row.weight_decay),
+                **method.optim_wrapper)
 
 
 def _generator(*keys: int) -> torch.Generator:
@@ -107,7 +110,7 @@ def full_softmax_loss(model, probes: List[dict], world_size: int) -> float:
 
 
 @torch.no_grad()
-def verify(model, pairs, batch_size: int = 500) -> dict:
+def verify(model, pairs, batch_size: int = 500) -> Verification:
     """The 10-fold protocol on ``pairs``: flip-summed raw embeddings, then
     L2-normalized (``embed_batch``), then ``evaluate_pairs``."""
     from mmpfc.apis import embed_batch
@@ -120,21 +123,19 @@ def verify(model, pairs, batch_size: int = 500) -> dict:
         for i in range(0, len(images), batch_size)])
     model.train()
     result = evaluate_pairs(emb[0::2], emb[1::2], pairs.issame.numpy())
-    return dict(accuracy=result['accuracy'],
-                fold_std=result['accuracy_std'],
-                threshold=result['threshold'])
+    return Verification(accuracy=result['accuracy'],
+                        fold_std=result['accuracy_std'],
+                        threshold=result['threshold'])
 
 
-def train_method(rank: int, world_size: int, row: dict, method: dict,
-                 batches: List[tuple], probes: List[tuple], pairs) -> dict:
-    """Train ``method`` from the seed's initial state on ``batches``
-    (``(images, labels)`` per step); its losses, and its accuracy on rank
-    0 (which holds the ``pairs``)."""
+def _train(world_size: int, row: AccuracyRow, method: MethodSpec,
+           batches: List[tuple]) -> Tuple[torch.nn.Module, List[float]]:
+    """``method`` trained from the seed's initial state on ``batches``:
+    the model and its loss per step."""
     from mmengine.optim import LinearLR, PolyLR, build_optim_wrapper
 
     from mmpfc.registry import MODEL_WRAPPERS, MODELS
-    start = time.perf_counter()
-    torch.manual_seed(row['seed'])  # the same backbone for every method
+    torch.manual_seed(row.seed)  # the same backbone for every method
     model = MODELS.build(model_config(row, method))
     wrapped = model
     if world_size > 1:
@@ -143,62 +144,72 @@ def train_method(rank: int, world_size: int, row: dict, method: dict,
             broadcast_buffers=False))
     optim_wrapper = build_optim_wrapper(wrapped,
                                         optim_wrapper_config(row, method))
-    steps, warmup = row['steps'], row['warmup_steps']
     schedulers = [
         LinearLR(optim_wrapper, start_factor=0.1, by_epoch=False, begin=0,
-                 end=warmup),
+                 end=row.warmup_steps),
         PolyLR(optim_wrapper, power=2.0, eta_min=0.0, by_epoch=False,
-               begin=warmup, end=steps)]
+               begin=row.warmup_steps, end=row.steps)]
     losses = []
     for images, labels in batches:
         log_vars = wrapped.train_step(_batch(images, labels), optim_wrapper)
         for scheduler in schedulers:
             scheduler.step()
         losses.append(float(log_vars['loss'].detach()))
+    return model, losses
+
+
+def train_method(rank: int, world_size: int, row: AccuracyRow,
+                 method: MethodSpec, batches: List[tuple],
+                 probes: List[tuple], pairs) -> MethodResult:
+    """Train ``method`` from the seed's initial state on ``batches``
+    (``(images, labels)`` per step); its losses, and its accuracy on rank
+    0 (which holds the ``pairs``)."""
+    start = time.perf_counter()
+    model, losses = _train(world_size, row, method, batches)
     train_s = time.perf_counter() - start
 
-    tail = max(1, steps // 10)
+    tail = max(1, row.steps // 10)
     train_loss = float(np.mean(losses[-tail:]))
     if _replicated(model.head):
         train_loss = _mean_over_ranks(train_loss, world_size)
-    result = dict(label=method['label'], train_loss=train_loss,
-                  full_loss=full_softmax_loss(
-                      model, [_batch(*probe) for probe in probes],
-                      world_size),
-                  first_loss=float(np.mean(losses[:tail])),
-                  loss_curve=[float(np.mean(losses[i:i + tail]))
-                              for i in range(0, steps, tail)],
-                  train_s=train_s)
+    full_loss = full_softmax_loss(
+        model, [_batch(*probe) for probe in probes], world_size)
+    verification = eval_s = None
     if rank == 0:
         start = time.perf_counter()
-        result.update(verify(model, pairs))
-        result['eval_s'] = time.perf_counter() - start
+        verification = verify(model, pairs)
+        eval_s = time.perf_counter() - start
     if world_size > 1:
         dist.barrier()
-    return result
+    return MethodResult(
+        label=method.label, train_loss=train_loss, full_loss=full_loss,
+        first_loss=float(np.mean(losses[:tail])),
+        loss_curve=[float(np.mean(losses[i:i + tail]))
+                    for i in range(0, row.steps, tail)],
+        train_s=train_s, verification=verification, eval_s=eval_s)
 
 
-def run_rank(rank: int, world_size: int, row: dict) -> dict:
+def run_rank(rank: int, world_size: int, row: AccuracyRow) -> SeedResult:
     """Run every method of ``row`` (process group already initialized)."""
     import mmpfc  # noqa: F401  (registers the models)
 
     from .data import SyntheticIdentityDataset, build_pairs, held_out
-    torch.set_num_threads(row['threads'])
+    torch.set_num_threads(row.threads)
     train_set = SyntheticIdentityDataset(
-        num_classes=row['num_classes'], seed=row['seed'], **row['data'])
+        num_classes=row.num_classes, seed=row.seed, **row.data)
     start = time.perf_counter()
     # every method trains on the same batches: render them once
-    gen = _generator(row['seed'], rank, 1)
-    batches = [train_set.sample_batch(row['batch_size'], gen)
-               for _ in range(row['steps'])]
-    gen = _generator(row['seed'], rank, 2)
-    probes = [train_set.sample_batch(row['batch_size'], gen)
-              for _ in range(row['probe_batches'])]
+    gen = _generator(row.seed, rank, 1)
+    batches = [train_set.sample_batch(row.batch_size, gen)
+               for _ in range(row.steps)]
+    gen = _generator(row.seed, rank, 2)
+    probes = [train_set.sample_batch(row.batch_size, gen)
+              for _ in range(row.probe_batches)]
     pairs = None
     if rank == 0:
-        pairs = build_pairs(held_out(train_set, row['eval_identities']),
-                            row['num_pairs'], seed=row['seed'])
+        pairs = build_pairs(held_out(train_set, row.eval_identities),
+                            row.num_pairs, seed=row.seed)
     data_s = time.perf_counter() - start
-    return dict(rank=rank, data_s=data_s, methods=[
+    return SeedResult(rank=rank, data_s=data_s, methods=[
         train_method(rank, world_size, row, method, batches, probes, pairs)
-        for method in row['methods']])
+        for method in row.methods])
