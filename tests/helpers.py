@@ -74,3 +74,17 @@ def benchmark_record(method: str, step: float, peak: float,
                         phase_peak_mb={}, loss=1.0, device='cpu',
                         num_local=classes // 2, rows_per_step=1)
     return merge_runs(row, [run])
+
+
+def drawn_rows(head) -> list:
+    """The rows every step of ``head`` samples, as its center sampler
+    returns them (its public ``sample``, seen on the way)."""
+    drawn, sample = [], head.sampler.sample
+
+    def seen_sample(local_labels):
+        index, local = sample(local_labels)
+        drawn.append(index.clone())
+        return index, local
+
+    head.sampler.sample = seen_sample
+    return drawn

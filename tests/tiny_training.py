@@ -3,6 +3,7 @@ sharded head on a synthetic in-memory dataset, trained by ``PartialFCRunner``
 on the CPU (``make_cfg`` / ``build_runner``), and what they inspect of it."""
 import glob
 import os.path as osp
+import re
 
 import torch
 from mmengine.hooks import Hook
@@ -146,6 +147,31 @@ def train_worker(rank, world_size, work_dir, kwargs, also_load=None):
 def shard_dirs(folder):
     return sorted(osp.basename(p) for p in glob.glob(
         osp.join(folder, '*.shards-*')))
+
+
+#: A shard folder's name: its main file's, ``.shards-``, then the token of
+#: the save (12 lowercase hex digits).
+SHARD_DIR = re.compile(r'(?P<main>.+\.pth)\.shards-(?P<token>[0-9a-f]{12})')
+
+
+def check_shard_dirs(folder, mains):
+    """Assert that ``folder`` holds exactly one shard folder per main file
+    of ``mains``, named ``<main>.shards-<token>`` with a token of 12 hex
+    digits, the one its main file's manifest records (and a new one per
+    save); returns the folders' names."""
+    from mmpfc.checkpoint import load_file
+    names = shard_dirs(folder)
+    found = [SHARD_DIR.fullmatch(name) for name in names]
+    assert all(found), names
+    assert sorted(m['main'] for m in found) == sorted(mains), names
+    for match in found:
+        manifest = load_file(osp.join(str(folder), match['main']))['meta'][
+            'mmpfc']
+        assert manifest['token'] == match['token'], (manifest, match[0])
+        assert manifest['shard_dir'] == match[0]
+    tokens = [m['token'] for m in found]
+    assert len(set(tokens)) == len(tokens), tokens
+    return names
 
 
 def calibrate_bn(model, shape=(8, 3, 112, 112)):

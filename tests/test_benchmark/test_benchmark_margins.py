@@ -200,7 +200,7 @@ def test_worker_builds_subcenters_when_the_head_has_them():
     assert head.num_subcenters == 3
     assert head.weight.shape[1] == 3 * 8
     assert head.sampler.num_sample == 10  # classes, all 3 centers kept
-    assert worker._rows_per_step(head, row) == 3 * 10
+    assert worker.rows_per_step(head, row) == 3 * 10
 
 
 def test_head_embeddings():

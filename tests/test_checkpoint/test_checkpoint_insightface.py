@@ -4,13 +4,18 @@ import os.path as osp
 import pytest
 import torch
 from helpers import load_tool
+from messages import assert_mentions
 from tiny_training import build_runner, make_cfg
 
 from mmpfc.checkpoint import CheckpointError, CheckpointRows, load_file
 from mmpfc.checkpoint.insightface import find_insightface_files
-from mmpfc.models.utils import shard_range
 
 CLASSES, DIM = 10, 16
+#: arcface_torch's rows of 10 classes on 3 GPUs (the first 10 % 3 ranks
+#: one more), written out
+INSIGHTFACE_ROWS = ((0, 4), (4, 7), (7, 10))
+#: the rows of each rank of a 4-rank run
+FOUR_RANKS = ((0, 3), (3, 6), (6, 8), (8, 10))
 BACKBONE = dict(type='MobileFaceNet', embedding_size=DIM, blocks=(1, 1, 1, 1),
                 scale=1)
 
@@ -30,9 +35,8 @@ def insightface_run(tmp_path_factory):
                 for k, v in runner.model.backbone.state_dict().items()}
     centers = torch.randn(CLASSES, DIM)
     torch.save(backbone, folder / 'model.pt')
-    for rank in range(3):
-        start, count = shard_range(CLASSES, rank, 3)
-        rows = centers[start:start + count].clone()
+    for rank, (start, stop) in enumerate(INSIGHTFACE_ROWS):
+        rows = centers[start:stop].clone()
         torch.save({'weight': rows}, folder / f'softmax_fc_gpu_{rank}.pt')
         torch.save(dict(epoch=1, global_step=7,
                         state_dict_backbone={f'module.{k}': v
@@ -61,10 +65,9 @@ def test_converted_files_load_on_any_world_size(tool, insightface_run,
     for key, value in backbone.items():
         assert torch.equal(runner.model.backbone.state_dict()[key], value)
     source = CheckpointRows(out, load_file(out))
-    for rank in range(4):
-        start, count = shard_range(CLASSES, rank, 4)
-        rows = source.take('head.weight', start, start + count)[0]
-        assert torch.equal(rows, centers[start:start + count])
+    for start, stop in FOUR_RANKS:
+        rows = source.take('head.weight', start, stop)[0]
+        assert torch.equal(rows, centers[start:stop])
 
 
 def test_backbone_only(tool, insightface_run, tmp_path, capsys):
@@ -85,7 +88,8 @@ def test_missing_rank_is_named(insightface_run, tmp_path, tool, capsys):
     args = [str(folder / 'model.pt'), str(folder / 'softmax_fc_gpu_0.pt'),
             str(folder / 'softmax_fc_gpu_1.pt'), str(tmp_path / 'o.pth')]
     assert tool(args + ['--num-classes', str(CLASSES)]) == 1
-    assert 'hold 7 classes, not num_classes=10' in capsys.readouterr().err
+    # ranks 0 and 1 hold 4 + 3 rows
+    assert_mentions(capsys.readouterr().err, '7 classes', 'num_classes=10')
     assert not osp.exists(tmp_path / 'o.pth')
     with pytest.raises(CheckpointError, match='shards of both kinds'):
         find_insightface_files([str(folder)])

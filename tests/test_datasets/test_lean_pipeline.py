@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import ROOT
+from messages import assert_mentions
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
 from mmengine.runner import Runner
@@ -132,11 +133,11 @@ def test_collate_packs_like_pack_inputs(shape, dtype):
 
 def test_collate_refuses_what_it_cannot_stack():
     img = np.zeros((4, 4, 3), np.uint8)
-    with pytest.raises(ValueError, match=r'sample 1 of the batch is a uint8 '
-                       r'image of shape \(5, 4, 3\), sample 0 a uint8 one '
-                       r'of shape \(4, 4, 3\)'):
+    with pytest.raises(ValueError) as err:
         face_collate([dict(img=img, gt_label=0),
                       dict(img=np.zeros((5, 4, 3), np.uint8), gt_label=1)])
+    assert_mentions(err, 'sample 1', '(5, 4, 3)', 'sample 0', '(4, 4, 3)',
+                    'uint8')
     packed = TRANSFORMS.build(dict(type='mmpretrain.PackInputs'))(
         dict(img=img, gt_label=0))
     with pytest.raises(TypeError, match=r"got \['data_samples', 'inputs'\];"
@@ -186,9 +187,9 @@ def test_preprocessor_gives_the_model_the_same_data(rec):
     feats = (torch.randn(8, 4), )
     assert torch.equal(head.loss(feats, lean['data_samples'])['loss'],
                        head.loss(feats, full['data_samples'])['loss'])
-    with pytest.raises(ValueError, match=r'\(B,\) integer class ids, got a '
-                       r'torch.float32 tensor of shape \(8,\)'):
+    with pytest.raises(ValueError) as err:
         pre(dict(inputs=lean['inputs'], data_samples=torch.zeros(8)))
+    assert_mentions(err, '(B,) integer class ids', 'torch.float32', '(8,)')
 
 
 @pytest.mark.parametrize('num_workers', [0, 2])

@@ -2,6 +2,7 @@
 stepped only when the row is sampled; unsampled rows are untouched."""
 import pytest
 import torch
+from messages import assert_mentions
 
 import mmpfc  # noqa: F401
 from mmpfc.checkpoint.sharded_state import split_state
@@ -72,12 +73,12 @@ def test_row_sampled_every_step_matches_dense_adamw():
 def test_refused_options_and_optimizers():
     param = torch.nn.Parameter(torch.zeros(ROWS, DIM))
     rows, grad = torch.arange(2), torch.ones(2, DIM)
-    with pytest.raises(ValueError, match='amsgrad'):
+    with pytest.raises(ValueError, match='amsgrad=True'):
         sparse_step(torch.optim.AdamW([param], amsgrad=True), param, rows,
                     grad)
-    with pytest.raises(TypeError,
-                       match='SGD, AdamW, Adam; optimizer RMSprop is not'):
+    with pytest.raises(TypeError) as err:
         sparse_step(torch.optim.RMSprop([param]), param, rows, grad)
+    assert_mentions(err, 'SGD, AdamW, Adam', 'RMSprop')
 
 
 def test_partial_fc_head_trains_with_adamw():

@@ -5,6 +5,7 @@ import os.path as osp
 import shutil
 
 import pytest
+from messages import assert_mentions
 from tiny_training import build_runner, make_cfg
 
 import mmpfc  # noqa: F401
@@ -66,18 +67,21 @@ def test_resume_of_a_finished_run_trains_nothing(finished):
     runner = train(finished, resume=True)
     assert runner.iter == 2
     assert snapshot(finished) == before
-    assert _logged(runner, 'is complete: it was resumed at iteration 2 of '
-                   'max_iters=2')
+    lines = logged_lines(runner)
+    assert any(str(finished) in line and 'complete' in line and
+               'iteration 2' in line and 'max_iters=2' in line
+               for line in lines), lines
 
 
-def _logged(runner, text):
+def logged_lines(runner):
+    """The lines of the runner's log files."""
+    lines = []
     for handler in runner.logger.handlers:
         path = getattr(handler, 'baseFilename', None)
         if path and osp.isfile(path):
             with open(path) as f:
-                if text in f.read():
-                    return True
-    return False
+                lines += f.read().splitlines()
+    return lines
 
 
 def test_ranks_restarted_by_torchrun_resume_by_themselves(
@@ -123,9 +127,12 @@ def test_copied_work_dir_resumes_from_its_own_copy(finished, tmp_path):
 def test_last_checkpoint_naming_a_missing_file(tmp_path):
     with open(tmp_path / 'last_checkpoint', 'w') as f:
         f.write('/elsewhere/iter_9.pth')
-    with pytest.raises(FileNotFoundError,
-                       match=r'names /elsewhere/iter_9.pth.*--resume PATH'):
+    with pytest.raises(FileNotFoundError) as err:
         resolve_last_checkpoint(str(tmp_path))
+    # the record, the file it names, the copy looked for, the way out
+    assert_mentions(err, str(tmp_path / 'last_checkpoint'),
+                    '/elsewhere/iter_9.pth', str(tmp_path / 'iter_9.pth'),
+                    '--resume PATH')
     with open(tmp_path / 'last_checkpoint', 'w') as f:
         f.write('iter_9.pth')  # relative: taken in the work dir
     (tmp_path / 'iter_9.pth').write_bytes(b'')

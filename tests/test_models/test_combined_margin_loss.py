@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from messages import assert_mentions
 
 import mmpfc  # noqa: F401
 from mmpfc.models.utils import distributed_cross_entropy
@@ -74,11 +75,14 @@ def test_interclass_filtering_zeroes_and_stops_gradient():
                                                [0.0, 1.0, 1.0]]))
 
 
-@pytest.mark.parametrize('bad', [dict(s=0.0), dict(m1=0.5), dict(m2=-0.1),
-                                 dict(interclass_filtering_threshold=1.5)])
-def test_bad_values_raise(bad):
-    with pytest.raises(ValueError, match=list(bad)[0]):
+@pytest.mark.parametrize('bad, bound', [
+    (dict(s=0.0), '> 0'), (dict(m1=0.5), '>= 1'), (dict(m2=-0.1), '[0, pi)'),
+    (dict(interclass_filtering_threshold=1.5), '[0, 1)')])
+def test_bad_values_raise(bad, bound):
+    (key, value), = bad.items()
+    with pytest.raises(ValueError) as err:
         build(**bad)
+    assert_mentions(err, 'CombinedMarginLoss', key, bound, f'got {value!r}')
 
 
 def test_distributed_cross_entropy_single_rank_matches_torch():

@@ -47,7 +47,9 @@ def test_amp_wrapper_takes_the_device_of_the_parameters(monkeypatch):
     fp16 = PartialFCAmpOptimWrapper(
         dtype='float16', optimizer=torch.optim.SGD(model.parameters(), lr=1))
     assert fp16.loss_scaler is not None
-    assert fp16.loss_scaler._device == 'cpu'  # a CPU GradScaler
+    # a CPU GradScaler: scaling a CPU loss works (a CUDA one refuses it),
+    # by the default initial scale 2^16
+    assert fp16.loss_scaler.scale(torch.ones(())).item() == 2.0**16
 
 
 def test_amp_wrapper_refuses_parameters_on_two_device_types():

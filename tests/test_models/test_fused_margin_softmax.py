@@ -91,9 +91,14 @@ def test_chunk_rows_respects_budget():
     assert chunk_rows(0, 512, torch.device('cpu')) == 1
 
 
-def test_cosine_rounded_above_one_is_clamped_without_gradient():
-    """Like ``cos.clamp(-1, 1)``: no gradient where rounding exceeded 1."""
+@pytest.mark.parametrize('bit_mask_on_cpu', [False, True])
+def test_cosine_rounded_above_one_is_clamped_without_gradient(
+        bit_mask_on_cpu, monkeypatch):
+    """Like ``cos.clamp(-1, 1)``: no gradient where rounding exceeded 1;
+    also with the clamped positions kept as a bit mask (CUDA's way)."""
+    from mmpfc.models.heads import bit_mask
     from mmpfc.models.heads.fused_margin_softmax import fused_margin_softmax
+    monkeypatch.setitem(bit_mask.BIT_MASK_CLAMP, 'cpu', bit_mask_on_cpu)
     gen = torch.Generator().manual_seed(0)
     for _ in range(1000):  # find a vector whose self-cosine rounds above 1
         emb = torch.randn(1, DIM, generator=gen, dtype=torch.float64)
@@ -137,7 +142,8 @@ def test_frozen_centers_and_no_grad(sample_rate):
         feats = emb.clone().requires_grad_(True)
         loss = head.loss_by_labels(feats, labels)
         loss.backward()
-        assert head.weight.grad is None and not head._sampled
+        assert head.weight.grad is None
+        assert head.pop_sampled_gradient() is None
         results.append((no_grad_loss, loss.detach(), feats.grad))
     (a0, a1, a2), (b0, b1, b2) = results
     assert not a0.requires_grad
@@ -168,7 +174,7 @@ def train_steps(reuse, sample_rate, accumulate, keep_grads):
         wrapper.update_params(loss)
         losses.append(loss.item())
         if reuse:
-            buffers.add(head._workspace._flat.data_ptr())
+            buffers.add(head.workspace.kept.data_ptr())
     if keep_grads:  # a user keeps the last dense gradient, then steps on
         emb = torch.randn(BATCH, DIM, generator=gen)
         labels = torch.randint(0, NUM_CLASSES, (BATCH, ), generator=gen)
@@ -235,12 +241,12 @@ def test_copies_of_a_head_do_not_copy_its_buffer():
     head = PartialFCHead(NUM_CLASSES, DIM, reuse_buffer=True)
     head.loss_by_labels(torch.randn(BATCH, DIM),
                         torch.arange(BATCH)).backward()
-    assert head._workspace._flat is not None
+    assert head.workspace.kept is not None
     from mmpfc.models.utils import is_sharded, sharded_owner
 
     # e.g. an EMA copy of the model, or a pickled one
     for twin in (copy.deepcopy(head), pickle.loads(pickle.dumps(head))):
-        assert twin._workspace._flat is None
+        assert twin.workspace.kept is None
         assert torch.equal(twin.weight, head.weight)
         # the copy's shard is sharded and owned by the copy
         assert is_sharded(twin.weight) and sharded_owner(twin.weight) is twin
@@ -259,4 +265,3 @@ def test_bit_mask_clamp_path_equals_the_plain_composition(monkeypatch):
             assert got[0] == pytest.approx(want[0], rel=1e-12), name
             for a, b in zip(got[1:], want[1:]):
                 assert torch.allclose(a, b, rtol=1e-9, atol=1e-13), name
-    test_cosine_rounded_above_one_is_clamped_without_gradient()

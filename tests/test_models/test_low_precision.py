@@ -2,6 +2,7 @@
 import pytest
 import torch
 from helpers import LogRecords
+from messages import assert_mentions
 
 from mmpfc.models.heads import MarginSoftmaxHead, PartialFCHead
 from mmpfc.models.utils.low_precision import (parse_center_dtype,
@@ -86,11 +87,13 @@ def test_small_updates_survive_stochastic_rounding_but_not_nearest():
 
 
 def test_unknown_center_dtype_names_the_value():
-    with pytest.raises(ValueError, match=r"center_dtype='int8' is not a "
-                       r"storage dtype.*'bfloat16', 'float16', 'float32'"):
+    with pytest.raises(ValueError) as err:
         parse_center_dtype('int8')
-    with pytest.raises(ValueError, match=r"center_dtype='half'"):
+    assert_mentions(err, "center_dtype='int8'",
+                    "['bfloat16', 'float16', 'float32']")
+    with pytest.raises(ValueError) as err:
         PartialFCHead(num_classes=10, in_channels=8, center_dtype='half')
+    assert_mentions(err, 'PartialFCHead', "center_dtype='half'")
 
 
 @pytest.mark.parametrize('name,dtype', [('bfloat16', torch.bfloat16),
@@ -115,7 +118,7 @@ def test_fp32_checkpoint_into_bf16_head_converts_and_logs():
         compact.load_state_dict(fp32.state_dict())
     assert torch.equal(compact.weight,
                        fp32.weight.detach().to(torch.bfloat16))
-    assert any("weight: converted the saved float32 centers to the head's "
+    assert any('weight' in m and 'converted' in m and 'float32' in m and
                'center_dtype bfloat16' in m for m in messages), messages
     back = PartialFCHead(num_classes=50, in_channels=16, seed=4)
     back.load_state_dict(compact.state_dict())  # the reverse is exact
@@ -127,9 +130,11 @@ def test_fp16_head_refuses_values_beyond_its_range():
     with torch.no_grad():
         big.weight[3, 2] = 7.0e4
     half = PartialFCHead(num_classes=20, in_channels=8, center_dtype='float16')
-    with pytest.raises(ValueError, match=r"magnitude 70000 does not fit "
-                       r"float16 \(largest 65504\).*center_dtype='bfloat16'"):
+    with pytest.raises(ValueError) as err:
         half.load_state_dict(big.state_dict())
+    # the value, the format's largest, and the dtype that holds it
+    assert_mentions(err, 'weight', "center_dtype='float16'", '70000',
+                    '65504', "center_dtype='bfloat16'")
 
 
 def test_compact_model_parallel_gradient_is_fp32_record():
@@ -206,5 +211,6 @@ def test_nearest_rounding_loses_the_updates_stochastic_keeps():
         length = change.norm() / fp32.norm()
         assert min_cos < cos < max_cos, (rounding, cos)
         assert low < length < high, (rounding, length)
-    with pytest.raises(ValueError, match=r"center_rounding='up'"):
+    with pytest.raises(ValueError) as err:
         PartialFCHead(num_classes=4, in_channels=4, center_rounding='up')
+    assert_mentions(err, "center_rounding='up'", "['stochastic', 'nearest']")

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from margin_references import (BATCH, DIM, MARGINS, NUM_CLASSES, START, STEPS,
                                batch, check_state, reference, rel_err,
                                state_of)
+from messages import assert_mentions
 
 import mmpfc  # noqa: F401
 from mmpfc.registry import MODELS
@@ -150,24 +151,30 @@ def test_elastic_eval_uses_the_mean_margin():
 
 
 # ----------------------------------------------------------- bad input
-@pytest.mark.parametrize('cfg,match', [
-    (dict(type='CurricularFaceLoss', m=-0.1), 'm must be'),
-    (dict(type='CurricularFaceLoss', t_alpha=1.5), 't_alpha'),
-    (dict(type='CurricularFaceLoss', s=0.0), 'scale s'),
-    (dict(type='AdaFaceLoss', m=-0.4), 'm must be'),
-    (dict(type='AdaFaceLoss', h=-1.0), 'h must be'),
-    (dict(type='AdaFaceLoss', t_alpha=-0.1), 't_alpha'),
-    (dict(type='MagFaceLoss', l_a=110.0, u_a=10.0), 'u_a must be > l_a'),
-    (dict(type='MagFaceLoss', l_a=0.0), 'l_a must be > 0'),
-    (dict(type='MagFaceLoss', l_m=0.9, u_m=0.8), 'u_m must be in'),
-    (dict(type='MagFaceLoss', lambda_g=-1.0), 'lambda_g'),
-    (dict(type='ElasticFaceLoss', std=-0.01), 'std must be >= 0'),
-    (dict(type='ElasticFaceLoss', m=-0.5), 'm must be'),
-    (dict(type='ElasticFaceLoss', kind='sphere'), 'kind must be'),
+@pytest.mark.parametrize('cfg,named', [
+    (dict(type='CurricularFaceLoss', m=-0.1), ('m', '[0, pi)', '-0.1')),
+    (dict(type='CurricularFaceLoss', t_alpha=1.5),
+     ('t_alpha', '[0, 1]', '1.5')),
+    (dict(type='CurricularFaceLoss', s=0.0), ('scale s', '> 0', '0.0')),
+    (dict(type='AdaFaceLoss', m=-0.4), ('m', '[0, pi)', '-0.4')),
+    (dict(type='AdaFaceLoss', h=-1.0), ('h', '>= 0', '-1.0')),
+    (dict(type='AdaFaceLoss', t_alpha=-0.1), ('t_alpha', '[0, 1]', '-0.1')),
+    (dict(type='MagFaceLoss', l_a=110.0, u_a=10.0),
+     ('u_a', 'l_a=110.0', '10.0')),
+    (dict(type='MagFaceLoss', l_a=0.0), ('l_a', '> 0', '0.0')),
+    (dict(type='MagFaceLoss', l_m=0.9, u_m=0.8), ('u_m', 'l_m=0.9', '0.8')),
+    (dict(type='MagFaceLoss', lambda_g=-1.0), ('lambda_g', '>= 0', '-1.0')),
+    (dict(type='ElasticFaceLoss', std=-0.01), ('std', '>= 0', '-0.01')),
+    (dict(type='ElasticFaceLoss', m=-0.5), ('m', '[0, pi)', '-0.5')),
+    (dict(type='ElasticFaceLoss', kind='sphere'),
+     ('kind', "['arc', 'cos']", "'sphere'")),
 ])
-def test_bad_values_raise(cfg, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_values_raise(cfg, named):
+    """Named: the margin and the argument, its range, the value."""
+    key, bound, value = named
+    with pytest.raises(ValueError) as err:
         MODELS.build(cfg)
+    assert_mentions(err, f"{cfg['type']}: {key} ", bound, f'got {value}')
 
 
 @pytest.mark.parametrize('name', ['adaface', 'magface'])

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from dist_utils import run_distributed
+from helpers import drawn_rows
 
 NUM_CLASSES, IN_DIM, DIM, GLOBAL_BATCH, STEPS = 24, 32, 16, 16, 150
 COSFACE = dict(type='CombinedMarginLoss', s=16.0, m1=1.0, m2=0.0, m3=0.2)
@@ -84,13 +85,14 @@ def test_gradient_accumulation_sums_sampled_gradients():
                                   weight_decay=wd),
         accumulative_counts=2)
     wrapper.initialize_count_status(head, 0, 2)
+    drawn = drawn_rows(head)
     before = head.weight.detach().clone()
     feats = torch.randn(2, 4, DIM, dtype=torch.float64)
     labels = torch.randint(0, NUM_CLASSES, (2, 4))
     expected_grad = torch.zeros_like(before)
     for micro in range(2):
         loss = head.loss_by_labels(feats[micro], labels[micro])
-        index = head._sampled.last_index.clone()
+        index = drawn[micro]
         # independent gradient of this micro-batch over its sampled rows
         ref = before[index].clone().requires_grad_(True)
         sub_labels = torch.searchsorted(index, labels[micro])

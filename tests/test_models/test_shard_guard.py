@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 from dist_utils import run_distributed
 from helpers import ROOT
+from messages import assert_mentions
+from tiny_training import check_shard_dirs
 
 import mmpfc  # noqa: F401
 from mmpfc.models.heads import PartialFCHead
@@ -51,11 +53,11 @@ def wrapped_forward(rank, world_size, wrapper):
 def test_replicating_ddp_is_refused_at_the_first_forward(wrapper):
     results = run_distributed(wrapped_forward, 2, wrapper)
     for result in results:  # every rank refuses, with the fix
-        message = result['error']
-        assert "['head.weight'] hold rank-local rows" in message
-        assert "runner_type = 'mmpfc.PartialFCRunner'" in message
-        assert "model_wrapper_cfg = dict(type='mmpfc.PartialFCDistributed" \
-            "DataParallel')" in message
+        assert_mentions(
+            result['error'], "['head.weight']", 'rank-local',
+            "runner_type = 'mmpfc.PartialFCRunner'",
+            "model_wrapper_cfg = dict(type='mmpfc.PartialFCDistributed"
+            "DataParallel')")
 
 
 def test_shard_aware_ddp_runs():
@@ -108,12 +110,12 @@ def test_readme_mmpretrain_snippet_keeps_every_ranks_rows(tmp_path):
     assert results[0]['runner'] == 'PartialFCRunner'
     assert results[0]['wrapper'] == 'PartialFCDistributedDataParallel'
     assert not torch.equal(results[0]['rows'], results[1]['rows'])
+    folder, = check_shard_dirs(tmp_path, ['iter_2.pth'])
     shards = sorted(osp.basename(p) for p in glob.glob(
-        osp.join(str(tmp_path), 'iter_2.pth.shards-*', '*.pth')))
+        osp.join(str(tmp_path), folder, '*.pth')))
     assert shards == ['rank0-of2.pth', 'rank1-of2.pth']
-    saved = torch.load(glob.glob(osp.join(
-        str(tmp_path), 'iter_2.pth.shards-*', 'rank1-of2.pth'))[0],
-        weights_only=False)
+    saved = torch.load(osp.join(str(tmp_path), folder, 'rank1-of2.pth'),
+                       weights_only=False)
     assert any(torch.equal(t, results[1]['rows'])
                for t in _tensors(saved))
 

@@ -255,7 +255,7 @@ def _rank_result(rank: int, row: BenchmarkRow, head: torch.nn.Module,
     return RankResult(
         rank=rank, device=_device_name(meter.device),
         num_local=int(getattr(head, 'num_local', row.num_classes)),
-        rows_per_step=_rows_per_step(head, row),
+        rows_per_step=rows_per_step(head, row),
         times={k: v[skip:] for k, v in timer.times.items()},
         phase_peak_mb={k: max(v[skip:]) for k, v in meter.phases.items()
                        if v[skip:]},
@@ -278,7 +278,7 @@ def _time_head_gemms(head: torch.nn.Module, row: BenchmarkRow,
     return time_gemms(num, rows, dim, device, weight)
 
 
-def _rows_per_step(head, row: BenchmarkRow) -> int:
+def rows_per_step(head, row: BenchmarkRow) -> int:
     """Centers the step multiplies with (every sub-center counted)."""
     subs = int(getattr(head, 'num_subcenters', 1))
     if row.method == 'dp' or row.sample_rate >= 1.0:

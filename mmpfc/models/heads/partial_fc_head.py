@@ -171,7 +171,7 @@ class PartialFCHead(BaseMarginHead):
                                      seed=(base_seed + self.rank) % (2**63))
         self.reuse_buffer = reuse_buffer
         self.check_batch_size = check_batch_size
-        self._workspace = Workspace()
+        self.workspace = Workspace()  # used when reuse_buffer says so
         # (rows, holder of .grad) of the steps since the last optimizer update
         self._sampled = SampledGradients()
         self.steps_per_update = 1
@@ -279,7 +279,7 @@ class PartialFCHead(BaseMarginHead):
         reuse = self.reuse_buffer
         if reuse is None:
             reuse = embeddings.device.type == 'cpu'
-        return self._workspace if reuse else None
+        return self.workspace if reuse else None
 
     def _training_step(self) -> bool:
         return self.training and torch.is_grad_enabled()

@@ -24,6 +24,11 @@ class Workspace:
     def __init__(self) -> None:
         self._flat: Optional[torch.Tensor] = None
 
+    @property
+    def kept(self) -> Optional[torch.Tensor]:
+        """The buffer kept for the next step (None before the first)."""
+        return self._flat
+
     def take(self, numel: int, like: torch.Tensor) -> torch.Tensor:
         """A 1-D buffer of ``numel`` elements of ``like``'s dtype/device."""
         if not self._reusable(numel, like):
