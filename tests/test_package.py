@@ -64,6 +64,21 @@ def test_importing_mmpfc_changes_no_global_state():
     assert out.stdout.strip() == 'unchanged', out.stdout
 
 
+def test_importing_mmpfc_keeps_the_warning_filters_of_its_libraries():
+    """``import mmpfc`` first in a process: the filters torch installs when
+    it is imported (e.g. for its tracer's warnings) are still there."""
+    code = ('import warnings; import {}; '
+            'print(sorted(map(repr, warnings.filters)))')
+    filters = {}
+    for name in ('torch', 'mmpfc'):
+        out = subprocess.run([sys.executable, '-c', code.format(name)],
+                             capture_output=True, text=True, cwd=ROOT,
+                             check=True)
+        filters[name] = set(eval(out.stdout))
+    assert filters['torch'] <= filters['mmpfc'], \
+        filters['torch'] - filters['mmpfc']
+
+
 def _imported_subpackages(path: pathlib.Path):
     """(line, subpackage) of every ``mmpfc.<subpackage>`` that ``path``
     imports, relative imports resolved, function-level ones included."""

@@ -124,7 +124,7 @@ class ShardedCheckpointer:
             shard_checksums=tuple(s.checksum for s, _ in gathered),
             samplers=samplers)
         if rank == 0:
-            with lend_host_copies(model, optim_wrapper, payload):
+            with lend_host_copies(model, payload):
                 self._write_main_file(out_dir, filename, manifest,
                                       write_main)
             del payload

@@ -14,7 +14,8 @@ import torch.distributed as dist
 
 def mmengine_checkpoint_globals() -> list:
     """What ``torch.load(weights_only=True)`` must allow to read MMEngine
-    checkpoints (:func:`torch_load` allows them for its call only).
+    checkpoints (:func:`allowing_mmengine_checkpoints` allows them within a
+    block: one :func:`torch_load`, or a ``PartialFCRunner``'s run).
 
     Works around torch >= 2.6 defaulting ``weights_only=True`` while
     mmengine 0.10.7 stores ``HistoryBuffer`` objects and numpy
@@ -124,7 +125,7 @@ def torch_load(path: str, map_location=None, mmap: bool = False):
     non-zip) format and raises a ``RuntimeError`` about the zipfile format:
     such a file is read without ``mmap`` instead.
     """
-    with _allowing(mmengine_checkpoint_globals()):
+    with allowing_mmengine_checkpoints():
         try:
             return torch.load(path, map_location=map_location, mmap=mmap)
         except RuntimeError as err:
@@ -133,12 +134,18 @@ def torch_load(path: str, map_location=None, mmap: bool = False):
         return torch.load(path, map_location=map_location)
 
 
-def _allowing(safe: list):
-    """``torch.serialization.safe_globals(safe)``: allowed for one load,
-    never for the process (torch < 2.5 has no such context; its
-    ``weights_only`` is off by default there)."""
+def allowing_mmengine_checkpoints():
+    """A block within which ``torch.load(weights_only=True)`` reads MMEngine
+    checkpoints (:func:`mmengine_checkpoint_globals`); after it, torch's
+    allow-list is what it was, entries added before by others included
+    (torch < 2.5 has no such block; its ``weights_only`` is off by default
+    there)."""
     context = getattr(torch.serialization, 'safe_globals', None)
-    return nullcontext() if context is None else context(safe)
+    if context is None:
+        return nullcontext()
+    allowed = torch.serialization.get_safe_globals()
+    return context([obj for obj in mmengine_checkpoint_globals()
+                    if obj not in allowed])
 
 
 #: ``torch.onnx.export`` arguments: torch >= 2.9 defaults to the dynamo

@@ -149,8 +149,9 @@ KNOWN_WARNINGS: Sequence[Tuple[str, Type[Warning], str, str]] = (
 @contextmanager
 def ignoring_known_warnings() -> Iterator[None]:
     """Within the block, ignore the third-party warnings of
-    :data:`KNOWN_WARNINGS`; the process's warning filters are restored
-    after it (``warnings.catch_warnings``).
+    :data:`KNOWN_WARNINGS`; after it, exactly these filters are removed
+    again, and the filters that libraries imported in the block installed
+    stay (``warnings.catch_warnings`` would drop those too).
 
     Each filter matches a message, its category and the module that warns,
     so the same category from anywhere else, or another message of the same
@@ -159,8 +160,15 @@ def ignoring_known_warnings() -> Iterator[None]:
     environment within it; MMEngine's own logged notices are handled by
     :func:`quiet_console` instead.
     """
-    with warnings.catch_warnings():
-        for message, category, module, _reason in KNOWN_WARNINGS:
-            warnings.filterwarnings('ignore', message=message,
-                                    category=category, module=module + r'\Z')
+    before, added = list(warnings.filters), []
+    for message, category, module, _reason in KNOWN_WARNINGS:
+        warnings.filterwarnings('ignore', message=message, category=category,
+                                module=module + r'\Z')
+        if warnings.filters[0] not in before:  # else it was someone's
+            added.append(warnings.filters[0])
+    try:
         yield
+    finally:
+        for entry in added:
+            if entry in warnings.filters:
+                warnings.filters.remove(entry)

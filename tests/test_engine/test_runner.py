@@ -310,3 +310,19 @@ def test_launcher_without_process_group(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError) as err:
         RUNNERS.build(cfg)
     assert_mentions(err, "launcher='pytorch'", 'process group')
+
+
+def test_published_checkpoint_is_written_at_the_end(tmp_path):
+    """MMEngine's CheckpointHook loads the last checkpoint back to publish
+    it (``published_keys``): a plain ``torch.load`` inside the run, which
+    reads MMEngine's message hub objects."""
+    from tiny_training import build_runner, make_cfg
+    cfg = make_cfg(tmp_path, max_iters=2, interval=2)
+    cfg.default_hooks.checkpoint.published_keys = ['meta', 'state_dict']
+    build_runner(cfg).train()
+    published, = glob.glob(osp.join(str(tmp_path), 'iter_2-*.pth'))
+    saved = torch.load(published, weights_only=False)
+    assert sorted(saved) == ['meta', 'state_dict']
+    assert any(k.startswith('backbone.') for k in saved['state_dict'])
+    # the replicated part only (merge_checkpoint.py makes a whole file)
+    assert 'head.weight' not in saved['state_dict']

@@ -54,12 +54,11 @@ class ShardAwareMixin:
 
     def _init_shard_aware(self, center_state_dtype: str) -> None:
         """Check and keep the form of the centers' optimizer state, and tell
-        the heads updated by rows how many backward passes accumulate
-        before an update (they refuse a step beyond it: their gradients
-        would never be applied)."""
+        the heads updated by rows that this wrapper applies their gradients
+        (without one, a head refuses the step after an unapplied one)."""
         self._init_center_state(center_state_dtype)
         for _, owner in self._row_owners():
-            owner.steps_per_update = self._accumulative_counts
+            owner.expect_row_updates()
 
     def _init_center_state(self, center_state_dtype: str) -> None:
         """A compact form needs an optimizer that updates by rows, which

@@ -23,7 +23,8 @@ from mmpfc.engine.hooks.training_health_hook import (TrainingDivergedError,
 from mmpfc.engine.model_wrappers import PartialFCDistributedDataParallel
 from mmpfc.models.utils import sharded_names
 from mmpfc.registry import MODEL_WRAPPERS, RUNNERS
-from mmpfc.utils.compat import scoped_registry_name, warn_if_loop_sleeps
+from mmpfc.utils.compat import (allowing_mmengine_checkpoints,
+                                scoped_registry_name, warn_if_loop_sleeps)
 from mmpfc.utils.logging import ignoring_known_warnings, quiet_console
 from mmpfc.utils.process_group import init_process_group_for_device
 
@@ -131,7 +132,8 @@ class PartialFCRunner(ShardedCheckpointMixin, Runner):
 
     def train(self) -> nn.Module:
         """MMEngine's ``train`` holding the work dir's lock, behind the
-        work-dir guard; a resumed run that is already complete returns at
+        work-dir guard, with MMEngine's checkpoint objects allowed to
+        ``torch.load``; a resumed run that is already complete returns at
         once."""
         lock = self._lock_work_dir()
         preemption = [h for h in self.hooks if isinstance(h, PreemptionHook)]
@@ -139,7 +141,9 @@ class PartialFCRunner(ShardedCheckpointMixin, Runner):
             for hook in preemption:
                 hook.install_signal_handlers()
             self._refuse_other_runs_checkpoints()
-            return super().train()
+            # MMEngine's own loads too (CheckpointHook's published_keys)
+            with allowing_mmengine_checkpoints():
+                return super().train()
         except _RunComplete:
             self.call_hook('after_run')
             return self.model

@@ -13,9 +13,9 @@ from mmengine.logging import print_log
 from mmpfc.registry import MODELS
 from mmpfc.utils.arg_checks import Bool, Int, Opt, Parsed, Real, arg_specs
 
-from ..utils import (all_gather_with_grad, distributed_cross_entropy,
-                     get_rank_and_world_size, mark_sharded,
-                     refuse_replicating_ddp, shard_range)
+from ..utils import (active_ddp, all_gather_with_grad,
+                     distributed_cross_entropy, get_rank_and_world_size,
+                     mark_sharded, refuse_replicating_ddp, shard_range)
 from ..utils.distributed import all_gather_no_grad
 from ..utils.low_precision import (check_representable, dtype_name, is_compact,
                                    parse_center_dtype, parse_center_rounding,
@@ -104,7 +104,7 @@ class PartialFCHead(BaseMarginHead):
         seed: Base seed of the center sampler; rank r uses ``seed + r``.
             Defaults to ``torch.initial_seed()`` at construction.
         reuse_buffer: Keep the fused (S, max(N, D)) logit/gradient buffer
-            from step to step (:class:`..utils.workspace.Workspace`).
+            from step to step (:mod:`mmpfc.models.utils.workspace`).
             None: on the CPU only, where every fresh buffer is page-faulted
             by the kernel; CUDA's caching allocator already recycles it, and
             freeing it there leaves the memory to the backbone's next
@@ -174,8 +174,8 @@ class PartialFCHead(BaseMarginHead):
         self.workspace = Workspace()  # used when reuse_buffer says so
         # (rows, holder of .grad) of the steps since the last optimizer update
         self._sampled = SampledGradients()
-        self.steps_per_update = 1
-        self._ddp_checked = False
+        self._row_updates_expected = False  # see expect_row_updates
+        self._checked_ddp: Optional[int] = None  # id of the DDP checked
 
     def _load_from_state_dict(self, state_dict, prefix, *args,
                               **kwargs) -> None:
@@ -224,9 +224,8 @@ class PartialFCHead(BaseMarginHead):
     def loss_by_labels(self, embeddings: torch.Tensor,
                        labels: torch.Tensor) -> torch.Tensor:
         """Loss for a (B, D) embedding batch and its (B,) class ids."""
-        if self.world_size > 1 and not self._ddp_checked:
-            # before stock DDP trains rank 0's rows; once a DDP was seen
-            self._ddp_checked = refuse_replicating_ddp()
+        if self.world_size > 1:
+            self._check_ddp()
         labels = self._check_inputs(embeddings, labels)
         if self._training_step():
             self._refuse_unapplied_gradients()
@@ -313,16 +312,19 @@ class PartialFCHead(BaseMarginHead):
         """
         return self._sampled.pop(self.weight.shape[1])  # K*D per row
 
-    def _refuse_unapplied_gradients(self) -> None:
-        """Fail loudly before a step whose predecessors' sampled gradients
-        were never applied: the optimizer is driven by a wrapper that does
-        not know them, and the sampled centers would never learn.
+    def expect_row_updates(self) -> None:
+        """Called by an optim wrapper that applies the rows' gradients at
+        its step (the PartialFC wrappers, when they are built): from then
+        on, gradients may wait for it over several steps (gradient
+        accumulation)."""
+        self._row_updates_expected = True
 
-        ``steps_per_update`` backward passes may wait (gradient
-        accumulation; the PartialFC optim wrappers set it to their
-        ``accumulative_counts``).
-        """
-        if self._sampled.pending_steps() < self.steps_per_update:
+    def _refuse_unapplied_gradients(self) -> None:
+        """Fail loudly before a training step while an earlier step's
+        sampled gradients wait and no PartialFC optim wrapper will apply
+        them: the optimizer is driven by a wrapper that does not know them,
+        and the sampled centers would never learn."""
+        if self._row_updates_expected or not self._sampled.pending_steps():
             return
         raise RuntimeError(
             f'{type(self).__name__} (sample_rate={self.sample_rate}, '
@@ -338,6 +340,14 @@ class PartialFCHead(BaseMarginHead):
         self._sampled.clear()
 
     # ------------------------------------------------------------- checks
+    def _check_ddp(self) -> None:
+        """Refuse a DDP that replicates the rows; each DDP once (the check
+        walks the wrapped model's parameters)."""
+        ddp = active_ddp()
+        if ddp is not None and id(ddp) != self._checked_ddp:
+            refuse_replicating_ddp(ddp)
+            self._checked_ddp = id(ddp)
+
     def _check_inputs(self, embeddings: torch.Tensor,
                       labels: torch.Tensor) -> torch.Tensor:
         labels = self._check_shapes(embeddings, labels)

@@ -29,9 +29,9 @@ class ShardedHead(Protocol):
     rows, or a 16-bit shard) a step leaves the fp32 gradient of the rows it
     used to :meth:`pop_sampled_gradient` instead of ``weight.grad``, and
     the optim wrapper writes the updated rows back through
-    :meth:`round_rows`; it sets ``steps_per_update`` to the backward passes
-    it accumulates before an update, and the head refuses a step once that
-    many wait unapplied (the optimizer driving it cannot apply them).
+    :meth:`round_rows`. Such a wrapper calls :meth:`expect_row_updates`
+    when it is built; a head that no wrapper told so refuses a training step
+    while an earlier step's row gradients wait (nothing would apply them).
     """
 
     num_classes: int
@@ -41,7 +41,6 @@ class ShardedHead(Protocol):
     sample_rate: float
     sampler: object
     rounding: object
-    steps_per_update: int
 
     @property
     def samples_centers(self) -> bool:
@@ -59,6 +58,9 @@ class ShardedHead(Protocol):
                              ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         """``(rows, grad)`` since the last update (summed per row), or
         None; clears the record."""
+
+    def expect_row_updates(self) -> None:
+        """An optim wrapper will apply the row gradients at its step."""
 
     def clear_sampled_gradient(self) -> None:
         """Forget the sampled-row gradients (``zero_grad``)."""

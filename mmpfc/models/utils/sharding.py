@@ -93,7 +93,17 @@ SHARD_SAFE_CONFIG = ("runner_type = 'mmpfc.PartialFCRunner'\n"
                      "type='mmpfc.PartialFCDistributedDataParallel')")
 
 
-def refuse_replicating_ddp() -> bool:
+def active_ddp() -> Optional[torch.nn.Module]:
+    """The ``DistributedDataParallel`` running the current forward, if any.
+
+    torch (checked up to 2.14) marks it in the private
+    ``DistributedDataParallel._active_ddp_module`` only while it runs.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+    return getattr(DistributedDataParallel, '_active_ddp_module', None)
+
+
+def refuse_replicating_ddp(ddp: torch.nn.Module) -> None:
     """Raise if the DDP running this forward replicates sharded tensors.
 
     Stock DDP (MMEngine's ``MMDistributedDataParallel`` included, which a
@@ -101,17 +111,9 @@ def refuse_replicating_ddp() -> bool:
     averages every gradient: the ranks' own rows are gone before the first
     step, and a stock ``Runner`` then saves rank 0's rows only. The wrapper
     is visible only while it runs the forward
-    (``DistributedDataParallel._active_ddp_module``), so a sharded head calls
-    this from its loss until a wrapper was seen.
-
-    Returns:
-        True when a DDP wrapper runs the forward and ignores every sharded
-        tensor; False when no DDP wrapper runs it.
+    (:func:`active_ddp`), so a sharded head calls this from its loss, once
+    per wrapper.
     """
-    from torch.nn.parallel import DistributedDataParallel
-    ddp = getattr(DistributedDataParallel, '_active_ddp_module', None)
-    if ddp is None:
-        return False
     ignored = set(getattr(ddp, 'parameters_to_ignore', ()))
     replicated = [name for name in sharded_names(ddp.module)
                   if name not in ignored]
@@ -123,7 +125,6 @@ def refuse_replicating_ddp() -> bool:
             "rank 0 and averages their gradients: every rank now trains rank "
             "0's rows, and a stock MMEngine Runner saves rank 0's only. Add "
             f'these two lines to the config:\n    {fix}')
-    return True
 
 
 def split_state(state: dict, num_local: int) -> Tuple[dict, dict]:
