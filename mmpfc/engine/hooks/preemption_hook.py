@@ -19,7 +19,6 @@ already gone) ends the run without a new checkpoint.
 """
 from __future__ import annotations
 
-import atexit
 import datetime
 import multiprocessing
 import os
@@ -27,6 +26,7 @@ import os.path as osp
 import signal
 import threading
 import time
+import weakref
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -63,13 +63,16 @@ class WorkerSignals:
     SIGTERM handler that exits, and a worker that dies makes the training
     process raise at once, before it can save. When the training process
     exits it terminates its workers with SIGTERM and waits for them: from
-    then on (an event set at its exit) the signal ends a worker again.
+    then on (an event set at its exit, or when the loader holding this
+    function is gone) the signal ends a worker again.
     """
 
     def __init__(self, signals: Sequence[int], inner=None) -> None:
         self.signals, self.inner = list(signals), inner
         self.parent_exiting = multiprocessing.Event()
-        atexit.register(self.parent_exiting.set)
+        # called at the process's exit, unless the loader went first: no
+        # exit handler outlives its loader
+        weakref.finalize(self, self.parent_exiting.set)
 
     def __call__(self, worker_id: int) -> None:
         for number in self.signals:
