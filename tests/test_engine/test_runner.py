@@ -326,3 +326,25 @@ def test_published_checkpoint_is_written_at_the_end(tmp_path):
     assert any(k.startswith('backbone.') for k in saved['state_dict'])
     # the replicated part only (merge_checkpoint.py makes a whole file)
     assert 'head.weight' not in saved['state_dict']
+
+
+@pytest.mark.parametrize('sample_rate,center_dtype,refused', [
+    (0.5, 'float32', True),  # sampled centers: rows applied by the wrapper
+    (1.0, 'bfloat16', True),  # a 16-bit shard: the same
+    (1.0, 'float32', False)])  # model parallel fp32: a dense weight.grad
+def test_runner_refuses_a_stock_wrapper_for_row_updates(
+        tmp_path, sample_rate, center_dtype, refused):
+    from tiny_training import build_runner, make_cfg
+    cfg = make_cfg(tmp_path, sample_rate=sample_rate,
+                   center_dtype=center_dtype)
+    runner = build_runner(cfg)
+    stock = dict(type='OptimWrapper',
+                 optimizer=dict(type='SGD', lr=0.1, momentum=0.9))
+    if not refused:
+        assert type(runner.build_optim_wrapper(stock)).__name__ == \
+            'OptimWrapper'
+        return
+    with pytest.raises(ValueError) as err:
+        runner.build_optim_wrapper(stock)
+    assert_mentions(err, 'head.weight', 'optim_wrapper (OptimWrapper)',
+                    "type='mmpfc.PartialFCOptimWrapper'")

@@ -12,6 +12,7 @@ from mmengine.dist import (broadcast, broadcast_object_list, get_dist_info,
                            is_distributed)
 from mmengine.hooks import CheckpointHook, EMAHook
 from mmengine.model import is_model_wrapper
+from mmengine.optim import OptimWrapperDict
 from mmengine.runner import Runner
 from mmengine.runner.base_loop import BaseLoop
 from torch.nn.parallel import DistributedDataParallel
@@ -21,7 +22,9 @@ from mmpfc.engine.hooks.preemption_hook import PreemptionHook, WorkerSignals
 from mmpfc.engine.hooks.training_health_hook import (TrainingDivergedError,
                                                      nonfinite_weights)
 from mmpfc.engine.model_wrappers import PartialFCDistributedDataParallel
-from mmpfc.models.utils import sharded_names
+from mmpfc.engine.optimizers.partial_fc_optim_wrapper import ShardAwareMixin
+from mmpfc.models.utils import (named_sharded_tensors, sharded_names,
+                                sharded_owner)
 from mmpfc.registry import MODEL_WRAPPERS, RUNNERS
 from mmpfc.utils.compat import (allowing_mmengine_checkpoints,
                                 scoped_registry_name, warn_if_loop_sleeps)
@@ -265,6 +268,13 @@ class PartialFCRunner(ShardedCheckpointMixin, Runner):
                                                   loader.worker_init_fn)
         return loader
 
+    def build_optim_wrapper(self, optim_wrapper):
+        """MMEngine's optim wrapper, refused if it cannot apply a sharded
+        head's row gradients (:func:`check_row_updates`)."""
+        built = super().build_optim_wrapper(optim_wrapper)
+        check_row_updates(unwrap_model(self.model), built)
+        return built
+
     def build_train_loop(self, loop: Union[BaseLoop, Dict]) -> BaseLoop:
         """MMEngine's train loop, after checking its data against the model."""
         loop = super().build_train_loop(loop)
@@ -275,6 +285,37 @@ class PartialFCRunner(ShardedCheckpointMixin, Runner):
             check_hooks(model, self.hooks)
             warn_if_loop_sleeps(loop, self.logger)
         return loop
+
+
+def check_row_updates(model: nn.Module, optim_wrapper) -> None:
+    """Refuse an optim wrapper that holds the rows of a head updated by
+    rows (sampled centers, or a 16-bit shard) but is not a PartialFC
+    wrapper: it would never apply their gradients. Checked when the runner
+    builds it, before the first step (the head itself refuses only the
+    step after an unapplied one)."""
+    wrappers = (list(optim_wrapper.values())
+                if isinstance(optim_wrapper, OptimWrapperDict)
+                else [optim_wrapper])
+    for name, param in named_sharded_tensors(model):
+        if not getattr(sharded_owner(param), 'row_updates', False):
+            continue
+        for key, wrapper in zip(_wrapper_keys(optim_wrapper), wrappers):
+            held = any(p is param for group in wrapper.param_groups
+                       for p in group['params'])
+            if held and not isinstance(wrapper, ShardAwareMixin):
+                raise ValueError(
+                    f'{name} is updated by rows (sampled centers or 16-bit '
+                    f'storage), but optim_wrapper{key} '
+                    f'({type(wrapper).__name__}) cannot apply their '
+                    "gradients: use type='mmpfc.PartialFCOptimWrapper' or "
+                    "'mmpfc.PartialFCAmpOptimWrapper'")
+
+
+def _wrapper_keys(optim_wrapper) -> list:
+    """``['']``, or ``["['backbone']", ...]`` for an ``OptimWrapperDict``."""
+    if isinstance(optim_wrapper, OptimWrapperDict):
+        return [f'[{key!r}]' for key in optim_wrapper.keys()]
+    return ['']
 
 
 def check_hooks(model: nn.Module, hooks: list) -> None:
