@@ -348,3 +348,27 @@ def test_runner_refuses_a_stock_wrapper_for_row_updates(
         runner.build_optim_wrapper(stock)
     assert_mentions(err, 'head.weight', 'optim_wrapper (OptimWrapper)',
                     "type='mmpfc.PartialFCOptimWrapper'")
+
+
+def test_row_update_check_names_the_wrapper_of_an_optim_wrapper_dict():
+    from mmengine.optim import OptimWrapper, OptimWrapperDict
+
+    from mmpfc.engine.optimizers import PartialFCOptimWrapper
+    from mmpfc.engine.runners.partial_fc_runner import check_row_updates
+    model = nn.Module()
+    model.backbone = nn.Linear(4, 4)
+    model.head = PartialFCHead(num_classes=10, in_channels=4,
+                               sample_rate=0.5)
+
+    def wrappers(head_type):
+        return OptimWrapperDict(
+            backbone=OptimWrapper(torch.optim.SGD(
+                model.backbone.parameters(), lr=0.1)),
+            head=head_type(optimizer=torch.optim.SGD(
+                model.head.parameters(), lr=0.1)))
+
+    check_row_updates(model, wrappers(PartialFCOptimWrapper))  # accepted
+    with pytest.raises(ValueError) as err:
+        check_row_updates(model, wrappers(OptimWrapper))
+    assert_mentions(err, 'head.weight', "optim_wrapper['head']",
+                    '(OptimWrapper)')
