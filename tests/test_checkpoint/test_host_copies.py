@@ -46,3 +46,37 @@ def test_hooks_are_removed_when_the_write_fails():
         with lend_host_copies(model, payload):
             raise OSError('disk full')
     assert model.state_dict()['head.weight'] is not copy
+
+
+def test_a_sharded_save_lends_its_shard_copy_to_the_main_file(
+        tmp_path, monkeypatch):
+    """``ShardedCheckpointer.save`` writes the main file within the lending
+    of the very payload it wrote to the shard file."""
+    from mmengine.runner.checkpoint import get_state_dict
+
+    from mmpfc.checkpoint import ShardedCheckpointer
+    from mmpfc.checkpoint import checkpointer as checkpointer_module
+    from mmpfc.checkpoint import host_copies
+    model, wrapper = trained_head()
+    lent = []
+
+    def recording_lend(model, payload):
+        lent.append(payload['params']['head.weight']['weight'])
+        return host_copies.lend_host_copies(model, payload)
+
+    monkeypatch.setattr(checkpointer_module, 'lend_host_copies',
+                        recording_lend)
+    seen = []
+
+    def write_main(name, manifest):
+        state = get_state_dict(model)
+        seen.append(state['head.weight'])
+        torch.save(dict(state_dict=state), tmp_path / name)
+
+    ShardedCheckpointer().save(model, wrapper, str(tmp_path), 'iter_1.pth',
+                               write_main)
+    assert len(lent) == 1 and seen[0] is lent[0]
+    shard, = tmp_path.glob('iter_1.pth.shards-*/rank0-of1.pth')
+    saved = torch.load(shard, weights_only=False)
+    assert torch.equal(saved['params']['head.weight']['weight'], lent[0])
+    assert model.state_dict()['head.weight'] is not lent[0]  # after it

@@ -7,8 +7,8 @@ autocast; the head's sync-free code paths (the bit packing of clamped
 cosines, fixed-size center sampling) equal the plain ones (the bit-mask
 clamp path of the fused step is tested in test_fused_margin_softmax.py); a
 sampler state from
-another device type is reseeded with a warning; a sharded save's host
-copies are used once; the face preprocessor equals mmpretrain's.
+another device type is reseeded with a warning; the face preprocessor
+equals mmpretrain's.
 """
 import logging
 from types import SimpleNamespace
@@ -47,9 +47,9 @@ def test_amp_wrapper_takes_the_device_of_the_parameters(monkeypatch):
     fp16 = PartialFCAmpOptimWrapper(
         dtype='float16', optimizer=torch.optim.SGD(model.parameters(), lr=1))
     assert fp16.loss_scaler is not None
-    # a CPU GradScaler: scaling a CPU loss works (a CUDA one refuses it),
-    # by the default initial scale 2^16
-    assert fp16.loss_scaler.scale(torch.ones(())).item() == 2.0**16
+    # a CPU GradScaler, although CUDA is (faked) available: GradScaler has
+    # no public device attribute, and a CUDA one scales CPU tensors too
+    assert fp16.loss_scaler._device == 'cpu'
 
 
 def test_amp_wrapper_refuses_parameters_on_two_device_types():

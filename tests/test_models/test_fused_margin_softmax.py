@@ -91,14 +91,20 @@ def test_chunk_rows_respects_budget():
     assert chunk_rows(0, 512, torch.device('cpu')) == 1
 
 
-@pytest.mark.parametrize('bit_mask_on_cpu', [False, True])
+@pytest.mark.parametrize('bit_mask_on_cpu,chunk_bytes', [
+    (False, None), (True, None),
+    (True, 96)])  # the mask in several chunks and blocks
 def test_cosine_rounded_above_one_is_clamped_without_gradient(
-        bit_mask_on_cpu, monkeypatch):
+        bit_mask_on_cpu, chunk_bytes, monkeypatch):
     """Like ``cos.clamp(-1, 1)``: no gradient where rounding exceeded 1;
     also with the clamped positions kept as a bit mask (CUDA's way)."""
     from mmpfc.models.heads import bit_mask
     from mmpfc.models.heads.fused_margin_softmax import fused_margin_softmax
+    from mmpfc.models.utils import chunks
     monkeypatch.setitem(bit_mask.BIT_MASK_CLAMP, 'cpu', bit_mask_on_cpu)
+    if chunk_bytes is not None:
+        monkeypatch.setitem(chunks.CHUNK_BYTES, 'cpu', chunk_bytes)
+        monkeypatch.setattr(bit_mask, 'MASK_BLOCK', 8)
     gen = torch.Generator().manual_seed(0)
     for _ in range(1000):  # find a vector whose self-cosine rounds above 1
         emb = torch.randn(1, DIM, generator=gen, dtype=torch.float64)
