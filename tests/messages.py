@@ -18,3 +18,12 @@ def assert_mentions(message, *parts: str) -> str:
     missing = [part for part in parts if part not in text]
     assert not missing, f'{missing} not named in {text!r}'
     return text
+
+
+def assert_in_order(message, *parts: str) -> None:
+    """Assert that ``parts`` appear in ``message`` in this order: for two
+    values whose roles the message tells apart by place (e.g. the checksum
+    found, then the one expected)."""
+    text = assert_mentions(message, *parts)
+    places = [text.find(part) for part in parts]
+    assert places == sorted(places), f'{parts} not in this order in {text!r}'
