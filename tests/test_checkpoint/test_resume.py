@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 from dist_utils import run_distributed
-from messages import assert_mentions
+from messages import assert_in_order, assert_mentions
 from tiny_training import (NUM_CLASSES, build_runner, check_shard_dirs,
                            make_cfg, train_worker)
 
@@ -191,7 +191,7 @@ def test_resume_with_another_optimizer_type_explains_itself(tmp_path):
     with pytest.raises(CheckpointError) as err:
         runner.train()
     # the saved settings, this run's, and the way out
-    assert_mentions(
+    assert_in_order(
         err, ckpt, "['dampening', 'lr', 'momentum', 'nesterov', "
         "'weight_decay']", 'AdamW', "['amsgrad', 'betas', 'eps', 'lr', "
         "'weight_decay']", 'load_from=PATH', 'resume=False')

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from dist_utils import run_distributed
 from helpers import ROOT
-from messages import assert_mentions
+from messages import assert_in_order, assert_mentions
 from mmengine.config import Config
 from mmengine.hooks import Hook
 
@@ -151,7 +151,8 @@ def train_once(work_dir, name, head=None, **kwargs):
         log_dir=runner.log_dir)
 
 
-#: name -> (exception type, what the message names, config overrides) of
+#: name -> (exception type, what the message names, in its order, config
+#: overrides) of
 #: a bad set-up the runner must refuse before training
 BAD_INPUT = {
     'bad_wrapper': (TypeError, (
@@ -174,8 +175,8 @@ BAD_INPUT = {
             sampler=dict(type='DefaultSampler', round_up=False),
             dataset=dict(num_samples=11)))),
     'collate_without_face_preprocessor': (
-        ValueError, ('face_collate', 'ClsDataPreprocessor',
-                     'FaceDataPreprocessor'), dict(
+        ValueError, ('face_collate', 'FaceDataPreprocessor',
+                     'ClsDataPreprocessor'), dict(
             model=dict(data_preprocessor=dict(
                 type='mmpretrain.ClsDataPreprocessor')),
             train_dataloader=dict(
@@ -299,7 +300,7 @@ def test_bad_input_errors_name_the_values(ranks, name):
         assert rank['errors'][name] is not None, f'{name} trained'
         kind, message = rank['errors'][name]
         assert kind == error.__name__, message
-        assert_mentions(message, *named)
+        assert_in_order(message, *named)  # each value in its place
     assert ranks[0]['errors'][name] == ranks[1]['errors'][name]
 
 

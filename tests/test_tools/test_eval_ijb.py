@@ -8,7 +8,7 @@ import torch
 from embedding_models import (NECK_MODEL, fresh_neck, neck_by_hand,
                               save_neck_checkpoint, unit_rows)
 from helpers import load_tool
-from messages import assert_mentions
+from messages import assert_in_order, assert_mentions
 from mmengine.config import Config
 
 from mmpfc.evaluation.functional.ijb import (ARCFACE_LANDMARKS, align_face,
@@ -167,7 +167,8 @@ def test_bad_meta_line_names_file_and_line(tmp_path, name, old, new, named):
     _edit(tmp_path / 'IJBC' / 'meta' / f'ijbc_{name}.txt', old, new)
     with pytest.raises(ValueError) as err:
         read_ijb_meta(str(tmp_path / 'IJBC'))
-    assert_mentions(err, str(tmp_path / 'IJBC' / 'meta'), *named)
+    assert_mentions(err, str(tmp_path / 'IJBC' / 'meta'))
+    assert_in_order(err, *named)  # each value in its place
 
 
 def run_tool(tmp_path, config, checkpoint):
