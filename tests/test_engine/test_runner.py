@@ -152,8 +152,7 @@ def train_once(work_dir, name, head=None, **kwargs):
 
 
 #: name -> (exception type, what the message names, in its order, config
-#: overrides) of
-#: a bad set-up the runner must refuse before training
+#: overrides) of a bad set-up the runner must refuse before training
 BAD_INPUT = {
     'bad_wrapper': (TypeError, (
         "'MMDistributedDataParallel'", "['head.weight']",
