@@ -12,12 +12,11 @@ from mmengine.dist import (broadcast, broadcast_object_list, get_dist_info,
                            is_distributed)
 from mmengine.hooks import CheckpointHook, EMAHook
 from mmengine.model import is_model_wrapper
-from mmengine.optim import OptimWrapperDict
 from mmengine.runner import Runner
 from mmengine.runner.base_loop import BaseLoop
 from torch.nn.parallel import DistributedDataParallel
 
-from mmpfc.checkpoint import unwrap_model
+from mmpfc.checkpoint import locate_param, unwrap_model
 from mmpfc.engine.hooks.preemption_hook import PreemptionHook, WorkerSignals
 from mmpfc.engine.hooks.training_health_hook import (TrainingDivergedError,
                                                      nonfinite_weights)
@@ -293,29 +292,22 @@ def check_row_updates(model: nn.Module, optim_wrapper) -> None:
     wrapper: it would never apply their gradients. Checked when the runner
     builds it, before the first step (the head itself refuses only the
     step after an unapplied one)."""
-    wrappers = (list(optim_wrapper.values())
-                if isinstance(optim_wrapper, OptimWrapperDict)
-                else [optim_wrapper])
     for name, param in named_sharded_tensors(model):
         if not getattr(sharded_owner(param), 'row_updates', False):
             continue
-        for key, wrapper in zip(_wrapper_keys(optim_wrapper), wrappers):
-            held = any(p is param for group in wrapper.param_groups
-                       for p in group['params'])
-            if held and not isinstance(wrapper, ShardAwareMixin):
-                raise ValueError(
-                    f'{name} is updated by rows (sampled centers or 16-bit '
-                    f'storage), but optim_wrapper{key} '
-                    f'({type(wrapper).__name__}) cannot apply their '
-                    "gradients: use type='mmpfc.PartialFCOptimWrapper' or "
-                    "'mmpfc.PartialFCAmpOptimWrapper'")
-
-
-def _wrapper_keys(optim_wrapper) -> list:
-    """``['']``, or ``["['backbone']", ...]`` for an ``OptimWrapperDict``."""
-    if isinstance(optim_wrapper, OptimWrapperDict):
-        return [f'[{key!r}]' for key in optim_wrapper.keys()]
-    return ['']
+        located = locate_param(optim_wrapper, param)
+        if located is None:  # frozen: nothing to apply
+            continue
+        key = located[0][0]  # '' or the key in an OptimWrapperDict
+        wrapper = optim_wrapper[key] if key else optim_wrapper
+        if not isinstance(wrapper, ShardAwareMixin):
+            where = f'[{key!r}]' if key else ''
+            raise ValueError(
+                f'{name} is updated by rows (sampled centers or 16-bit '
+                f'storage), but optim_wrapper{where} '
+                f'({type(wrapper).__name__}) cannot apply their '
+                "gradients: use type='mmpfc.PartialFCOptimWrapper' or "
+                "'mmpfc.PartialFCAmpOptimWrapper'")
 
 
 def check_hooks(model: nn.Module, hooks: list) -> None:
