@@ -40,7 +40,7 @@ to the dominant one.
 from __future__ import annotations
 
 import argparse
-import functools
+import copy
 import json
 import os
 import sys
@@ -103,7 +103,8 @@ def dataset_cosines(model: nn.Module, cfg: Config, centers: torch.Tensor,
                     ) -> Tuple[torch.Tensor, torch.Tensor, List]:
     """(N,) labels, (N, K) cosines to the label's sub-centers and N ids of
     the config's training set, in dataset order."""
-    from mmengine.registry import FUNCTIONS, init_default_scope
+    from mmengine.registry import init_default_scope
+    from mmengine.runner import Runner
 
     from mmpfc.registry import DATASETS
     init_default_scope(cfg.get('default_scope', 'mmpfc'))
@@ -111,20 +112,15 @@ def dataset_cosines(model: nn.Module, cfg: Config, centers: torch.Tensor,
     if 'pipeline' in dataset_cfg:
         dataset_cfg['pipeline'] = without_random_transforms(
             dataset_cfg['pipeline'])
-    dataset = DATASETS.build(dataset_cfg)
-    # the config's collate, found as MMEngine's Runner finds it (the lean
-    # pipeline's face_collate packs the images the pipeline leaves unpacked)
-    collate_cfg = dict(cfg.train_dataloader.get(
-        'collate_fn', dict(type='pseudo_collate')))
-    collate_fn = FUNCTIONS.get(collate_cfg['type'])
-    if collate_fn is None:
-        raise ValueError(f"train_dataloader.collate_fn: no function "
-                         f"{collate_cfg['type']!r} is registered")
-    collate_cfg.pop('type')
-    collate = functools.partial(collate_fn, **collate_cfg)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-        collate_fn=collate)
+    # the config's collate, as MMEngine's Runner builds it (the lean
+    # pipeline's face_collate packs the images the pipeline leaves
+    # unpacked); the dataset in order
+    loader = Runner.build_dataloader(dict(
+        dataset=DATASETS.build(dataset_cfg), batch_size=batch_size,
+        num_workers=workers,
+        sampler=dict(type='DefaultSampler', shuffle=False),
+        collate_fn=copy.deepcopy(cfg.train_dataloader.get(
+            'collate_fn', dict(type='pseudo_collate')))))
     device = next(model.parameters()).device
     labels, cosines, ids = [], [], []
     with torch.no_grad():
