@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 
 from mmpfc.datasets.face_record_writer import FaceRecordWriter
+from mmpfc.datasets.mx_face_dataset import write_property
 
 IMAGE_SIZE = 112
 JPEG_QUALITY = 95
@@ -72,7 +73,7 @@ def write_synthetic_faces(out_dir: str, num_images: int, num_classes: int,
             assert ok, 'cv2.imencode failed on a synthetic image'
             writer.add(data.tobytes(), i % num_classes)
             total += data.size
-    with open(os.path.join(out_dir, 'property'), 'w') as f:
-        f.write(f'{num_classes},{size},{size}')
+    write_property(os.path.join(out_dir, 'property'), num_classes, size,
+                   size)
     return dict(num_images=num_images, num_classes=num_classes,
                 mean_bytes=total / num_images)

@@ -33,6 +33,13 @@ def read_property(path: str) -> tuple[int, int, int]:
     return num_classes, height, width
 
 
+def write_property(path: str, num_classes: int, height: int,
+                   width: int) -> None:
+    """The insightface ``property`` file :func:`read_property` reads."""
+    with open(path, 'w') as f:
+        f.write(f'{num_classes},{height},{width}')
+
+
 @DATASETS.register_module()
 @arg_specs(data_root=Str(), ann_file=Str(empty=False),
            idx_file=Opt(Str(empty=False)), num_classes=Opt(Int(low=1)),

@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 
 from mmpfc.datasets.face_record_writer import FaceRecordWriter
+from mmpfc.datasets.mx_face_dataset import write_property
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
 
@@ -62,8 +63,8 @@ def folder_to_rec(root: str, out_dir: str, prefix: str = 'train',
             with open(path, 'rb') as f:
                 writer.add(f.read(), label)
     height, width = first.shape[:2]
-    with open(os.path.join(out_dir, 'property'), 'w') as f:
-        f.write(f'{num_classes},{height},{width}')
+    write_property(os.path.join(out_dir, 'property'), num_classes, height,
+                   width)
     return dict(num_classes=num_classes, num_images=num_images,
                 image_size=(height, width))
 
