@@ -183,10 +183,6 @@ def head_memory(method: str, num_classes: int, world_size: int,
                                 momentum)
     if method != 'pfc':
         raise ValueError(f"method must be 'dp' or 'pfc', got {method!r}")
-    if sample_rate >= 1.0 and not compact and optimizer == 'adam':
-        raise ValueError('model parallel with fp32 storage steps the shard '
-                         "with torch.optim.Adam, whose temporaries are not "
-                         "modelled; use optimizer='sgd' or compact storage")
     return _sharded_head(num_classes, world_size, embedding_size, batch_size,
                          sample_rate, momentum, weight_decay, center_dtype,
                          state_dtype, optimizer, non_target_margin,
@@ -229,6 +225,10 @@ def _sharded_head(num_classes: int, world_size: int, embedding_size: int,
     dim, num = embedding_size, world_size * batch_size
     dense = sample_rate >= 1.0 and (center_dtype, state_dtype) == (
         'float32', 'float32')
+    if dense and optimizer == 'adam':
+        raise ValueError('model parallel with fp32 storage steps the shard '
+                         "with torch.optim.Adam, whose temporaries are not "
+                         "modelled; use optimizer='sgd' or compact storage")
     local = shard_rows(num_classes, world_size)
     rows = sampled_rows(num_classes, world_size, sample_rate, batch_size)
     width = num_subcenters * dim  # values per row of the shard

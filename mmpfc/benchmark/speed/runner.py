@@ -131,11 +131,9 @@ def memory_kwargs(row: BenchmarkRow, stats: dict) -> dict:
                   embedding_size=row.embedding_size,
                   batch_size=row.batch_size, sample_rate=row.sample_rate,
                   center_dtype=row.center_dtype,
-                  state_dtype=row.state_dtype, **stats)
-    if row.modifies_non_target:
-        kwargs.update(non_target_margin=True)
-    if row.num_subcenters != 1:
-        kwargs['num_subcenters'] = row.num_subcenters
+                  state_dtype=row.state_dtype,
+                  non_target_margin=row.modifies_non_target,
+                  num_subcenters=row.num_subcenters, **stats)
     return kwargs
 
 
