@@ -160,3 +160,20 @@ print('not killed', flush=True)
     assert proc.stdout.split('\n')[0] == 'alive True'
     assert proc.returncode == -signal.SIGTERM
     assert 'not killed' not in proc.stdout
+
+
+@pytest.mark.parametrize('hooks,named', [
+    ([], ('CheckpointHook', 'default_hooks.checkpoint',
+          'default_hooks.preemption=None')),
+    ('by_epoch', ('by_epoch=True', 'by_epoch=False'))])
+def test_a_save_it_cannot_make_is_refused_before_training(hooks, named):
+    """Without an iteration CheckpointHook a preempted run could not save:
+    refused at the start, not hours later at the signal."""
+    from types import SimpleNamespace
+
+    from mmengine.hooks import CheckpointHook
+    if hooks == 'by_epoch':
+        hooks = [CheckpointHook(interval=1, by_epoch=True)]
+    with pytest.raises(ValueError) as err:
+        PreemptionHook().before_train(SimpleNamespace(hooks=hooks))
+    assert_mentions(err, *named)

@@ -119,6 +119,7 @@ class PreemptionHook(Hook):
         self.received: Optional[int] = None
         self._received_at = 0.0
         self._previous: Dict[int, object] = {}
+        self._checkpoint_hook: Optional[CheckpointHook] = None
         self._group = None
 
     # ------------------------------------------------------- the handlers
@@ -150,9 +151,17 @@ class PreemptionHook(Hook):
 
     # -------------------------------------------------------------- hooks
     def before_train(self, runner) -> None:
-        """The CPU group the ranks agree over (every rank calls it)."""
-        if any(isinstance(h, CheckpointHook) and h.by_epoch
-               for h in runner.hooks):
+        """The CheckpointHook that will save a preempted iteration, checked
+        before training rather than when a signal comes; the CPU group the
+        ranks agree over (every rank calls it)."""
+        hooks = [h for h in runner.hooks if isinstance(h, CheckpointHook)]
+        if not hooks:
+            raise ValueError(
+                'PreemptionHook needs a CheckpointHook (default_hooks.'
+                'checkpoint) to save the preempted iteration; or set '
+                'default_hooks.preemption=None')
+        self._checkpoint_hook = hooks[0]
+        if any(h.by_epoch for h in hooks):
             raise ValueError(
                 'PreemptionHook saves the iteration in flight, but default_'
                 'hooks.checkpoint has by_epoch=True (epoch checkpoints '
@@ -215,12 +224,7 @@ class PreemptionHook(Hook):
     def _save(self, runner) -> str:
         """The checkpoint of this iteration: CheckpointHook's, saving it
         unless that hook just did."""
-        hooks = [h for h in runner.hooks if isinstance(h, CheckpointHook)]
-        if not hooks:
-            raise RuntimeError(
-                'PreemptionHook needs a CheckpointHook (default_hooks.'
-                'checkpoint) to save the preempted iteration')
-        hook = hooks[0]
+        hook = self._checkpoint_hook
         name = hook.filename_tmpl.format(runner.iter + 1)
         if hook.last_ckpt is None or osp.basename(hook.last_ckpt) != name:
             runner.logger.info(
