@@ -46,7 +46,9 @@ def write_synthetic_faces(out_dir: str, num_images: int, num_classes: int,
                           seed: int = 0, size: int = IMAGE_SIZE) -> dict:
     """Write ``train.rec``, ``train.idx`` and ``property`` of
     ``num_images`` JPEGs over ``num_classes`` identities (image ``i`` is of
-    identity ``i % num_classes``) in insightface's layout.
+    identity ``i * num_classes // num_images``: each identity's images one
+    after the other, as insightface's identity records need) in its
+    layout.
 
     Returns ``num_images``, ``num_classes`` and ``mean_bytes`` (the mean
     JPEG size).
@@ -67,11 +69,12 @@ def write_synthetic_faces(out_dir: str, num_images: int, num_classes: int,
                           num_classes) as writer:
         for i in range(num_images):
             y, x = rng.integers(0, 3 * size, 2)
-            img = bases[i % num_classes] + pool[y:y + size, x:x + size]
+            label = i * num_classes // num_images
+            img = bases[label] + pool[y:y + size, x:x + size]
             ok, data = cv2.imencode(
                 '.jpg', np.clip(img, 0, 255).astype(np.uint8), params)
             assert ok, 'cv2.imencode failed on a synthetic image'
-            writer.add(data.tobytes(), i % num_classes)
+            writer.add(data.tobytes(), label)
             total += data.size
     write_property(os.path.join(out_dir, 'property'), num_classes, size,
                    size)

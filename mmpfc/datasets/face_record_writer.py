@@ -49,6 +49,13 @@ class FaceRecordWriter:
             raise ValueError(f'label {label} is not in [0, '
                              f'{self.num_classes})')
         key = self._key
+        end = self._ranges[label][1]
+        if not self.plain and end and end != key:
+            raise ValueError(
+                f'{self._writer.rec_path}: image {key} is of label {label}, '
+                f'whose images ended at {end - 1}: add each identity\'s '
+                'images one after the other (an identity record holds one '
+                'key range)')
         self._writer.write(key, pack_record(label, img_bytes, id=key))
         first = self._ranges[label][0]
         self._ranges[label] = (first or key, key + 1)

@@ -200,3 +200,28 @@ def test_one_read_per_record_agrees_with_the_header_walk(tmp_path,
             preads.clear()
             assert other.read(7 - key) == payload
             assert len(preads) == 2, (key, preads)  # header, payload
+
+
+def test_face_writer_layout_and_identity_ranges(tmp_path):
+    """insightface's layout: key 0 announces (N + 1, N + 1 + C), images at
+    1..N, then one record per identity with its key range [first, last + 1);
+    an identity whose images are not one after the other is refused (its
+    one range could not hold them)."""
+    from mmpfc.datasets.face_record_writer import FaceRecordWriter
+    from mmpfc.datasets.recordio import unpack_record
+    rec = str(tmp_path / 'train.rec')
+    with FaceRecordWriter(rec, num_images=5, num_classes=2) as writer:
+        for label in (0, 0, 0, 1, 1):
+            writer.add(b'jpeg%d' % label, label)
+    reader = IndexedRecordReader(rec)
+    assert reader.keys.tolist() == list(range(8))
+    assert unpack_record(reader.read(0))[1].tolist() == [6, 8]
+    assert unpack_record(reader.read(6))[1].tolist() == [1, 4]
+    assert unpack_record(reader.read(7))[1].tolist() == [4, 6]
+    assert unpack_record(reader.read(4))[2] == b'jpeg1'
+    with pytest.raises(ValueError) as err:
+        with FaceRecordWriter(str(tmp_path / 'bad.rec'), num_images=3,
+                              num_classes=2) as writer:
+            for label in (0, 1, 0):
+                writer.add(b'x', label)
+    assert_mentions(err, 'bad.rec', 'image 3', 'label 0', 'ended at 1')
