@@ -4,6 +4,7 @@ tensor, and the labels into another, instead of a tensor and a
 (``pseudo_collate``)."""
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import cv2
@@ -14,17 +15,18 @@ from torch.utils.data import get_worker_info
 from mmpfc.registry import FUNCTIONS
 
 
+@functools.lru_cache(maxsize=None)
 def _split_writes_in_place() -> bool:
     """Whether ``cv2.split(img, planes)`` fills the given arrays (the Python
     binding of OpenCV 4 and 5 does; were a version to return new arrays
-    instead, the collate copies through numpy)."""
+    instead, the collate copies through numpy); probed at the first
+    batch, not at import."""
     img = np.arange(12, dtype=np.uint8).reshape(2, 2, 3)
     planes = np.zeros((3, 2, 2), np.uint8)
     cv2.split(img, list(planes))
     return bool(np.array_equal(planes, img.transpose(2, 0, 1)))
 
 
-_SPLIT_WRITES_IN_PLACE = _split_writes_in_place()
 #: dtypes OpenCV splits (others are copied by numpy)
 _CV_DTYPES = tuple(np.dtype(t) for t in (np.uint8, np.int8, np.uint16,
                                          np.int16, np.int32, np.float32,
@@ -82,7 +84,7 @@ def face_collate(data_batch: Sequence[dict]) -> dict:
     out = batch_tensor((len(images), channels, *shape[:2]), dtype)
     batch = out.numpy()
     planes = list(batch.reshape(-1, *shape[:2]))  # (H, W) views
-    split = _SPLIT_WRITES_IN_PLACE and channels > 1 and dtype in _CV_DTYPES
+    split = channels > 1 and dtype in _CV_DTYPES and _split_writes_in_place()
     for i, img in enumerate(images):
         if split:
             cv2.split(np.ascontiguousarray(img),

@@ -123,6 +123,7 @@ class IndexedRecordReader:
         if not os.path.isfile(rec_path):
             raise FileNotFoundError(f'RecordIO file {rec_path} not found')
         keys, offsets = read_index(self.idx_path)
+        self._size = os.path.getsize(rec_path)
         self._check_offsets(keys, offsets)
         order = np.argsort(keys, kind='stable')
         self.keys, self._offsets = keys[order], offsets[order]
@@ -135,14 +136,13 @@ class IndexedRecordReader:
         n = len(self.keys)
         self._dense = bool(n and self.keys[-1] - self.keys[0] == n - 1)
         self._in_order = bool(n and np.all(np.diff(self._offsets) > 0))
-        self._size = os.path.getsize(rec_path)
         self._fd, self._pid = None, None
 
     def _check_offsets(self, keys: np.ndarray, offsets: np.ndarray) -> None:
         """Refuse offsets where no record header fits, now rather than as an
         ``OSError`` (negative) or a "truncated" record (past the end) at
         the first read of that key, possibly hours into training."""
-        size = os.path.getsize(self.rec_path)
+        size = self._size
         bad = np.flatnonzero((offsets < 0) | (offsets > size - _WORD.size))
         if len(bad):
             more = f' (and {len(bad) - 1} more keys)' if len(bad) > 1 else ''
@@ -167,8 +167,11 @@ class IndexedRecordReader:
         return len(self.keys)
 
     def __contains__(self, key: int) -> bool:
-        pos = np.searchsorted(self.keys, key)
-        return bool(pos < len(self.keys) and self.keys[pos] == key)
+        try:
+            self._position(key)
+        except KeyError:
+            return False
+        return True
 
     def _position(self, key: int) -> int:
         """Index of ``key`` in ``self.keys``; ``KeyError`` if absent."""

@@ -96,6 +96,12 @@ def test_missing_key_and_bad_index(tmp_path):
     rec = write(tmp_path, {0: pack_record(0, b'')})
     with pytest.raises(KeyError, match='key 4'):
         IndexedRecordReader(rec).read(4)
+    (tmp_path / 'sparse').mkdir()
+    sparse = IndexedRecordReader(write(tmp_path / 'sparse', {
+        2: pack_record(0, b''), 9: pack_record(1, b'')}))
+    assert [k in sparse for k in (1, 2, 3, 9, 10)] == [
+        False, True, False, True, False]
+    assert 0 in IndexedRecordReader(rec) and 1 not in IndexedRecordReader(rec)
     with open(rec[:-4] + '.idx', 'a') as f:
         f.write('0\t0\n')
     with pytest.raises(RecordIOError, match='key 0 appears twice'):
