@@ -35,8 +35,12 @@ def decode_image(data: bytes,
     """
     cause = None
     try:
-        if backend == 'cv2' and flag == 'color':
-            img = _cv2_color(data, channel_order)
+        if (backend, flag, channel_order) == ('cv2', 'color', 'rgb') and \
+                _IMREAD_COLOR_RGB is not None:
+            # straight into RGB (OpenCV >= 4.10): mmcv's pixels (a BGR
+            # decode, then a conversion), one pass less
+            img = cv2.imdecode(np.frombuffer(data, np.uint8),
+                               _IMREAD_COLOR_RGB)
         else:
             img = mmcv.imfrombytes(data, flag=flag,
                                    channel_order=channel_order,
@@ -49,20 +53,6 @@ def decode_image(data: bytes,
             f'starts with {bytes(data[:8])!r}): not an image, or corrupt'
         ) from cause
     return img
-
-
-def _cv2_color(data: bytes, channel_order: str) -> np.ndarray | None:
-    """``mmcv.imfrombytes(data, 'color', channel_order, 'cv2')``, decoding
-    straight into RGB where OpenCV can (``IMREAD_COLOR_RGB``, OpenCV >= 4.10)
-    instead of converting BGR afterwards: the same pixels, one pass less."""
-    buf = np.frombuffer(data, np.uint8)
-    if channel_order != 'rgb':
-        return cv2.imdecode(buf, cv2.IMREAD_COLOR)
-    if _IMREAD_COLOR_RGB is not None:
-        return cv2.imdecode(buf, _IMREAD_COLOR_RGB)
-    img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
-    return None if img is None else cv2.cvtColor(img, cv2.COLOR_BGR2RGB,
-                                                 img)
 
 
 def read_image_file(path: str, channel_order: str = 'rgb') -> np.ndarray:
