@@ -231,9 +231,10 @@ class _SpeedEstimate:
 
 def _estimate_speed(cfg: Config, setup: HeadSetup, gpus: int, batch: int,
                     device: GPU) -> _SpeedEstimate:
-    """One virtual step of the config, one without its head (a one-class
-    head) and, for a sampled head, one at sample rate 1.0 and 0.1 (the
-    config's own step where it already samples at that rate)."""
+    """One virtual step of the config and, for a sharded head, one without
+    it (a one-class head) and one at sample rate 1.0 and 0.1 (the config's
+    own step where it already samples at that rate). A replicated head's
+    share is not estimated (reported as 0)."""
     try:
         times = _timed(cfg, gpus, batch, device)
     except DynamicOutputShapeException as err:
@@ -242,11 +243,11 @@ def _estimate_speed(cfg: Config, setup: HeadSetup, gpus: int, batch: int,
             'whose size depends on values, which a virtual GPU '
             'does not have (the sampler of a small shard, where '
             'num_classes * sample_rate / gpus <= the global batch)'))
-    no_head = _timed(_with_head(cfg, num_classes=gpus, sample_rate=1.0)
-                     if setup.sampled else cfg, gpus, batch, device)
+    if not setup.sampled:  # no one-class stand-in for a replicated head
+        return _SpeedEstimate(times)
+    no_head = _timed(_with_head(cfg, num_classes=gpus, sample_rate=1.0),
+                     gpus, batch, device)
     share = max(0.0, 1 - no_head['total'] / times['total'])
-    if not setup.sampled:
-        return _SpeedEstimate(times, share)
 
     def at_rate(rate: float) -> Dict[str, float]:
         if setup.kwargs['sample_rate'] == rate:
