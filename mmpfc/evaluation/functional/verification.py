@@ -92,7 +92,7 @@ def _checked_pairs(emb1, emb2, issame, nrof_folds: int):
                          'two (P, D) arrays of the same shape')
     if len(issame) != len(emb1):
         raise ValueError(f'{len(issame)} issame flags for {len(emb1)} pairs')
-    if not 1 <= nrof_folds <= len(issame):
+    if nrof_folds > len(issame):  # >= 1: the arg spec
         raise ValueError(f'nrof_folds={nrof_folds} must lie in [1, number '
                          f'of pairs={len(issame)}]')
     _check_unit_rows('emb1', emb1)
