@@ -162,18 +162,23 @@ print('not killed', flush=True)
     assert 'not killed' not in proc.stdout
 
 
-@pytest.mark.parametrize('hooks,named', [
-    ([], ('CheckpointHook', 'default_hooks.checkpoint',
-          'default_hooks.preemption=None')),
-    ('by_epoch', ('by_epoch=True', 'by_epoch=False'))])
-def test_a_save_it_cannot_make_is_refused_before_training(hooks, named):
-    """Without an iteration CheckpointHook a preempted run could not save:
-    refused at the start, not hours later at the signal."""
+def test_checkpoint_hooks_are_looked_at_before_training():
+    """By-epoch checkpoints cannot hold the iteration in flight: refused at
+    the start. Without any CheckpointHook the run is told at the start that
+    a signal would stop it unsaved."""
     from types import SimpleNamespace
 
     from mmengine.hooks import CheckpointHook
-    if hooks == 'by_epoch':
-        hooks = [CheckpointHook(interval=1, by_epoch=True)]
+    warnings = []
+    runner = SimpleNamespace(
+        hooks=[CheckpointHook(interval=1, by_epoch=True)],
+        logger=SimpleNamespace(warning=warnings.append))
     with pytest.raises(ValueError) as err:
-        PreemptionHook().before_train(SimpleNamespace(hooks=hooks))
-    assert_mentions(err, *named)
+        PreemptionHook().before_train(runner)
+    assert_mentions(err, 'by_epoch=True', 'by_epoch=False')
+    assert not warnings
+    runner.hooks = []
+    PreemptionHook().before_train(runner)
+    assert len(warnings) == 1
+    assert_mentions(warnings[0], 'CheckpointHook', 'default_hooks.checkpoint',
+                    'nothing saved', 'default_hooks.preemption=None')

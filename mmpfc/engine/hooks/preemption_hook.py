@@ -151,16 +151,18 @@ class PreemptionHook(Hook):
 
     # -------------------------------------------------------------- hooks
     def before_train(self, runner) -> None:
-        """The CheckpointHook that will save a preempted iteration, checked
-        before training rather than when a signal comes; the CPU group the
-        ranks agree over (every rank calls it)."""
+        """The CheckpointHook that will save a preempted iteration, looked
+        up before training (a run without one is told now that a signal
+        will stop it unsaved); the CPU group the ranks agree over (every
+        rank calls it)."""
         hooks = [h for h in runner.hooks if isinstance(h, CheckpointHook)]
+        self._checkpoint_hook = hooks[0] if hooks else None
         if not hooks:
-            raise ValueError(
-                'PreemptionHook needs a CheckpointHook (default_hooks.'
-                'checkpoint) to save the preempted iteration; or set '
+            runner.logger.warning(
+                'PreemptionHook without a CheckpointHook (default_hooks.'
+                'checkpoint): a signal will stop the run with an error and '
+                'nothing saved; add the CheckpointHook, or set '
                 'default_hooks.preemption=None')
-        self._checkpoint_hook = hooks[0]
         if any(h.by_epoch for h in hooks):
             raise ValueError(
                 'PreemptionHook saves the iteration in flight, but default_'
@@ -225,6 +227,10 @@ class PreemptionHook(Hook):
         """The checkpoint of this iteration: CheckpointHook's, saving it
         unless that hook just did."""
         hook = self._checkpoint_hook
+        if hook is None:
+            raise RuntimeError(
+                'PreemptionHook needs a CheckpointHook (default_hooks.'
+                'checkpoint) to save the preempted iteration')
         name = hook.filename_tmpl.format(runner.iter + 1)
         if hook.last_ckpt is None or osp.basename(hook.last_ckpt) != name:
             runner.logger.info(
