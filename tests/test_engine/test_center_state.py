@@ -8,6 +8,7 @@ from messages import assert_mentions
 from mmpfc.engine.optimizers import (PartialFCAmpOptimWrapper,
                                      PartialFCOptimWrapper)
 from mmpfc.engine.optimizers.center_state import decode, encode
+from mmpfc.engine.optimizers.sparse_sgd import sparse_sgd_step
 from mmpfc.models.heads import PartialFCHead
 
 LR, MOMENTUM, DECAY = 0.1, 0.9, 5e-4
@@ -143,6 +144,31 @@ def test_compact_rows_follow_fp64_sgd(center_dtype, state_dtype, weight_tol,
         assert state['momentum_buffer'].dtype == getattr(torch, state_dtype)
     m_scale = momentum.abs().max().item()
     assert (got.double() - momentum).abs().max().item() <= state_tol * m_scale
+
+
+def test_nesterov_step_with_int8_momentum_follows_fp64():
+    """Nesterov reads the new momentum after it is written: three steps on
+    the same rows stay within the int8 momentum's rounding of fp64."""
+    gen = torch.Generator().manual_seed(4)
+    param = torch.nn.Parameter(torch.randn(10, 128, generator=gen))
+    optimizer = torch.optim.SGD([param], lr=LR, momentum=MOMENTUM,
+                                weight_decay=DECAY, nesterov=True)
+    rows = torch.tensor([1, 4, 7])
+    weight = param.detach().double().clone()
+    momentum = torch.zeros(3, 128, dtype=torch.float64)
+    for _ in range(3):
+        grad = torch.randn(3, 128, generator=gen)
+        sparse_sgd_step(optimizer, param, rows, grad, state_form='int8')
+        step = grad.double() + DECAY * weight[rows]
+        momentum = MOMENTUM * momentum + step
+        weight[rows] -= LR * (step + MOMENTUM * momentum)
+    # each decoded momentum is off by at most half a code step (0.5 / 127
+    # of its block's absmax), and enters two later updates (the momentum
+    # and the nesterov term) with factor MOMENTUM
+    code_step = 0.5 / 127 * momentum.abs().max().item()
+    bound = 3 * LR * (1 + MOMENTUM) * MOMENTUM * code_step
+    err = (param.detach().double() - weight).abs().max().item()
+    assert 0 < err <= bound, (err, bound)
 
 
 def test_model_parallel_fp32_centers_with_int8_state():

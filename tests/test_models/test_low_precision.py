@@ -5,7 +5,8 @@ from helpers import LogRecords
 from messages import assert_mentions
 
 from mmpfc.models.heads import MarginSoftmaxHead, PartialFCHead
-from mmpfc.models.utils.low_precision import (parse_center_dtype,
+from mmpfc.models.utils.low_precision import (RoundingNoise,
+                                              parse_center_dtype,
                                               stochastic_round)
 
 DRAWS = 4000
@@ -30,11 +31,11 @@ def neighbours(values, dtype):
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 def test_stochastic_round_is_unbiased_between_neighbours(dtype):
-    gen = torch.Generator().manual_seed(0)
+    noise = RoundingNoise(seed=0)
     values = torch.tensor([1.0 + 1e-3, -1.0 - 2e-3, 0.3337, -7e-3, 1e-2,
                            1.0, -0.5])
     lo, hi = neighbours(values, dtype)
-    draws = torch.stack([stochastic_round(values, dtype, gen).float()
+    draws = torch.stack([stochastic_round(values, dtype, noise).float()
                          for _ in range(DRAWS)])
     assert ((draws == lo) | (draws == hi)).all()
     gap = (hi - lo).double()
@@ -54,7 +55,7 @@ def test_stochastic_round_is_unbiased_between_neighbours(dtype):
 def test_stochastic_round_keeps_exact_and_non_finite_values(dtype):
     values = torch.tensor([0.0, 1.0, -2.0, 0.5, float('inf'),
                            float('-inf'), float('nan')])
-    out = stochastic_round(values, dtype, torch.Generator().manual_seed(1))
+    out = stochastic_round(values, dtype, RoundingNoise(seed=1))
     assert out.dtype == dtype
     assert torch.equal(out[:6].float(), values[:6])
     assert torch.isnan(out[6])
@@ -62,26 +63,55 @@ def test_stochastic_round_keeps_exact_and_non_finite_values(dtype):
 
 def test_stochastic_round_is_reproducible_from_its_generator():
     values = torch.randn(1000) * 1e-2
-    a = stochastic_round(values, torch.bfloat16,
-                         torch.Generator().manual_seed(3))
-    b = stochastic_round(values, torch.bfloat16,
-                         torch.Generator().manual_seed(3))
-    c = stochastic_round(values, torch.bfloat16,
-                         torch.Generator().manual_seed(4))
+    a = stochastic_round(values, torch.bfloat16, RoundingNoise(3))
+    b = stochastic_round(values, torch.bfloat16, RoundingNoise(3))
+    c = stochastic_round(values, torch.bfloat16, RoundingNoise(4))
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_rounding_noise_is_uniform_16_bit_and_fresh_per_row_and_call():
+    """Each element's noise is uniform on [0, 2^16): over 64 x 512 draws the
+    16 equal bins of every position hold 2048 +- a chi-square's spread;
+    rows of one call and the same row of two calls differ."""
+    noise = RoundingNoise(seed=5)
+    draws = torch.cat([noise.bits(512, 8, 'cpu') for _ in range(64)])
+    assert draws.dtype == torch.int32 and draws.shape == (32768, 8)
+    assert int(draws.min()) >= 0 and int(draws.max()) < 2**16
+    for column in draws.T:
+        counts = torch.bincount(column // 2**12, minlength=16).double()
+        expected = column.numel() / 16
+        chi2 = float(((counts - expected)**2 / expected).sum())
+        assert chi2 < 40, chi2  # 15 degrees of freedom: p < 1e-3 above 37.7
+    mean = draws.double().mean()
+    assert abs(float(mean) - (2**16 - 1) / 2) < 200  # std of the mean ~110
+    first, second = noise.bits(4, 512, 'cpu'), noise.bits(4, 512, 'cpu')
+    assert len({tuple(row.tolist()) for row in torch.cat([first, second])
+                }) == 8
+
+
+def test_rounding_noise_continues_bit_for_bit_from_its_state():
+    noise = RoundingNoise(seed=11)
+    noise.bits(3, 64, 'cpu')
+    state = noise.state_dict()
+    expected = [noise.bits(5, 64, 'cpu') for _ in range(2)]
+    resumed = RoundingNoise(seed=0)
+    resumed.load_state_dict(state)
+    assert resumed.seed == 11
+    assert all(torch.equal(resumed.bits(5, 64, 'cpu'), want)
+               for want in expected)
 
 
 def test_small_updates_survive_stochastic_rounding_but_not_nearest():
     """1000 steps of -1e-4 on a weight of 1.0: below half a bf16 step
     (2^-8 / 2), round-to-nearest never moves; stochastic rounding ends
     near 0.9, the fp32 result."""
-    gen = torch.Generator().manual_seed(0)
+    noise = RoundingNoise(seed=0)
     nearest = torch.ones(256, dtype=torch.bfloat16)
     rounded = torch.ones(256, dtype=torch.bfloat16)
     for _ in range(1000):
         nearest = (nearest.float() - 1e-4).to(torch.bfloat16)
         rounded = stochastic_round(rounded.float() - 1e-4, torch.bfloat16,
-                                   gen)
+                                   noise)
     assert torch.equal(nearest, torch.ones_like(nearest))
     assert abs(rounded.float().mean().item() - 0.9) < 0.01
 

@@ -27,6 +27,8 @@ from typing import Dict, Tuple
 
 import torch
 
+from mmpfc.models.utils.chunks import copy_rows
+
 #: Elements per quantization block (inside a row).
 BLOCK = 64
 #: Suffix of the state entry that holds the blocks' absmax scales.
@@ -101,14 +103,17 @@ class RowState:
         rows = decode(codes, scales, self.levels, self.power)
         return rows if times == 1.0 else rows.mul_(times)
 
-    def write(self, index: torch.Tensor, values: torch.Tensor) -> None:
-        """Store fp32 ``values`` as rows ``index``."""
+    def write(self, index: torch.Tensor, values: torch.Tensor,
+              consume: bool = False) -> None:
+        """Store fp32 ``values`` as rows ``index``; with ``consume`` the
+        int8 encoding may overwrite ``values`` (one temporary fewer)."""
         if self.form != 'int8':
-            self.state[self.key].index_copy_(
-                0, index, values.to(self.state[self.key].dtype))
+            copy_rows(self.state[self.key], index,
+                      values.to(self.state[self.key].dtype))
             return
-        codes, scales = encode(values, self.levels, self.power, self.signed)
-        self.state[self.key].index_copy_(0, index, codes)
+        codes, scales = encode(values, self.levels, self.power, self.signed,
+                               consume)
+        copy_rows(self.state[self.key], index, codes)
         self.state[self.key + SCALE_SUFFIX].index_copy_(0, index, scales)
 
 
@@ -135,15 +140,17 @@ def _expand(unit: torch.Tensor, power: int) -> torch.Tensor:
     return unit
 
 
-def encode(values: torch.Tensor, levels: int, power: int,
-           signed: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """fp32 (R, D) -> codes (R, D) and fp32 absmax (R, blocks)."""
+def encode(values: torch.Tensor, levels: int, power: int, signed: bool,
+           consume: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (R, D) -> codes (R, D) and fp32 absmax (R, blocks); with
+    ``consume`` the linear code is computed in ``values``' memory."""
     blocks, dim = _blocks(values.float())
     # max |x| without an |x| temporary of the rows' size
     absmax = torch.maximum(blocks.amax(dim=2), blocks.amin(dim=2).neg_())
     inverse = absmax.clamp_min(torch.finfo(torch.float32).tiny).reciprocal()
     if power == 1:  # linear: the sign comes with the value
-        code = blocks.mul(inverse[:, :, None].mul_(levels)).round_()
+        scale = inverse[:, :, None].mul_(levels)
+        code = (blocks.mul_(scale) if consume else blocks.mul(scale)).round_()
     else:
         code = _compand(blocks.abs().mul_(inverse[:, :, None]),
                         power).mul_(levels).round_()

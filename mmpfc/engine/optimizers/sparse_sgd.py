@@ -118,6 +118,8 @@ def sparse_sgd_step(optimizer: torch.optim.Optimizer, param: torch.Tensor,
         if buf_all is not None:
             buf = buf_all.read(index, times=momentum)
             buf.add_(step, alpha=1 - dampening)
-            buf_all.write(index, buf)
             step = step.add(buf, alpha=momentum) if nesterov else buf
-        centers.write(index, weight.add_(step, alpha=-lr))
+        weight.add_(step, alpha=-lr)
+        if buf_all is not None:  # last use of buf: its encoding may reuse it
+            buf_all.write(index, buf, consume=True)
+        centers.write(index, weight)

@@ -17,10 +17,9 @@ from ..utils import (active_ddp, all_gather_with_grad,
                      distributed_cross_entropy, get_rank_and_world_size,
                      mark_sharded, refuse_replicating_ddp, shard_range)
 from ..utils.distributed import all_gather_no_grad
-from ..utils.low_precision import (check_representable, dtype_name, is_compact,
-                                   parse_center_dtype, parse_center_rounding,
-                                   stochastic_round)
-from ..utils.rank_generator import RankGenerator
+from ..utils.low_precision import (RoundingNoise, check_representable,
+                                   dtype_name, is_compact, parse_center_dtype,
+                                   parse_center_rounding, stochastic_round)
 from ..utils.workspace import Workspace
 from .base_margin_head import BaseMarginHead, build_margin_loss
 from .center_sampler import CenterSampler
@@ -164,7 +163,7 @@ class PartialFCHead(BaseMarginHead):
             base_seed + 7919 * (self.class_start + 1), storage)
         mark_sharded(self.weight, owner=self)
         # the stochastic rounding of a 16-bit shard: a stream per rank
-        self.rounding = RankGenerator(
+        self.rounding = RoundingNoise(
             (base_seed + ROUNDING_SEED_OFFSET + self.rank) % (2**63),
             name='stochastic rounding') if is_compact(storage) else None
         self.sampler = CenterSampler(self.num_local, sample_rate,
@@ -217,8 +216,7 @@ class PartialFCHead(BaseMarginHead):
         dtype = self.weight.dtype
         if not is_compact(dtype) or self.center_rounding == 'nearest':
             return values.to(dtype)
-        return stochastic_round(values, dtype,
-                                self.rounding.get(values.device))
+        return stochastic_round(values, dtype, self.rounding)
 
     # ------------------------------------------------------------ the step
     def loss_by_labels(self, embeddings: torch.Tensor,

@@ -18,3 +18,23 @@ def rows_per_chunk(row_bytes: int, device: torch.device | str) -> int:
     kind = torch.device(device).type
     budget = CHUNK_BYTES.get(kind, CHUNK_BYTES['cuda'])
     return max(1, budget // max(1, row_bytes))
+
+
+def copy_rows(dest: torch.Tensor, index: torch.Tensor,
+              rows: torch.Tensor) -> torch.Tensor:
+    """``dest.index_copy_(0, index, rows)`` for whole 2-D rows, moved as
+    8-byte words when each row is a whole number of them.
+
+    ``index_copy_`` costs per element more than per byte: int8 rows of 512
+    codes copy about 4x faster as 64 words each (one core), bf16 rows
+    about 1.6x; fp32 rows are bound by memory either way.
+    """
+    row_bytes = dest.shape[-1] * dest.element_size()
+    if (dest.dim() == 2 and dest.element_size() < 8 and row_bytes % 8 == 0
+            and dest.is_contiguous() and rows.is_contiguous()
+            and dest.storage_offset() * dest.element_size() % 8 == 0
+            and rows.storage_offset() * rows.element_size() % 8 == 0):
+        dest.view(torch.int64).index_copy_(0, index, rows.view(torch.int64))
+    else:
+        dest.index_copy_(0, index, rows)
+    return dest

@@ -14,9 +14,11 @@ estimate of the fp32 update and lets small steps add up on average.
 from __future__ import annotations
 
 import sys
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
+
+from .rank_generator import RankGenerator
 
 #: Storage dtypes of the centers, by config name.
 CENTER_DTYPES = {
@@ -83,27 +85,107 @@ def check_representable(values: torch.Tensor, dtype: torch.dtype,
 _UPPER_HALF = 1 if sys.byteorder == 'little' else 0
 
 
+#: Entries of :class:`RoundingNoise`'s table: every 16-bit value 4 times.
+NOISE_TABLE_SIZE = 2**18
+#: Seed of the table's fixed order (the randomness is in the offsets).
+NOISE_TABLE_SEED = 0x5EED_7AB1E
+
+
+class RoundingNoise:
+    """The random bits of :func:`stochastic_round`, one draw per row.
+
+    Rounding to bf16 needs 16 uniform random bits per element; drawn from
+    the CPU's generator they cost more than the rest of the rounding. Here a
+    row of D elements takes instead D consecutive entries of a fixed table,
+    read cyclically from a random offset: one draw per row. The table holds
+    every 16-bit value equally often (in a random order), so for a uniform
+    offset each element's noise is exactly uniform on [0, 2^16) and the
+    rounding exactly unbiased; rows and calls draw independent offsets, so
+    an element's rounding errors are independent from step to step.
+
+    The offsets come from a per-rank :class:`RankGenerator` (saved with the
+    checkpoint, so a resume rounds bit for bit as the run would have), and
+    the same code runs on every device.
+
+    Args:
+        seed: Seed of the stream of offsets.
+        name: What the stream is for, in warnings.
+    """
+
+    def __init__(self, seed: int, name: str = 'stochastic rounding') -> None:
+        self.stream = RankGenerator(seed, name=name)
+        self._table: Optional[torch.Tensor] = None  # extended for a width
+
+    @property
+    def seed(self) -> int:
+        return self.stream.seed
+
+    def state_dict(self) -> dict:
+        """The stream's state (:meth:`RankGenerator.state_dict`)."""
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state)
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """The stream's generator on ``device``."""
+        return self.stream.get(device)
+
+    def bits(self, rows: int, width: int,
+             device: torch.device) -> torch.Tensor:
+        """(rows, width) int32 noise, each element uniform in [0, 2^16)."""
+        windows = self._windows(width, torch.device(device))
+        offsets = torch.randint(NOISE_TABLE_SIZE, (rows, ), device=device,
+                                generator=self.generator(device))
+        return windows.index_select(0, offsets)
+
+    def _windows(self, width: int, device: torch.device) -> torch.Tensor:
+        """The table's NOISE_TABLE_SIZE cyclic windows of ``width`` (a view
+        of the table extended by its first ``width - 1`` entries)."""
+        table = self._table
+        if (table is None or table.device != device
+                or table.numel() < NOISE_TABLE_SIZE + width - 1):
+            order = torch.randperm(
+                NOISE_TABLE_SIZE,
+                generator=torch.Generator().manual_seed(NOISE_TABLE_SEED))
+            cycle = (order % 2**16).to(torch.int32)
+            repeats = -(-(NOISE_TABLE_SIZE + width - 1) // NOISE_TABLE_SIZE)
+            table = cycle.repeat(repeats)[:NOISE_TABLE_SIZE + width - 1]
+            self._table = table = table.to(device)
+        return table[:NOISE_TABLE_SIZE + width - 1].unfold(0, width, 1)
+
+
 def stochastic_round(values: torch.Tensor, dtype: torch.dtype,
-                     generator: Optional[torch.Generator]) -> torch.Tensor:
+                     noise: RoundingNoise) -> torch.Tensor:
     """``values`` (fp32) in ``dtype``, rounded stochastically.
 
     Each element becomes one of the two ``dtype`` values around it, the upper
     one with probability (distance to the lower) / (gap), so the expectation
     is the fp32 value. Values already representable, inf and NaN are kept.
-    fp32 is returned as is.
+    fp32 is returned as is. The random bits come from ``noise``; its rows
+    are the last dimension of ``values``.
     """
     values = values.float()
     if dtype == torch.float32:
         return values
     if dtype == torch.bfloat16:
-        return _round_bfloat16(values, generator)
+        return _round_bfloat16(values, noise)
     if dtype == torch.float16:
-        return _round_float16(values, generator)
+        return _round_float16(values, noise.generator(values.device))
     raise ValueError(f'no stochastic rounding to {dtype}')
 
 
+def _rows(shape: torch.Size) -> Tuple[int, int]:
+    """(rows, width) of a tensor seen as rows of its last dimension."""
+    width = shape[-1] if len(shape) else 1
+    rows = 1
+    for size in shape[:-1]:
+        rows *= size
+    return rows, width
+
+
 def _round_bfloat16(values: torch.Tensor,
-                    generator: Optional[torch.Generator]) -> torch.Tensor:
+                    noise: RoundingNoise) -> torch.Tensor:
     """bf16 is fp32's upper 16 bits: add 16 random low bits, truncate.
 
     The addition works on the magnitude bits of the sign-magnitude format,
@@ -115,16 +197,8 @@ def _round_bfloat16(values: torch.Tensor,
     and any op read it as it is).
     """
     bits = values.contiguous().view(torch.int32)
-    count = bits.numel()
-    # 16 random bits per element, four elements per 64-bit draw: random_
-    # over the whole int64 range makes every bit uniform, and a quarter of
-    # the draws of one per element is the cheaper part of the rounding
-    draws = torch.empty((count + 3) // 4, dtype=torch.int64,
-                        device=bits.device).random_(-2**63, None,
-                                                    generator=generator)
-    noise = draws.view(torch.uint16)[:count].view(bits.shape).to(
-        torch.int32)  # zero-extended: uniform in [0, 2^16)
-    summed = noise.add_(bits)
+    rows, width = _rows(bits.shape)
+    summed = noise.bits(rows, width, bits.device).view(bits.shape).add_(bits)
     halves = summed.view(torch.int16).view(*bits.shape, 2)
     return halves[..., _UPPER_HALF].view(torch.bfloat16)
 
