@@ -78,7 +78,7 @@ class FitReport:
     gpu: str
     step_seconds: Dict[str, float]
     samples_per_second: float
-    head_share: float
+    head_share: Optional[float]  # None: a replicated head (not estimated)
     pfc_over_mp: Optional[float]
     timing_note: str = ''
 
@@ -224,7 +224,7 @@ class _SpeedEstimate:
     """Seconds per phase of a step, the head's share of it, the PFC0.1 /
     MP speed ratio of a sampled head, or why there is no estimate."""
     times: Dict[str, float] = field(default_factory=dict)
-    head_share: float = 0.0
+    head_share: Optional[float] = None
     pfc_over_mp: Optional[float] = None
     note: str = ''
 
@@ -234,7 +234,7 @@ def _estimate_speed(cfg: Config, setup: HeadSetup, gpus: int, batch: int,
     """One virtual step of the config and, for a sharded head, one without
     it (a one-class head) and one at sample rate 1.0 and 0.1 (the config's
     own step where it already samples at that rate). A replicated head's
-    share is not estimated (reported as 0)."""
+    share is not estimated (None)."""
     try:
         times = _timed(cfg, gpus, batch, device)
     except DynamicOutputShapeException as err:
@@ -290,7 +290,10 @@ def describe(report: FitReport) -> str:
             f'(forward {t["forward"] * 1e3:.0f}, backward '
             f'{t["backward"] * 1e3:.0f}, optimizer {t["step"] * 1e3:.0f}) '
             f'-> {report.samples_per_second:,.0f} samples/s',
-            f'the head takes {report.head_share:.0%} of the step']
+            f'the head takes {report.head_share:.0%} of the step'
+            if report.head_share is not None else
+            "the head's share of the step: not estimated for a replicated "
+            'head']
         if report.pfc_over_mp is not None:
             lines.append(f'Partial FC 0.1 / model parallel speed: '
                          f'{report.pfc_over_mp:.2f}x')

@@ -169,3 +169,19 @@ def test_step_estimate_on_one_gpu(tool, capsys):
     assert out['samples_per_second'] == pytest.approx(
         32 / out['step_seconds']['total'])
     assert 0 < out['head_share'] < 1
+
+
+def test_replicated_head_share_is_not_reported_as_zero(tool, capsys):
+    """A data-parallel head has no head-less stand-in to time against: its
+    share is absent (null, and said so in the text), not 0 %."""
+    dp = os.path.join(ROOT, 'configs/pfc/r50_dp_3m.py')
+    small = ['model.head.num_classes=1000', 'train_dataloader.batch_size=8']
+    assert tool.main([dp, '--gpus', '2', '--gpu', 'A100', '--json',
+                      '--cfg-options', *small]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out['head_share'] is None and out['step_seconds']['total'] > 0
+    assert tool.main([dp, '--gpus', '2', '--gpu', 'A100',
+                      '--cfg-options', *small]) == 0
+    text = capsys.readouterr().out
+    assert "the head's share of the step: not estimated" in text
+    assert 'the head takes' not in text
