@@ -8,7 +8,12 @@ in-process) and one thread, on a synthetic set it writes
 (:mod:`.synthetic_faces`) or the user's folder. Rounds alternate the bare
 ``cv2.imdecode`` of the images' bytes and the loader over as many images, so
 both see the same machine load; the best round of each is reported, and their
-ratio. ``python tools/benchmark_data.py CONFIG`` prints it.
+ratio. With one worker a third loader runs in the rounds too: a worker that
+only decodes the same bytes (``cv2.imdecode``) and packs them with
+``face_collate``, the least a worker delivering decoded batches costs here
+(the shared-memory batch and its trip to the main process included), so the
+pipeline's own overhead can be told from the DataLoader's.
+``python tools/benchmark_data.py CONFIG`` prints it.
 """
 from __future__ import annotations
 
@@ -24,7 +29,13 @@ import numpy as np
 import torch
 from mmengine.config import Config, ConfigDict
 
+from mmpfc.datasets import face_collate
+
 from .synthetic_faces import write_synthetic_faces
+
+#: Wait before timing the bare decoding, while the workers refill their
+#: prefetch queues (a few batches of ~25 ms each).
+SETTLE_SECONDS = 0.5
 
 #: The two pipelines ``--pipeline`` names, each (transforms, collate).
 PIPELINES = {
@@ -53,6 +64,8 @@ class DataSpeed:
     pipeline_rates: List[float] = field(default_factory=list)
     decode_rates: List[float] = field(default_factory=list)
     samples_per_sec: Optional[float] = None
+    #: a worker that only decodes and packs (one worker only)
+    worker_floor_rates: List[float] = field(default_factory=list)
 
     @property
     def pipeline_rate(self) -> float:
@@ -68,6 +81,16 @@ class DataSpeed:
         return self.pipeline_rate / self.decode_rate
 
     @property
+    def worker_floor_rate(self) -> Optional[float]:
+        return max(self.worker_floor_rates, default=None)
+
+    @property
+    def floor_ratio(self) -> Optional[float]:
+        """Pipeline images/s over those of a worker that only decodes."""
+        floor = self.worker_floor_rate
+        return None if floor is None else self.pipeline_rate / floor
+
+    @property
     def workers_needed(self) -> Optional[int]:
         """Workers that keep up with ``samples_per_sec`` per GPU."""
         if self.samples_per_sec is None:
@@ -77,6 +100,8 @@ class DataSpeed:
     def to_dict(self) -> dict:
         return dict(asdict(self), pipeline_rate=self.pipeline_rate,
                     decode_rate=self.decode_rate, ratio=self.ratio,
+                    worker_floor_rate=self.worker_floor_rate,
+                    floor_ratio=self.floor_ratio,
                     workers_needed=self.workers_needed, threads=1)
 
 
@@ -164,22 +189,65 @@ def _measure(loader_cfg: ConfigDict, num_workers: int, rounds: int,
     count = min(num_images, len(dataset))
     blobs = [dataset.get_data_info(i)['img_bytes'] for i in range(count)]
     batches = max(1, round(count / loader.batch_size))
-    batch_iter = iter(loader)
-    untimed = loader.prefetch_factor if num_workers else 1
-    pipeline_rates, decode_rates = [], []
+    timed = [_Timed(loader, batches)]
+    if num_workers:
+        timed.append(_Timed(torch.utils.data.DataLoader(
+            _BareDecode(blobs), batch_size=loader.batch_size,
+            num_workers=1, collate_fn=face_collate,
+            persistent_workers=True), batches))
+    decode_rates = []
     for _ in range(rounds):
+        if num_workers:  # the workers refill their prefetch: not meanwhile
+            time.sleep(SETTLE_SECONDS)
         decode_rates.append(_decode_rate(blobs))
-        for _ in range(untimed):  # made while the decoding was timed
-            next(batch_iter)
-        start, images = time.perf_counter(), 0
-        for _ in range(batches):
-            images += len(next(batch_iter)['inputs'])
-        pipeline_rates.append(images / (time.perf_counter() - start))
-    del batch_iter
+        for loader_timing in timed:
+            loader_timing.round()
     return dict(num_images=count, num_workers=num_workers,
                 mean_bytes=float(np.mean([len(b) for b in blobs])),
                 batch_size=loader.batch_size,
-                pipeline_rates=pipeline_rates, decode_rates=decode_rates)
+                pipeline_rates=timed[0].rates, decode_rates=decode_rates,
+                worker_floor_rates=timed[1].rates if num_workers else [])
+
+
+class _Timed:
+    """Rounds of ``batches`` batches of one loader (its iterator kept),
+    each after the batches its workers made while something else was
+    timed."""
+
+    def __init__(self, loader, batches: int) -> None:
+        self.batches, self.rates = batches, []
+        self.untimed = loader.prefetch_factor if loader.num_workers else 1
+        self._loader, self._iter = loader, iter(loader)
+
+    def round(self) -> None:
+        for _ in range(self.untimed):
+            self._next()
+        start, images = time.perf_counter(), 0
+        for _ in range(self.batches):
+            images += len(self._next()['inputs'])
+        self.rates.append(images / (time.perf_counter() - start))
+
+    def _next(self) -> dict:
+        batch = next(self._iter, None)
+        if batch is None:  # an epoch of a finite sampler ended
+            self._iter = iter(self._loader)
+            batch = next(self._iter)
+        return batch
+
+
+class _BareDecode(torch.utils.data.Dataset):
+    """The images' bytes decoded by ``cv2.imdecode`` and nothing else."""
+
+    def __init__(self, blobs: List[bytes]) -> None:
+        self.blobs = blobs
+
+    def __len__(self) -> int:
+        return len(self.blobs)
+
+    def __getitem__(self, index: int) -> dict:
+        img = cv2.imdecode(np.frombuffer(self.blobs[index], np.uint8),
+                           cv2.IMREAD_COLOR)
+        return dict(img=img, gt_label=0)
 
 
 def _decode_rate(blobs: List[bytes]) -> float:
@@ -207,6 +275,16 @@ def describe(speed: DataSpeed) -> str:
         f'| bare `cv2.imdecode` of the same bytes | '
         f'{speed.decode_rate:,.0f} | 1.00x |',
     ]
+    if speed.worker_floor_rate is not None:
+        lines[-1:-1] = [
+            f'| a worker that only decodes them and packs with '
+            f'`face_collate` | {speed.worker_floor_rate:,.0f} | '
+            f'{speed.worker_floor_rate / speed.decode_rate:.2f}x |']
+        lines += ['', f'the pipeline delivers {speed.floor_ratio:.2f}x '
+                  'what a worker that only decodes delivers; from that '
+                  "worker to bare decoding is the DataLoader's own cost "
+                  '(the shared-memory batch and its trip to the main '
+                  'process)']
     if speed.samples_per_sec is not None:
         lines += ['', f'{speed.samples_per_sec:,.0f} samples/s per GPU need '
                   f'{speed.workers_needed} worker(s) per GPU '

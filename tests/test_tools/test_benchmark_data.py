@@ -53,6 +53,25 @@ def test_table_and_workers_line(tool, capsys):
     assert '1,000,000 samples/s per GPU need' in text
 
 
+def test_one_worker_is_measured_beside_a_worker_that_only_decodes(
+        tool, capsys):
+    argv = [a if a != '0' else '1' for a in SMALL]  # --num-workers 1
+    assert tool.main([MS1MV3, *argv]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out['num_workers'] == 1
+    assert len(out['worker_floor_rates']) == len(out['pipeline_rates']) == 2
+    assert out['worker_floor_rate'] == max(out['worker_floor_rates']) > 0
+    assert out['floor_ratio'] == pytest.approx(out['pipeline_rate'] /
+                                               out['worker_floor_rate'])
+    assert tool.main([MS1MV3, *argv[:-1]]) == 0
+    text = capsys.readouterr().out
+    assert '| a worker that only decodes them and packs with ' in text
+    assert 'x what a worker that only decodes delivers' in text
+    in_process = run_json(tool, capsys)
+    assert in_process['worker_floor_rates'] == []
+    assert in_process['floor_ratio'] is None
+
+
 def test_user_data_root(tool, capsys, tmp_path):
     write_synthetic_faces(str(tmp_path), num_images=20, num_classes=4)
     out = run_json(tool, capsys, '--data-root', str(tmp_path),
