@@ -5,8 +5,8 @@ Decoding JPEGs is most of a data loader worker's time. With
 read the bytes and draw the flips; ``FaceDataPreprocessor`` decodes the
 batch on the model's device (nvJPEG through ``torchvision.io.decode_jpeg``
 on CUDA) and flips it there (:mod:`mmpfc.models.recognizers.jpeg_decode`).
-All bytes of a batch travel in one tensor, so a worker sends one
-shared-memory block per batch, not one per image.
+All bytes of a batch, its lengths, flips and labels travel in one
+shared-memory block per batch, not one per image or per tensor.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 
 from mmpfc.registry import FUNCTIONS
 
-from .collate import batch_tensor
+from .collate import batch_tensors
 
 
 @dataclass
@@ -68,15 +68,18 @@ def encoded_face_collate(data_batch: Sequence[dict]) -> dict:
             'leave LoadImageFromBytes out of the pipeline: the device '
             'decodes the images')
     blobs = [np.frombuffer(s['img_bytes'], np.uint8) for s in data_batch]
-    lengths = torch.tensor([len(b) for b in blobs], dtype=torch.int64)
-    # straight into the batch's (shared, in a worker) memory
-    data = batch_tensor((int(lengths.sum()), ), np.dtype(np.uint8))
+    count = len(blobs)
+    # all of it in one block of the batch's (shared, in a worker) memory
+    data, lengths, flip, labels = batch_tensors(
+        ((sum(len(b) for b in blobs), ), torch.uint8),
+        ((count, ), torch.int64), ((count, ), torch.bool),
+        ((count, ), torch.int64))
     np.concatenate(blobs, out=data.numpy())
-    flip = torch.tensor([bool(s.get('flip', False)) for s in data_batch])
+    lengths.copy_(torch.tensor([len(b) for b in blobs]))
+    flip.copy_(torch.tensor([bool(s.get('flip', False)) for s in data_batch]))
+    labels.copy_(torch.tensor([int(s['gt_label']) for s in data_batch]))
     sources = [str(s.get('img_source') or
                    f"sample {s.get('key', s.get('sample_idx'))}")
                for s in data_batch]
-    labels = torch.tensor([int(s['gt_label']) for s in data_batch],
-                          dtype=torch.int64)
     return dict(inputs=EncodedBatch(data, lengths, flip, sources),
                 data_samples=labels)

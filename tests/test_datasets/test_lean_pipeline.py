@@ -19,6 +19,7 @@ from mmengine.runner import Runner
 from mmpfc.benchmark.data_speed import train_loader_config
 from mmpfc.benchmark.synthetic_faces import write_synthetic_faces
 from mmpfc.datasets import MXFaceDataset, RandomFlipInPlace, face_collate
+from mmpfc.datasets.encoded_batch import encoded_face_collate
 from mmpfc.datasets.transforms.loading import decode_image
 from mmpfc.registry import MODELS, TRANSFORMS
 
@@ -210,6 +211,51 @@ def test_encoded_batches_decode_to_the_same_model_inputs(rec, num_workers):
         assert [s.gt_label.tolist() for s in got['data_samples']] == [
             s.gt_label.tolist() for s in want['data_samples']]
     assert pre.jpeg_decoder.fallbacks == 0
+
+
+class _Samples(torch.utils.data.Dataset):
+    """Four decoded and still-encoded samples, built here."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        img = np.full((5, 6, 3), i, np.uint8)
+        return dict(img=img, gt_label=10 + i, flip=i % 2 == 1,
+                    img_bytes=bytes([i]) * (i + 1), img_source=f'key {i}')
+
+
+def _decoded_only(batch):
+    return face_collate([{k: s[k] for k in ('img', 'gt_label')}
+                         for s in batch])
+
+
+def _encoded_only(batch):
+    return encoded_face_collate([{k: v for k, v in s.items() if k != 'img'}
+                                 for s in batch])
+
+
+@pytest.mark.parametrize('collate', [_decoded_only, _encoded_only])
+def test_a_workers_batch_arrives_as_one_shared_block(collate):
+    """Each shared block a worker sends is one more descriptor handed to the
+    main process: images, labels (and lengths, flips) come in one."""
+    batch = next(iter(torch.utils.data.DataLoader(
+        _Samples(), batch_size=4, num_workers=1, collate_fn=collate)))
+    inputs = batch['inputs']
+    tensors = ([inputs] if torch.is_tensor(inputs) else
+               [inputs.data, inputs.lengths, inputs.flip])
+    tensors.append(batch['data_samples'])
+    assert all(t.is_shared() for t in tensors)
+    assert len({t.untyped_storage().data_ptr() for t in tensors}) == 1
+    assert batch['data_samples'].tolist() == [10, 11, 12, 13]
+    if torch.is_tensor(inputs):
+        assert inputs.shape == (4, 3, 5, 6)
+        assert [int(inputs[i].unique()) for i in range(4)] == [0, 1, 2, 3]
+    else:
+        assert inputs.lengths.tolist() == [1, 2, 3, 4]
+        assert inputs.flip.tolist() == [False, True, False, True]
+        assert [bytes(b.numpy()) for b in inputs.images()] == [
+            bytes([i]) * (i + 1) for i in range(4)]
 
 
 # ---------------------------------------------------- concurrent workers
