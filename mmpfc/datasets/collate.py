@@ -60,6 +60,28 @@ def face_collate(data_batch: Sequence[dict]) -> dict:
                 dict(type='LoadImageFromBytes'),
                 dict(type='RandomFlipInPlace', prob=0.5)]))
     """
+    images = _images_of_one_size(data_batch)
+    shape, dtype = images[0].shape, images[0].dtype
+    channels = shape[2] if len(shape) == 3 else 1
+    out, labels = batch_tensors(
+        ((len(images), channels, *shape[:2]), torch_dtype(dtype)),
+        ((len(images), ), torch.int64))
+    batch = out.numpy()
+    planes = list(batch.reshape(-1, *shape[:2]))  # (H, W) views
+    split = channels > 1 and dtype in _CV_DTYPES and _split_writes_in_place()
+    for i, img in enumerate(images):
+        if split:
+            cv2.split(np.ascontiguousarray(img),
+                      planes[i * channels:(i + 1) * channels])
+        else:
+            batch[i] = img.reshape(*shape[:2], channels).transpose(2, 0, 1)
+    labels.copy_(torch.tensor([sample['gt_label'] for sample in data_batch],
+                              dtype=torch.int64))
+    return dict(inputs=out, data_samples=labels)
+
+
+def _images_of_one_size(data_batch: Sequence[dict]) -> List[np.ndarray]:
+    """The samples' ``img`` arrays; errors naming what cannot be stacked."""
     if not data_batch:
         raise ValueError('face_collate: empty batch')
     first = data_batch[0]
@@ -82,22 +104,7 @@ def face_collate(data_batch: Sequence[dict]) -> dict:
     if len(shape) not in (2, 3):
         raise ValueError(f'face_collate: expected (H, W) or (H, W, C) '
                          f'images, got shape {shape}')
-    channels = shape[2] if len(shape) == 3 else 1
-    out, labels = batch_tensors(
-        ((len(images), channels, *shape[:2]), torch_dtype(dtype)),
-        ((len(images), ), torch.int64))
-    batch = out.numpy()
-    planes = list(batch.reshape(-1, *shape[:2]))  # (H, W) views
-    split = channels > 1 and dtype in _CV_DTYPES and _split_writes_in_place()
-    for i, img in enumerate(images):
-        if split:
-            cv2.split(np.ascontiguousarray(img),
-                      planes[i * channels:(i + 1) * channels])
-        else:
-            batch[i] = img.reshape(*shape[:2], channels).transpose(2, 0, 1)
-    labels.copy_(torch.tensor([sample['gt_label'] for sample in data_batch],
-                              dtype=torch.int64))
-    return dict(inputs=out, data_samples=labels)
+    return images
 
 
 #: Byte alignment of each tensor inside a batch's block (a cache line).

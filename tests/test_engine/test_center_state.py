@@ -171,6 +171,30 @@ def test_nesterov_step_with_int8_momentum_follows_fp64():
     assert 0 < err <= bound, (err, bound)
 
 
+@pytest.mark.parametrize('nesterov,dampening,maximize', [
+    (False, 0.3, False), (True, 0.0, False), (False, 0.0, True)])
+def test_all_rows_every_step_is_torch_sgd(nesterov, dampening, maximize):
+    """Every row in every step: exactly torch.optim.SGD's rule, its first
+    step (momentum = the step, undampened) included."""
+    gen = torch.Generator().manual_seed(6)
+    start = torch.randn(6, 16, generator=gen)
+    grads = [torch.randn(6, 16, generator=gen) for _ in range(3)]
+    kwargs = dict(lr=LR, momentum=MOMENTUM, weight_decay=DECAY,
+                  dampening=dampening, nesterov=nesterov, maximize=maximize)
+    ours = torch.nn.Parameter(start.clone())
+    theirs = torch.nn.Parameter(start.clone())
+    sparse_opt = torch.optim.SGD([ours], **kwargs)
+    torch_opt = torch.optim.SGD([theirs], **kwargs)
+    for grad in grads:
+        sparse_sgd_step(sparse_opt, ours, torch.arange(6), grad)
+        theirs.grad = grad.clone()
+        torch_opt.step()
+        assert torch.allclose(ours, theirs, rtol=0, atol=1e-6)
+    assert torch.allclose(sparse_opt.state[ours]['momentum_buffer'],
+                          torch_opt.state[theirs]['momentum_buffer'],
+                          rtol=0, atol=1e-6)
+
+
 def test_model_parallel_fp32_centers_with_int8_state():
     """sample_rate=1 with fp32 centers: the dense weight.grad is taken by
     the wrapper's row rule (torch's SGD would keep fp32 momentum)."""

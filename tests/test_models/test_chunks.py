@@ -31,3 +31,18 @@ def test_copy_rows_takes_strided_and_offset_sources():
     shifted = base[3:35].view(2, 16)  # contiguous, 3 bytes into its storage
     copy_rows(dest, index, shifted)
     assert torch.equal(dest[[3, 8]], shifted)
+
+
+def test_copy_rows_keeps_index_copy_checks_and_odd_row_strides():
+    dest = torch.zeros(4, 8, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match='same dtype'):
+        copy_rows(dest, torch.tensor([1]),
+                  torch.full((1, 8), 200, dtype=torch.uint8))
+    # one row of a wider tensor: contiguous to torch, row stride 9 bytes
+    source = torch.arange(27, dtype=torch.int8).view(3, 9)[1:2, :8]
+    one = torch.zeros(1, 8, dtype=torch.int8)[:, :]
+    copy_rows(one, torch.tensor([0]), source)
+    assert one[0].tolist() == list(range(9, 17))
+    wide = torch.zeros(2, 9, dtype=torch.int8)[:, :8]  # row stride 9
+    copy_rows(wide, torch.tensor([1]), source)
+    assert wide[1].tolist() == list(range(9, 17)) and not wide[0].any()

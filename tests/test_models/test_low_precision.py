@@ -61,6 +61,18 @@ def test_stochastic_round_keeps_exact_and_non_finite_values(dtype):
     assert torch.isnan(out[6])
 
 
+@pytest.mark.parametrize('make', [
+    lambda: torch.tensor(1.0 + 1e-3), lambda: torch.randn(3, 4, 8),
+    lambda: torch.randn(8, 6).t(), lambda: torch.zeros(0, 5)])
+def test_stochastic_round_keeps_any_shape(make):
+    values = make()
+    out = stochastic_round(values, torch.bfloat16, RoundingNoise(seed=3))
+    assert out.shape == values.shape and out.dtype == torch.bfloat16
+    lo, hi = neighbours(values.reshape(-1), torch.bfloat16)
+    flat = out.float().reshape(-1)
+    assert bool(((flat == lo) | (flat == hi)).all())
+
+
 def test_stochastic_round_is_reproducible_from_its_generator():
     values = torch.randn(1000) * 1e-2
     a = stochastic_round(values, torch.bfloat16, RoundingNoise(3))
@@ -87,6 +99,41 @@ def test_rounding_noise_is_uniform_16_bit_and_fresh_per_row_and_call():
     first, second = noise.bits(4, 512, 'cpu'), noise.bits(4, 512, 'cpu')
     assert len({tuple(row.tolist()) for row in torch.cat([first, second])
                 }) == 8
+
+
+@pytest.mark.parametrize('width', [1, 7, 512, 2**18 + 10])
+def test_every_position_of_a_row_sees_each_16_bit_value_equally_often(width):
+    """Exactly uniform noise for a uniform offset: over all the windows a
+    row can take, the first and last position hold each of the 2^16 values
+    the same number of times (the table has 2^18 entries)."""
+    windows = RoundingNoise(seed=0).windows(width, torch.device('cpu'))
+    assert windows.shape == (2**18, width)
+    for column in (0, width - 1):
+        counts = torch.bincount(windows[:, column].long(), minlength=2**16)
+        assert counts.numel() == 2**16 and bool((counts == 4).all())
+
+
+def test_rounding_noise_offsets_span_the_whole_table(monkeypatch):
+    drawn = []
+    randint = torch.randint
+
+    def spy(high, size, **kwargs):
+        drawn.append(high)
+        return randint(high, size, **kwargs)
+
+    monkeypatch.setattr(torch, 'randint', spy)
+    RoundingNoise(seed=0).bits(3, 16, 'cpu')
+    assert drawn == [2**18]
+
+
+def test_copies_of_rounding_noise_leave_the_table_behind():
+    import copy
+    import pickle
+    noise = RoundingNoise(seed=2)
+    noise.bits(2, 8, 'cpu')
+    assert len(pickle.dumps(noise)) < 50_000  # the table is 1 MiB
+    twin = copy.deepcopy(noise)
+    assert torch.equal(twin.bits(4, 8, 'cpu'), noise.bits(4, 8, 'cpu'))
 
 
 def test_rounding_noise_continues_bit_for_bit_from_its_state():

@@ -84,7 +84,9 @@ def sparse_sgd_step(optimizer: torch.optim.Optimizer, param: torch.Tensor,
     the rows are processed in chunks of ``CHUNK_BYTES``, so the only
     temporaries are a few chunks; rows not given, and their momentum, are
     untouched (original Partial FC semantics: weight decay and
-    momentum of a center apply when it is sampled).
+    momentum of a center apply when it is sampled). As in torch's SGD, the
+    parameter's first step sets the momentum of its rows to the step itself
+    (no dampening); a row first sampled later starts from zero momentum.
 
     Args:
         state_form: How the momentum is stored (``center_state_dtype``).
@@ -101,11 +103,12 @@ def sparse_sgd_step(optimizer: torch.optim.Optimizer, param: torch.Tensor,
     nesterov, maximize = group['nesterov'], group.get('maximize', False)
     data = param.data
     centers = CenterRows(param, rounding)
-    buf_all = None
+    buf_all, first = None, False
     if momentum != 0:
         buf_all = RowState(optimizer.state[param], 'momentum_buffer',
                            state_form)
-        if not buf_all.exists():
+        first = not buf_all.exists()
+        if first:
             buf_all.create(data.shape[0], data.shape[1], data.device,
                            data.dtype)
     for index, chunk in row_chunks(data, rows, grad):
@@ -116,8 +119,11 @@ def sparse_sgd_step(optimizer: torch.optim.Optimizer, param: torch.Tensor,
         if weight_decay != 0:
             step = step.add(weight, alpha=weight_decay)
         if buf_all is not None:
-            buf = buf_all.read(index, times=momentum)
-            buf.add_(step, alpha=1 - dampening)
+            if first:  # torch's first step: the buffer is the step itself
+                buf = step.clone()
+            else:
+                buf = buf_all.read(index, times=momentum)
+                buf.add_(step, alpha=1 - dampening)
             step = step.add(buf, alpha=momentum) if nesterov else buf
         weight.add_(step, alpha=-lr)
         if buf_all is not None:  # last use of buf: its encoding may reuse it

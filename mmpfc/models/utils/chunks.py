@@ -29,12 +29,19 @@ def copy_rows(dest: torch.Tensor, index: torch.Tensor,
     codes copy about 4x faster as 64 words each (one core), bf16 rows
     about 1.6x; fp32 rows are bound by memory either way.
     """
-    row_bytes = dest.shape[-1] * dest.element_size()
-    if (dest.dim() == 2 and dest.element_size() < 8 and row_bytes % 8 == 0
-            and dest.is_contiguous() and rows.is_contiguous()
-            and dest.storage_offset() * dest.element_size() % 8 == 0
-            and rows.storage_offset() * rows.element_size() % 8 == 0):
+    if _as_words(dest) and _as_words(rows) and rows.dtype == dest.dtype \
+            and rows.shape[1:] == dest.shape[1:]:
         dest.view(torch.int64).index_copy_(0, index, rows.view(torch.int64))
     else:
         dest.index_copy_(0, index, rows)
     return dest
+
+
+def _as_words(tensor: torch.Tensor) -> bool:
+    """True when ``tensor``'s 2-D rows can be seen as 8-byte words."""
+    size = tensor.element_size()
+    return (tensor.dim() == 2 and size < 8 and tensor.shape[1] > 0
+            and tensor.stride(1) == 1
+            and tensor.shape[1] * size % 8 == 0
+            and tensor.stride(0) * size % 8 == 0
+            and tensor.storage_offset() * size % 8 == 0)

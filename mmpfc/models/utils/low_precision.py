@@ -13,8 +13,9 @@ estimate of the fp32 update and lets small steps add up on average.
 """
 from __future__ import annotations
 
+import math
 import sys
-from typing import Optional, Tuple, Union
+from typing import Optional, Union
 
 import torch
 
@@ -133,26 +134,35 @@ class RoundingNoise:
 
     def bits(self, rows: int, width: int,
              device: torch.device) -> torch.Tensor:
-        """(rows, width) int32 noise, each element uniform in [0, 2^16)."""
-        windows = self._windows(width, torch.device(device))
-        offsets = torch.randint(NOISE_TABLE_SIZE, (rows, ), device=device,
-                                generator=self.generator(device))
-        return windows.index_select(0, offsets)
+        """(rows, width) int32 noise, each element uniform in [0, 2^16).
 
-    def _windows(self, width: int, device: torch.device) -> torch.Tensor:
-        """The table's NOISE_TABLE_SIZE cyclic windows of ``width`` (a view
-        of the table extended by its first ``width - 1`` entries)."""
+        Elements ``j`` and ``j + NOISE_TABLE_SIZE`` of one row (rows wider
+        than the table) get the same noise: each is still unbiased, their
+        errors are not independent.
+        """
+        generator = self.generator(device)
+        offsets = torch.randint(NOISE_TABLE_SIZE, (rows, ),
+                                device=generator.device, generator=generator)
+        return self.windows(width, generator.device).index_select(0, offsets)
+
+    def windows(self, width: int, device: torch.device) -> torch.Tensor:
+        """Every noise a row of ``width`` can get: the (NOISE_TABLE_SIZE,
+        width) cyclic windows of the table (a view; the table extended by
+        its first ``width - 1`` entries is kept for the next call)."""
+        size = NOISE_TABLE_SIZE + width - 1
         table = self._table
-        if (table is None or table.device != device
-                or table.numel() < NOISE_TABLE_SIZE + width - 1):
+        if table is None or table.device != device or table.numel() < size:
             order = torch.randperm(
                 NOISE_TABLE_SIZE,
                 generator=torch.Generator().manual_seed(NOISE_TABLE_SEED))
             cycle = (order % 2**16).to(torch.int32)
-            repeats = -(-(NOISE_TABLE_SIZE + width - 1) // NOISE_TABLE_SIZE)
-            table = cycle.repeat(repeats)[:NOISE_TABLE_SIZE + width - 1]
-            self._table = table = table.to(device)
-        return table[:NOISE_TABLE_SIZE + width - 1].unfold(0, width, 1)
+            table = torch.cat([cycle] * (-(-size // NOISE_TABLE_SIZE)))
+            self._table = table = table[:size].clone().to(device)
+        return table[:size].unfold(0, width, 1)
+
+    def __getstate__(self) -> dict:
+        # the table is rebuilt on first use: copies do not carry it
+        return dict(self.__dict__, _table=None)
 
 
 def stochastic_round(values: torch.Tensor, dtype: torch.dtype,
@@ -175,32 +185,27 @@ def stochastic_round(values: torch.Tensor, dtype: torch.dtype,
     raise ValueError(f'no stochastic rounding to {dtype}')
 
 
-def _rows(shape: torch.Size) -> Tuple[int, int]:
-    """(rows, width) of a tensor seen as rows of its last dimension."""
-    width = shape[-1] if len(shape) else 1
-    rows = 1
-    for size in shape[:-1]:
-        rows *= size
-    return rows, width
-
-
 def _round_bfloat16(values: torch.Tensor,
                     noise: RoundingNoise) -> torch.Tensor:
     """bf16 is fp32's upper 16 bits: add 16 random low bits, truncate.
 
     The addition works on the magnitude bits of the sign-magnitude format,
     so a carry moves the magnitude up by one bf16 step for either sign. inf
-    and the default NaN have zero low bits and stay as they are (a NaN whose
-    payload is in the low 16 bits only may come out as inf: still not
-    finite); values above bf16's largest may round up to inf. The result
-    is a strided view of the sums' upper halves (no copy; ``index_copy_``
-    and any op read it as it is).
+    and the default NaN have zero low bits and stay as they are; a NaN with
+    another payload stays NaN, or may come out as inf (payload in the low 16
+    bits only) or, when its upper 16 bits are all ones but the sign
+    (0x7FFF / 0xFFFF), as -0 / +0; values above bf16's largest may round up
+    to inf. The rows of the noise are the last dimension (a 1-D tensor is
+    one row). The result is a strided view of the sums' upper halves (no
+    copy; ``index_copy_`` and any op read it as it is).
     """
-    bits = values.contiguous().view(torch.int32)
-    rows, width = _rows(bits.shape)
-    summed = noise.bits(rows, width, bits.device).view(bits.shape).add_(bits)
+    shape = values.shape
+    width = shape[-1] if values.dim() else 1
+    rows = math.prod(shape[:-1]) if values.dim() else 1
+    bits = values.contiguous().view(rows, width).view(torch.int32)
+    summed = noise.bits(bits.shape[0], width, bits.device).add_(bits)
     halves = summed.view(torch.int16).view(*bits.shape, 2)
-    return halves[..., _UPPER_HALF].view(torch.bfloat16)
+    return halves[..., _UPPER_HALF].view(torch.bfloat16).view(shape)
 
 
 def _round_float16(values: torch.Tensor,
