@@ -140,18 +140,20 @@ class RoundingNoise:
         than the table) get the same noise: each is still unbiased, their
         errors are not independent.
         """
-        generator = self.generator(device)
-        offsets = torch.randint(NOISE_TABLE_SIZE, (rows, ),
-                                device=generator.device, generator=generator)
-        return self.windows(width, generator.device).index_select(0, offsets)
+        device = torch.device(device)
+        offsets = torch.randint(NOISE_TABLE_SIZE, (rows, ), device=device,
+                                generator=self.generator(device))
+        return self.windows(width, device).index_select(0, offsets)
 
     def windows(self, width: int, device: torch.device) -> torch.Tensor:
         """Every noise a row of ``width`` can get: the (NOISE_TABLE_SIZE,
         width) cyclic windows of the table (a view; the table extended by
         its first ``width - 1`` entries is kept for the next call)."""
         size = NOISE_TABLE_SIZE + width - 1
-        table = self._table
-        if table is None or table.device != device or table.numel() < size:
+        table, device = self._table, torch.device(device)
+        if table is None or table.numel() < size or not (
+                table.device.type == device.type and device.index in (
+                    None, table.device.index)):
             order = torch.randperm(
                 NOISE_TABLE_SIZE,
                 generator=torch.Generator().manual_seed(NOISE_TABLE_SEED))
