@@ -122,19 +122,18 @@ def batch_tensors(*parts: Tuple[Tuple[int, ...], torch.dtype]
     more file descriptor handed to the main process and mapped there (about
     0.4 ms per block here), so a batch of images and labels travels as one.
     """
-    offsets, total = [], 0
+    spans, total = [], 0  # (first byte, bytes) of each part
     for shape, dtype in parts:
         total = -(-total // _ALIGN) * _ALIGN
-        offsets.append(total)
-        total += math.prod(shape) * dtype.itemsize
+        spans.append((total, math.prod(shape) * dtype.itemsize))
+        total += spans[-1][1]
     if get_worker_info() is None:
         block = torch.empty(total, dtype=torch.uint8)
     else:
         empty = torch.empty(0, dtype=torch.uint8)
         block = empty.new(empty._typed_storage()._new_shared(max(total, 1)))
-    return [block[start:start + math.prod(shape) * dtype.itemsize]
-            .view(dtype).view(shape)
-            for start, (shape, dtype) in zip(offsets, parts)]
+    return [block[start:start + size].view(dtype).view(shape)
+            for (start, size), (shape, dtype) in zip(spans, parts)]
 
 
 def torch_dtype(dtype: np.dtype) -> torch.dtype:

@@ -68,14 +68,13 @@ def encoded_face_collate(data_batch: Sequence[dict]) -> dict:
             'leave LoadImageFromBytes out of the pipeline: the device '
             'decodes the images')
     blobs = [np.frombuffer(s['img_bytes'], np.uint8) for s in data_batch]
-    count = len(blobs)
+    sizes, count = [len(b) for b in blobs], len(blobs)
     # all of it in one block of the batch's (shared, in a worker) memory
     data, lengths, flip, labels = batch_tensors(
-        ((sum(len(b) for b in blobs), ), torch.uint8),
-        ((count, ), torch.int64), ((count, ), torch.bool),
-        ((count, ), torch.int64))
+        ((sum(sizes), ), torch.uint8), ((count, ), torch.int64),
+        ((count, ), torch.bool), ((count, ), torch.int64))
     np.concatenate(blobs, out=data.numpy())
-    lengths.copy_(torch.tensor([len(b) for b in blobs]))
+    lengths.copy_(torch.tensor(sizes))
     flip.copy_(torch.tensor([bool(s.get('flip', False)) for s in data_batch]))
     labels.copy_(torch.tensor([int(s['gt_label']) for s in data_batch]))
     sources = [str(s.get('img_source') or

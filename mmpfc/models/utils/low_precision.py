@@ -203,7 +203,7 @@ def _round_bfloat16(values: torch.Tensor,
     """
     shape = values.shape
     width = shape[-1] if values.dim() else 1
-    rows = math.prod(shape[:-1]) if values.dim() else 1
+    rows = math.prod(shape[:-1])
     bits = values.contiguous().view(rows, width).view(torch.int32)
     summed = noise.bits(bits.shape[0], width, bits.device).add_(bits)
     halves = summed.view(torch.int16).view(*bits.shape, 2)
