@@ -35,7 +35,6 @@ class AccuracyRow:
     loss: Dict[str, Any]
     probe_batches: int
     threads: int
-    device: str = 'cpu'
 
 
 @dataclass(frozen=True)

@@ -163,8 +163,7 @@ def launch_seed(row: AccuracyRow, world_size: int,
     """One seed on ``world_size`` fresh ranks running :func:`.worker.run_rank`
     (the project's launcher); results in rank order."""
     from .worker import run_rank
-    return launcher.launch(run_rank, row, world_size, timeout,
-                           device=row.device)
+    return launcher.launch(run_rank, row, world_size, timeout)
 
 
 def seed_records(seed: int, methods: Sequence[MethodSpec],

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import statistics
 from dataclasses import asdict
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .ratios import RatioCheck, verdict
 from .rows import (BenchmarkRecord, BenchmarkRow, LaunchSummary, RankResult,
@@ -100,9 +100,10 @@ def _backbone(phases: Dict[str, float]) -> float:
 
 
 def _overview_lines(records: Sequence[BenchmarkRecord],
+                    by_key: Dict[Tuple[int, str], BenchmarkRecord],
                     labels: List[str], classes: List[int]) -> List[str]:
-    """The reference's layout: speed and memory per method and C."""
-    by_key = {(r.row.num_classes, r.row.label): r for r in records}
+    """The reference's layout: speed and memory per method and C
+    (``by_key``: the records by (C, label))."""
     head = ['identities', *[f'{m} speed' for m in labels],
             *[f'{m} mem' for m in labels]]
     lines = ['| ' + ' | '.join(head) + ' |',
@@ -146,7 +147,7 @@ def markdown(records: Sequence[BenchmarkRecord],
     labels = list(dict.fromkeys(r.row.label for r in records))
     by_key = {(r.row.num_classes, r.row.label): r for r in records}
     classes = sorted({r.row.num_classes for r in records})
-    lines = _overview_lines(records, labels, classes)
+    lines = _overview_lines(records, by_key, labels, classes)
     lines += ['', '| identities | method | samples/s | step ms | backbone ms '
               '| head ms | optimizer ms | peak MB | predicted MB | '
               'measured / predicted | 3 GEMMs ms |',

@@ -127,14 +127,12 @@ def backbone_stats(cfg: BenchmarkConfig) -> dict:
 
 def memory_kwargs(row: BenchmarkRow, stats: dict) -> dict:
     """:func:`..memory_model.predict_memory` kwargs of a row but for C."""
-    kwargs = dict(method=row.method, world_size=row.world_size,
-                  embedding_size=row.embedding_size,
-                  batch_size=row.batch_size, sample_rate=row.sample_rate,
-                  center_dtype=row.center_dtype,
-                  state_dtype=row.state_dtype,
-                  non_target_margin=row.modifies_non_target,
-                  num_subcenters=row.num_subcenters, **stats)
-    return kwargs
+    return dict(method=row.method, world_size=row.world_size,
+                embedding_size=row.embedding_size,
+                batch_size=row.batch_size, sample_rate=row.sample_rate,
+                center_dtype=row.center_dtype, state_dtype=row.state_dtype,
+                non_target_margin=row.modifies_non_target,
+                num_subcenters=row.num_subcenters, **stats)
 
 
 def margin_fields(spec: MarginSpec) -> dict:
@@ -235,9 +233,9 @@ def run_benchmark(cfg: BenchmarkConfig,
     for rnd in range(cfg.repeat):
         for i, row in enumerate(rows):
             if row.unavailable:
-                records[i] = replace(records[i], status='not available',
-                                     error=row.unavailable)
                 if rnd == 0:
+                    records[i] = replace(records[i], status='not available',
+                                         error=row.unavailable)
                     log(f'{row.label} C={row.num_classes:,}: '
                         f'{row.unavailable}')
             elif row.predicted_mb * MB > budget:
@@ -255,11 +253,9 @@ def _does_not_fit(row: BenchmarkRow, stats: dict,
                   budget: float) -> BenchmarkRecord:
     """The record of a row above the budget, with the most identities
     that would fit it."""
-    kwargs = memory_kwargs(row, stats)
     return BenchmarkRecord(row, status='does not fit',
                            max_classes=max_num_classes(
-                               budget, kwargs.pop('method'),
-                               kwargs.pop('world_size'), **kwargs))
+                               budget, **memory_kwargs(row, stats)))
 
 
 def _measure(cfg: BenchmarkConfig, row: BenchmarkRow,
