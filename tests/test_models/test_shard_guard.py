@@ -66,6 +66,37 @@ def test_shard_aware_ddp_runs():
     assert results[0]['loss'] == pytest.approx(results[1]['loss'])
 
 
+def checked_then_rewrapped(rank, world_size):
+    """A head checked under a shard-aware DDP, copied, then moved into
+    another model that a plain DDP wraps once the first DDP is gone."""
+    import gc
+    import pickle
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    from mmpfc.engine.model_wrappers import PartialFCDistributedDataParallel
+    model = HeadOnly()
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(rank))
+    first = PartialFCDistributedDataParallel(model)
+    first(x, torch.arange(4)).backward()
+    copy = pickle.loads(pickle.dumps(model.head))
+    del first
+    gc.collect()
+    other = HeadOnly()
+    other.head = model.head
+    try:
+        DistributedDataParallel(other)(x, torch.arange(4))
+    except RuntimeError as err:
+        return dict(error=str(err), copy_rows=copy.weight.shape[0])
+    return dict(error=None, copy_rows=copy.weight.shape[0])
+
+
+def test_a_new_ddp_is_checked_again_and_a_checked_head_still_copies():
+    for result in run_distributed(checked_then_rewrapped, 2):
+        assert result['copy_rows'] == 5  # 10 classes over 2 ranks
+        assert_mentions(result['error'], "['head.weight']", 'rank-local')
+
+
 # ------------------------------------------------ the README, as written
 def readme_snippet() -> str:
     with open(osp.join(ROOT, 'README.md')) as f:

@@ -3,6 +3,7 @@ head."""
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Optional, Tuple, Union
 
 import torch
@@ -174,7 +175,9 @@ class PartialFCHead(BaseMarginHead):
         # (rows, holder of .grad) of the steps since the last optimizer update
         self._sampled = SampledGradients()
         self._row_updates_expected = False  # see expect_row_updates
-        self._checked_ddp: Optional[int] = None  # id of the DDP checked
+        # the DDP checked last (a weak reference: an id could be reused
+        # by a later DDP once this one is gone)
+        self._checked_ddp: Optional[weakref.ref] = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args,
                               **kwargs) -> None:
@@ -190,6 +193,10 @@ class PartialFCHead(BaseMarginHead):
                 f'center_dtype {dtype_name(self.weight.dtype)} (round to '
                 'nearest)', logger='current', level=logging.INFO)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def __getstate__(self) -> dict:
+        # a copy checks its DDP again (a weak reference does not pickle)
+        return dict(super().__getstate__(), _checked_ddp=None)
 
     def __setstate__(self, state: dict) -> None:
         # a copy (deepcopy, pickle) owns its own copy of the shard
@@ -342,9 +349,10 @@ class PartialFCHead(BaseMarginHead):
         """Refuse a DDP that replicates the rows; each DDP once (the check
         walks the wrapped model's parameters)."""
         ddp = active_ddp()
-        if ddp is not None and id(ddp) != self._checked_ddp:
+        checked = self._checked_ddp
+        if ddp is not None and (checked is None or checked() is not ddp):
             refuse_replicating_ddp(ddp)
-            self._checked_ddp = id(ddp)
+            self._checked_ddp = weakref.ref(ddp)
 
     def _check_inputs(self, embeddings: torch.Tensor,
                       labels: torch.Tensor) -> torch.Tensor:
