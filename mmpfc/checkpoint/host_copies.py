@@ -18,23 +18,19 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from .sharded_state import find_sharded_params
-
 
 @contextmanager
 def lend_host_copies(model: nn.Module, payload: dict) -> Iterator[None]:
     """Within the block, ``model.state_dict()`` gives the host copies in
     ``payload`` (a shard file's content,
-    :func:`~.sharded_state.collect_shard`) for the sharded parameters, not
-    the device tensors; ``state_dict(keep_vars=True)`` still gives the
-    parameters themselves. The live tensors are never changed.
+    :func:`~.sharded_state.collect_shard` of this model: one entry per
+    sharded parameter) for the sharded parameters, not the device tensors;
+    ``state_dict(keep_vars=True)`` still gives the parameters themselves.
+    The live tensors are never changed.
     """
     with ExitStack() as hooks:
-        for sp in find_sharded_params(model):
-            entry = payload['params'].get(sp.name)
-            if entry is None:
-                continue
-            module_name, _, attr = sp.name.rpartition('.')
+        for name, entry in payload['params'].items():
+            module_name, _, attr = name.rpartition('.')
             module = model.get_submodule(module_name)
             hooks.callback(module.register_state_dict_post_hook(
                 _module_hook(attr, entry['weight'])).remove)
