@@ -19,7 +19,6 @@ from typing import Dict, List, NamedTuple, Optional, Sequence
 import torch
 
 from mmpfc.models.utils import shard_range
-from mmpfc.models.utils.low_precision import dtype_name
 
 from .io import CheckpointError, atomic_save, load_file, refuse_existing
 from .manifest import Manifest, ParamEntry, set_manifest
@@ -130,11 +129,9 @@ def convert_insightface(files: InsightfaceFiles,
     if files.shards:
         centers = _load_centers(files.shards, num_classes)
         state_dict[head_key] = centers
-        total, dim = (int(n) for n in centers.shape)
-        set_manifest(converted, Manifest.inline({head_key: ParamEntry(
-            num_classes=total, embedding_size=dim,
-            class_ranges=((0, total), ), dtype=dtype_name(centers.dtype))}))
-        summary['head'] = (total, dim)
+        set_manifest(converted, Manifest.inline(
+            {head_key: ParamEntry.of_matrix(centers)}))
+        summary['head'] = tuple(int(n) for n in centers.shape)
     atomic_save(converted, dst, sidecar=True)
     return summary
 

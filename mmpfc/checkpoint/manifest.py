@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
+from mmpfc.models.utils.low_precision import dtype_name
 from mmpfc.version import __version__
 
 from .checksum import is_checksum
@@ -126,6 +127,14 @@ class ParamEntry:
     dtype: Optional[str] = None
     optimizer: Optional[OptimizerLocation] = None
     row_state: Tuple[str, ...] = ()
+
+    @classmethod
+    def of_matrix(cls, tensor) -> 'ParamEntry':
+        """The entry of a whole (C, D) ``tensor`` held in one piece."""
+        classes, dim = (int(n) for n in tensor.shape)
+        return cls(num_classes=classes, embedding_size=dim,
+                   class_ranges=((0, classes), ),
+                   dtype=dtype_name(tensor.dtype))
 
     def whole(self) -> 'ParamEntry':
         """This entry for the full matrix held in one piece (``inline``)."""

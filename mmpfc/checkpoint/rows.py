@@ -12,8 +12,6 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from mmpfc.models.utils.low_precision import dtype_name
-
 from .checksum import sidecar_path
 from .io import CheckpointError, load_file
 from .manifest import FORMAT, OptimizerLocation, ParamEntry, get_manifest
@@ -81,10 +79,7 @@ class CheckpointRows:
         tensor = self.checkpoint['state_dict'].get(name)
         if tensor is None or tensor.dim() != 2:
             return None
-        classes, dim = (int(n) for n in tensor.shape)
-        return ParamEntry(num_classes=classes, embedding_size=dim,
-                          class_ranges=((0, classes), ),
-                          dtype=dtype_name(tensor.dtype))
+        return ParamEntry.of_matrix(tensor)
 
     def describe(self, name: str) -> Optional[dict]:
         """:meth:`entry` as the manifest stores it (num_classes,
