@@ -210,7 +210,6 @@ class _Saved:
     buffer: torch.Tensor  # the logits, then the centers' gradient
     index: Optional[torch.Tensor]
     record: Optional[SampledRows]
-    weight_dtype: torch.dtype
     routing: _Routing
     targets: _Targets
     margin: _MarginChanges
@@ -559,13 +558,14 @@ class _Steps:
 
     @staticmethod
     def deliver_center_gradient(
-            grad_w: Optional[torch.Tensor],
-            saved: _Saved) -> Optional[torch.Tensor]:
-        """``weight``'s gradient for autograd, or None when the rows'
-        gradient goes to the record instead (summed over steps)."""
+            grad_w: Optional[torch.Tensor], saved: _Saved,
+            weight: torch.Tensor) -> Optional[torch.Tensor]:
+        """``weight``'s gradient for autograd (in its dtype), or None when
+        the rows' gradient goes to the record instead (summed over
+        steps)."""
         record = saved.record
         if record is None:
-            return None if grad_w is None else grad_w.to(saved.weight_dtype)
+            return None if grad_w is None else grad_w.to(weight.dtype)
         if grad_w is not None:
             record.grad = grad_w if record.grad is None else \
                 record.grad.add_(grad_w)
@@ -596,9 +596,8 @@ class FusedMarginSoftmax(torch.autograd.Function):
         changes = _Steps.apply_margin(logits, margin, targets, emb_norm,
                                       plan.size)
         row_sum, loss = _Steps.log_sum_exp(logits, margin.s, changes.target)
-        ctx.forward_state = _Saved(plan, buffer, index, record, weight.dtype,
-                                   routing, targets, changes, margin.s,
-                                   row_sum)
+        ctx.forward_state = _Saved(plan, buffer, index, record, routing,
+                                   targets, changes, margin.s, row_sum)
         ctx.save_for_backward(emb_n, emb_norm, w_norm, weight)
         return loss
 
@@ -616,7 +615,7 @@ class FusedMarginSoftmax(torch.autograd.Function):
         grad_w, grad_e = _Steps.center_gradients(grad, saved, emb_n, w_norm,
                                                  weight,
                                                  ctx.needs_input_grad[0])
-        grad_weight = _Steps.deliver_center_gradient(grad_w, saved)
+        grad_weight = _Steps.deliver_center_gradient(grad_w, saved, weight)
         if grad_e is None:
             return None, grad_weight, None, None, None, None, None, None
         norm_grad = _Steps.norm_gradient(saved, prob_t, emb_norm, factor)
