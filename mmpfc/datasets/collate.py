@@ -5,15 +5,15 @@ tensor, and the labels into another, instead of a tensor and a
 from __future__ import annotations
 
 import functools
-import math
-from typing import List, Sequence, Tuple
+from typing import List, Sequence
 
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import get_worker_info
 
 from mmpfc.registry import FUNCTIONS
+
+from .worker_blocks import batch_tensors, send_batch
 
 
 @functools.lru_cache(maxsize=None)
@@ -43,9 +43,9 @@ def face_collate(data_batch: Sequence[dict]) -> dict:
     The images' values are those ``mmpretrain.PackInputs`` would give
     (same dtype, channels first); the batch is the only copy made of them:
     each image's channels are written into their planes with ``cv2.split``.
-    In a DataLoader worker the batch and its labels are allocated in one
-    block of shared memory (:func:`batch_tensors`), so sending them copies
-    nothing more.
+    In a DataLoader worker the batch and its labels are written into one of
+    the worker's reusable shared-memory blocks, copied out of it once in the
+    main process (:mod:`mmpfc.datasets.worker_blocks`).
     ``FaceDataPreprocessor`` (``FaceRecognizer``'s default) accepts the
     labels tensor: it copies it to the device and gives the head one
     ``DataSample`` per row with its ``gt_label``, as for ``pseudo_collate``
@@ -77,7 +77,7 @@ def face_collate(data_batch: Sequence[dict]) -> dict:
             batch[i] = img.reshape(*shape[:2], channels).transpose(2, 0, 1)
     labels.copy_(torch.tensor([sample['gt_label'] for sample in data_batch],
                               dtype=torch.int64))
-    return dict(inputs=out, data_samples=labels)
+    return send_batch(dict(inputs=out, data_samples=labels), (out, labels))
 
 
 def _images_of_one_size(data_batch: Sequence[dict]) -> List[np.ndarray]:
@@ -105,35 +105,6 @@ def _images_of_one_size(data_batch: Sequence[dict]) -> List[np.ndarray]:
         raise ValueError(f'face_collate: expected (H, W) or (H, W, C) '
                          f'images, got shape {shape}')
     return images
-
-
-#: Byte alignment of each tensor inside a batch's block (a cache line).
-_ALIGN = 64
-
-
-def batch_tensors(*parts: Tuple[Tuple[int, ...], torch.dtype]
-                  ) -> List[torch.Tensor]:
-    """Uninitialized contiguous tensors of the given (shape, dtype), side by
-    side in one block of memory.
-
-    In a DataLoader worker the block is shared memory, which torch's
-    ``default_collate`` allocates too (a tensor outside it would be copied
-    there to be sent to the main process); each block a batch holds is one
-    more file descriptor handed to the main process and mapped there (about
-    0.4 ms per block here), so a batch of images and labels travels as one.
-    """
-    spans, total = [], 0  # (first byte, bytes) of each part
-    for shape, dtype in parts:
-        total = -(-total // _ALIGN) * _ALIGN
-        spans.append((total, math.prod(shape) * dtype.itemsize))
-        total += spans[-1][1]
-    if get_worker_info() is None:
-        block = torch.empty(total, dtype=torch.uint8)
-    else:
-        empty = torch.empty(0, dtype=torch.uint8)
-        block = empty.new(empty._typed_storage()._new_shared(max(total, 1)))
-    return [block[start:start + size].view(dtype).view(shape)
-            for (start, size), (shape, dtype) in zip(spans, parts)]
 
 
 def torch_dtype(dtype: np.dtype) -> torch.dtype:

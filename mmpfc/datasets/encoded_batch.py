@@ -6,7 +6,8 @@ read the bytes and draw the flips; ``FaceDataPreprocessor`` decodes the
 batch on the model's device (nvJPEG through ``torchvision.io.decode_jpeg``
 on CUDA) and flips it there (:mod:`mmpfc.models.recognizers.jpeg_decode`).
 All bytes of a batch, its lengths, flips and labels travel in one
-shared-memory block per batch, not one per image or per tensor.
+shared-memory block per batch, not one per image or per tensor, and the
+worker reuses the block (:mod:`mmpfc.datasets.worker_blocks`).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 
 from mmpfc.registry import FUNCTIONS
 
-from .collate import batch_tensors
+from .worker_blocks import batch_tensors, send_batch
 
 
 @dataclass
@@ -80,5 +81,6 @@ def encoded_face_collate(data_batch: Sequence[dict]) -> dict:
     sources = [str(s.get('img_source') or
                    f"sample {s.get('key', s.get('sample_idx'))}")
                for s in data_batch]
-    return dict(inputs=EncodedBatch(data, lengths, flip, sources),
-                data_samples=labels)
+    return send_batch(
+        dict(inputs=EncodedBatch(data, lengths, flip, sources),
+             data_samples=labels), (data, lengths, flip, labels))

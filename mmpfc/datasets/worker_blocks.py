@@ -1,0 +1,143 @@
+"""Batch memory that DataLoader workers reuse instead of allocating it anew.
+
+A worker sends a batch to the main process in shared memory. A fresh block
+per batch costs more than packing the batch: every page of it is allocated,
+zeroed and faulted in on first write (measured here: ~4.5 ms of a 128-image
+112x112 batch, more than a quarter of the worker's time). So each worker
+keeps a few blocks (:class:`BlockPool`) and writes a batch into one that has
+come back. A block comes back when the main process has copied the batch
+out of it: the batch is sent as :class:`SharedBatch`, which unpickles there
+as the plain batch with its tensors moved into the main process's own
+memory, and clears the block's in-flight flag after the copy. Nothing the
+main process holds ever points into a block, so a block can be rewritten
+whatever the training loop keeps.
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch.utils.data import get_worker_info
+
+#: Bytes before a block's first tensor: its in-flight flag (byte 0), padded
+#: to a cache line, which is also the alignment of each tensor in it.
+_HEADER = _ALIGN = 64
+_FREE, _IN_FLIGHT = 0, 1
+#: Orders the main process's copy out of a block before the flag that
+#: hands the block back (a lock's release is a store-release).
+_COPIED = threading.Lock()
+
+
+class BlockPool:
+    """A worker's shared-memory blocks for its batches.
+
+    ``take`` gives a block that is not in flight, large enough, flagged in
+    flight; it allocates one when none is free. At most ``max_blocks`` are
+    kept (a worker has about ``prefetch_factor`` batches in flight); beyond
+    that a block is used once, as torch's ``default_collate`` does with
+    every batch. A block whose batch never reaches the main process (its
+    iterator dropped) stays flagged and is not reused.
+    """
+
+    def __init__(self, max_blocks: int = 4) -> None:
+        self.max_blocks = max_blocks
+        self.blocks: List[torch.Tensor] = []  # uint8, flag at byte 0
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        free = [b for b in self.blocks if int(b[0]) == _FREE]
+        block = next((b for b in free if b.numel() >= nbytes), None)
+        if block is None:
+            if free:  # all too small: a larger one takes the place of one
+                self.blocks.remove(free[0])
+            # room for batches a little larger (encoded bytes vary)
+            block = _shared_block(nbytes + nbytes // 8)
+            if len(self.blocks) < self.max_blocks:
+                self.blocks.append(block)
+        block[0] = _IN_FLIGHT
+        return block
+
+
+def _shared_block(nbytes: int) -> torch.Tensor:
+    empty = torch.empty(0, dtype=torch.uint8)
+    return empty.new(empty._typed_storage()._new_shared(max(nbytes, 1)))
+
+
+#: This worker process's pool, by process id (a process forked from a
+#: worker starts its own); nothing is kept in a process that is not a worker.
+_POOL: Dict[int, BlockPool] = {}
+
+
+def _worker_pool() -> Optional[BlockPool]:
+    if get_worker_info() is None:
+        return None
+    pid = os.getpid()
+    if pid not in _POOL:
+        _POOL.clear()
+        _POOL[pid] = BlockPool()
+    return _POOL[pid]
+
+
+def batch_tensors(*parts: Tuple[Tuple[int, ...], torch.dtype]
+                  ) -> List[torch.Tensor]:
+    """Uninitialized contiguous tensors of the given (shape, dtype), side by
+    side in one block of memory.
+
+    In a DataLoader worker the block is one of the worker's reusable shared
+    blocks; return the batch through :func:`send_batch` so that the block
+    comes back. A batch in one block also travels as one: each block is one
+    more file descriptor handed to the main process and mapped there (about
+    0.4 ms per block here).
+    """
+    spans, total = [], _HEADER  # (first byte, bytes) of each part
+    for shape, dtype in parts:
+        total = -(-total // _ALIGN) * _ALIGN
+        spans.append((total, math.prod(shape) * dtype.itemsize))
+        total += spans[-1][1]
+    pool = _worker_pool()
+    block = torch.empty(total, dtype=torch.uint8) if pool is None \
+        else pool.take(total)
+    return [block[start:start + size].view(dtype).view(shape)
+            for (start, size), (shape, dtype) in zip(spans, parts)]
+
+
+def send_batch(batch: Any, tensors: Sequence[torch.Tensor]) -> Any:
+    """``batch`` as the collate's result: in a worker a :class:`SharedBatch`
+    (``tensors`` are those :func:`batch_tensors` gave, all in ``batch``),
+    elsewhere ``batch`` itself."""
+    if get_worker_info() is None:
+        return batch
+    return SharedBatch(batch, list(tensors))
+
+
+class SharedBatch:
+    """A worker's batch whose ``tensors`` are views of one pooled block.
+
+    Pickled to the main process it unpickles as ``batch`` itself, its
+    tensors moved into the main process's memory (one copy of the block,
+    the same offsets and strides), and the block handed back to the
+    worker. Pickle keeps the identity of objects, so ``tensors`` are the
+    very tensors inside ``batch`` there too.
+    """
+
+    def __init__(self, batch: Any, tensors: List[torch.Tensor]) -> None:
+        self.batch, self.tensors = batch, tensors
+
+    def __reduce__(self) -> tuple:
+        return _copy_out, (self.batch, self.tensors)
+
+
+def _copy_out(batch: Any, tensors: List[torch.Tensor]) -> Any:
+    if not tensors:
+        return batch
+    shared = tensors[0].untyped_storage()
+    own = torch.UntypedStorage(shared.nbytes())
+    own.copy_(shared)
+    for t in tensors:
+        t.set_(own, t.storage_offset(), t.shape, t.stride())
+    with _COPIED:
+        pass
+    torch.empty(0, dtype=torch.uint8).set_(shared, 0, (1, ))[0] = _FREE
+    return batch
