@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import get_worker_info
@@ -103,33 +103,35 @@ def batch_tensors(*parts: Tuple[Tuple[int, ...], torch.dtype]
             for (start, size), (shape, dtype) in zip(spans, parts)]
 
 
-def send_batch(batch: Any, tensors: Sequence[torch.Tensor]) -> Any:
+def send_batch(batch: dict, tensors: Sequence[torch.Tensor]) -> dict:
     """``batch`` as the collate's result: in a worker a :class:`SharedBatch`
     (``tensors`` are those :func:`batch_tensors` gave, all in ``batch``),
     elsewhere ``batch`` itself."""
     if get_worker_info() is None:
         return batch
-    return SharedBatch(batch, list(tensors))
+    return SharedBatch(batch, tensors)
 
 
-class SharedBatch:
-    """A worker's batch whose ``tensors`` are views of one pooled block.
+class SharedBatch(dict):
+    """A worker's batch (a dict, which a collate wrapping this one may
+    still change) whose ``tensors`` are views of one pooled block.
 
-    Pickled to the main process it unpickles as ``batch`` itself, its
-    tensors moved into the main process's memory (one copy of the block,
-    the same offsets and strides), and the block handed back to the
-    worker. Pickle keeps the identity of objects, so ``tensors`` are the
-    very tensors inside ``batch`` there too.
+    Pickled to the main process it unpickles as a plain dict of the same
+    items, its ``tensors`` moved into the main process's memory (one copy
+    of the block, the same offsets and strides), and the block handed back
+    to the worker. Pickle keeps the identity of objects, so ``tensors`` are
+    the very tensors inside the batch there too.
     """
 
-    def __init__(self, batch: Any, tensors: List[torch.Tensor]) -> None:
-        self.batch, self.tensors = batch, tensors
+    def __init__(self, batch: dict, tensors: Sequence[torch.Tensor]) -> None:
+        super().__init__(batch)
+        self.tensors = list(tensors)
 
     def __reduce__(self) -> tuple:
-        return _copy_out, (self.batch, self.tensors)
+        return _copy_out, (dict(self), self.tensors)
 
 
-def _copy_out(batch: Any, tensors: List[torch.Tensor]) -> Any:
+def _copy_out(batch: dict, tensors: List[torch.Tensor]) -> dict:
     if not tensors:
         return batch
     shared = tensors[0].untyped_storage()

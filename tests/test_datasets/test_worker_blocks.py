@@ -60,8 +60,9 @@ class _Numbered(torch.utils.data.Dataset):
 
 def _collate_naming_the_block(samples):
     sent = face_collate(samples)
+    assert isinstance(sent, dict)  # a collate wrapping it may add keys
     block = sent.tensors[0].untyped_storage().data_ptr()
-    sent.batch['block'] = (torch.utils.data.get_worker_info().id, block)
+    sent['block'] = (torch.utils.data.get_worker_info().id, block)
     return sent
 
 
