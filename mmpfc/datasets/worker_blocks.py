@@ -51,7 +51,7 @@ class BlockPool:
         block = next((b for b in free if b.numel() >= nbytes), None)
         if block is None:
             if free:  # all too small: a larger one takes the place of one
-                self.blocks.remove(free[0])
+                self.blocks = [b for b in self.blocks if b is not free[0]]
             # room for batches a little larger (encoded bytes vary)
             block = _shared_block(nbytes + nbytes // 8)
             if len(self.blocks) < self.max_blocks:

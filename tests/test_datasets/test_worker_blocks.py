@@ -40,12 +40,14 @@ def test_a_block_comes_back_only_after_its_batch_is_copied_out():
 
 
 def test_a_larger_batch_replaces_a_free_block_too_small():
-    pool = BlockPool(max_blocks=1)
+    pool = BlockPool(max_blocks=2)
+    busy = pool.take(100)
     small = pool.take(100)
-    small[0] = 0  # handed back
+    small[0] = 0  # handed back; the first stays in flight
     large = pool.take(10_000)
     assert large.numel() >= 10_000
-    assert [b.data_ptr() for b in pool.blocks] == [large.data_ptr()]
+    assert [b.data_ptr() for b in pool.blocks] == [busy.data_ptr(),
+                                                   large.data_ptr()]
 
 
 class _Numbered(torch.utils.data.Dataset):
