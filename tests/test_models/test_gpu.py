@@ -510,3 +510,32 @@ def test_jpeg_batch_decodes_on_the_device_like_opencv(device):
     assert decoder.fallbacks == 0
     assert diff.max() <= 8 and diff.float().mean() < 1.0, (
         diff.max(), diff.float().mean())
+
+
+def test_worker_batches_arrive_pinned_and_intact(device):
+    """Workers reuse their shared blocks; with ``pin_memory`` the loader's
+    pinning thread receives each batch (copying it out of its block) and
+    pins it. Every kept batch holds its own images and labels."""
+    import numpy as np
+
+    from mmpfc.datasets import face_collate
+
+    class Numbered(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4096
+
+        def __getitem__(self, i):
+            return dict(img=np.full((112, 112, 3), i % 251, np.uint8),
+                        gt_label=i)
+
+    pin = device.type == 'cuda'
+    loader = torch.utils.data.DataLoader(
+        Numbered(), batch_size=128, num_workers=2, prefetch_factor=3,
+        pin_memory=pin, collate_fn=face_collate)
+    held = list(loader)
+    for step, batch in enumerate(held):
+        labels = torch.arange(step * 128, (step + 1) * 128)
+        assert batch['data_samples'].tolist() == labels.tolist()
+        pixels = (labels % 251).to(torch.uint8).view(-1, 1, 1, 1)
+        assert torch.equal(batch['inputs'], pixels.expand(-1, 3, 112, 112))
+        assert batch['inputs'].is_pinned() == pin
