@@ -45,7 +45,9 @@ def face_collate(data_batch: Sequence[dict]) -> dict:
     each image's channels are written into their planes with ``cv2.split``.
     In a DataLoader worker the batch and its labels are written into one of
     the worker's reusable shared-memory blocks, copied out of it once in the
-    main process (:mod:`mmpfc.datasets.worker_blocks`).
+    main process (:mod:`mmpfc.datasets.worker_blocks`); a collate wrapping
+    this one adds its keys to the returned dict rather than building a new
+    one, which would keep the block from coming back (slower, and warned).
     ``FaceDataPreprocessor`` (``FaceRecognizer``'s default) accepts the
     labels tensor: it copies it to the device and gives the head one
     ``DataSample`` per row with its ``gt_label``, as for ``pseudo_collate``
