@@ -372,3 +372,21 @@ def test_row_update_check_names_the_wrapper_of_an_optim_wrapper_dict():
         check_row_updates(model, wrappers(OptimWrapper))
     assert_mentions(err, 'head.weight', "optim_wrapper['head']",
                     '(OptimWrapper)')
+
+
+@pytest.mark.parametrize('persistent', [True, False])
+def test_train_loader_workers_stop_when_train_ends(tmp_path, persistent):
+    """Left to the interpreter's exit, torch reports terminated workers as
+    a traceback after a run that went well: they are joined as train
+    returns."""
+    import multiprocessing
+
+    from tiny_training import build_runner, make_cfg
+    cfg = make_cfg(tmp_path, max_iters=2, interval=2)
+    cfg.train_dataloader.update(num_workers=2, persistent_workers=persistent)
+    before = {p.pid for p in multiprocessing.active_children()}
+    runner = build_runner(cfg)
+    runner.train()
+    assert runner.iter == 2
+    assert {p.pid for p in multiprocessing.active_children()} <= before
+    assert runner.train_dataloader._iterator is None

@@ -30,6 +30,7 @@ from mmpfc.utils.compat import (allowing_mmengine_checkpoints,
 from mmpfc.utils.logging import ignoring_known_warnings, quiet_console
 from mmpfc.utils.process_group import init_process_group_for_device
 
+from .loader_workers import stop_loop_workers
 from .sharded_checkpoint import ShardedCheckpointMixin
 from .work_dir import (WorkDirLock, WorkDirLockedError, existing_checkpoints,
                        refuse_used_work_dir, resolve_last_checkpoint)
@@ -68,6 +69,8 @@ class PartialFCRunner(ShardedCheckpointMixin, Runner):
       is refused at the start of ``train`` naming the first;
     * a :class:`PreemptionHook` gets its signal handlers for the time of
       ``train``; workers restarted by torchrun resume by themselves;
+    * the train loader's workers are stopped when ``train`` ends, not
+      terminated at interpreter exit (:mod:`.loader_workers`);
     * a fresh run refuses a work dir that holds checkpoints (unless
       ``resume`` or ``overwrite=True``), ``last_checkpoint`` is resolved in
       the work dir itself, and resuming a finished run says so and trains
@@ -150,6 +153,7 @@ class PartialFCRunner(ShardedCheckpointMixin, Runner):
             self.call_hook('after_run')
             return self.model
         finally:
+            stop_loop_workers(self._train_loop)
             for hook in preemption:
                 hook.restore_signal_handlers()
             if lock is not None:
