@@ -48,29 +48,32 @@ def init_process_group_for_device(launcher: str = 'pytorch',
     process started with ``WORLD_SIZE=2``) fails with a message instead of
     hanging for the collective timeout (30 min). ``None`` waits that long.
 
-    Works around mmengine 0.10.7 ``init_dist('pytorch')`` calling
-    ``torch.cuda.set_device`` unconditionally (it raises on a machine without
-    CUDA). NCCL defers to mmengine (which binds the process to the GPU of its
-    local rank); any other backend (gloo) creates the group itself from the
-    torchrun / slurm environment, and MMEngine's ``Runner.setup_env`` then
-    sees an initialized group and skips its own init.
+    One path for both backends and the torchrun / slurm launchers: the group
+    is created here from their environment (NCCL first binds the process to
+    the GPU of its local rank), and MMEngine's ``Runner.setup_env`` then sees
+    an initialized group and skips its own init. MMEngine's ``init_dist``,
+    which calls ``torch.cuda.set_device`` unconditionally (raising on a
+    machine without CUDA) and sets the process-wide multiprocessing start
+    method to ``spawn``, is left to NCCL under other launchers (``mpi``).
+    A ``timeout`` in seconds (MMEngine's convention) is taken as such.
     """
     if dist.is_available() and dist.is_initialized():
         return
     backend = choose_backend(backend)
-    if backend == 'nccl':
-        if not torch.cuda.is_available():
-            raise RuntimeError(
-                "backend='nccl' needs CUDA, but torch.cuda.is_available() is "
-                f"False: use backend='gloo' (or unset {BACKEND_ENV})")
+    if isinstance(kwargs.get('timeout'), (int, float)):
+        kwargs['timeout'] = timedelta(seconds=kwargs['timeout'])
+    if backend == 'nccl' and not torch.cuda.is_available():
+        raise RuntimeError(
+            "backend='nccl' needs CUDA, but torch.cuda.is_available() is "
+            f"False: use backend='gloo' (or unset {BACKEND_ENV})")
+    if backend == 'nccl' and launcher not in ('pytorch', 'slurm'):
         from mmengine.dist import init_dist
-        if launcher == 'pytorch':
-            kwargs.update(_rendezvous(launcher, start_timeout,
-                                      kwargs.get('timeout')))
         init_dist(launcher, backend=backend, **kwargs)
         return
     if launcher == 'slurm':
         _export_slurm_env(kwargs.pop('port', None))
+    if backend == 'nccl':
+        torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
     dist.init_process_group(backend=backend, **kwargs, **_rendezvous(
         launcher, start_timeout, kwargs.get('timeout')))
 

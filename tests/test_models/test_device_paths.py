@@ -319,3 +319,37 @@ def test_face_preprocessor_equals_mmpretrains():
         assert torch.equal(got['inputs'], expected['inputs'])
         assert [s.gt_label.tolist() for s in got['data_samples']] == \
             [[0], [7], [14]][:len(shapes)]
+
+
+def test_nccl_group_is_made_like_gloo_without_process_wide_changes(
+        monkeypatch):
+    """NCCL under torchrun: the process is bound to its local rank's GPU
+    and the group made from torchrun's environment, as for gloo; the
+    multiprocessing start method is left as it was (MMEngine's init_dist
+    sets it to spawn for the whole process), and a timeout in seconds is
+    taken as such."""
+    import multiprocessing
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from mmpfc.utils import process_group
+    if dist.is_initialized():
+        pytest.skip('a process group exists already')
+    calls = []
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'set_device',
+                        lambda index: calls.append(('set_device', index)))
+    monkeypatch.setattr(dist, 'init_process_group',
+                        lambda **kw: calls.append(('init', kw)))
+    for key, value in dict(RANK='1', WORLD_SIZE='2', LOCAL_RANK='1',
+                           MASTER_ADDR='127.0.0.1', MASTER_PORT='1',
+                           TORCHELASTIC_USE_AGENT_STORE='True').items():
+        monkeypatch.setenv(key, value)
+    before = multiprocessing.get_start_method(allow_none=True)
+    process_group.init_process_group_for_device('pytorch', backend='nccl',
+                                                timeout=1800)
+    assert multiprocessing.get_start_method(allow_none=True) == before
+    assert calls == [('set_device', 1), ('init', dict(
+        backend='nccl', timeout=timedelta(seconds=1800), rank=1,
+        world_size=2))]

@@ -469,14 +469,28 @@ def test_embedding_is_fp32_under_the_devices_autocast(device):
     torch.testing.assert_close(embedding, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_jpeg_batch_decodes_on_the_device_like_opencv(device):
+#: JPEG chroma subsampling -> (max, mean) level difference allowed between
+#: nvJPEG and OpenCV. Full-resolution colour (4:4:4) differs by the IDCT
+#: only; with 4:2:0 (most face sets) libjpeg-turbo smooths the colour
+#: planes as it upsamples them and nvJPEG by default does not, which on
+#: these colour-noise images gave up to 39 levels, 4.8 on average, with a
+#: libjpeg-turbo decode without smoothing (4:4:4: 8 and 1.1).
+JPEG_TOLERANCE = {'444': (16, 2.0), '420': (64, 8.0)}
+
+
+@pytest.mark.parametrize('sampling', sorted(JPEG_TOLERANCE))
+def test_jpeg_batch_decodes_on_the_device_like_opencv(device, sampling):
     """nvJPEG (CUDA) against OpenCV on the CPU: JPEG decoders may differ by
     a few levels (IDCT and upsampling choices); the mean stays close. On
-    the CPU the device path is OpenCV itself. Prints the rate."""
+    the CPU the device path is OpenCV itself. Prints the rate and the
+    differences."""
     import time
 
     import cv2
     import numpy as np
+    factor = getattr(cv2, f'IMWRITE_JPEG_SAMPLING_FACTOR_{sampling}', None)
+    if factor is None:
+        pytest.skip(f'this OpenCV cannot write {sampling} JPEGs')
 
     from mmpfc.datasets.encoded_batch import encoded_face_collate
     from mmpfc.models.recognizers.jpeg_decode import JpegDecoder
@@ -485,7 +499,9 @@ def test_jpeg_batch_decodes_on_the_device_like_opencv(device):
     for i in range(128):
         img = cv2.GaussianBlur(rng.integers(0, 256, (112, 112, 3),
                                             dtype=np.uint8), (5, 5), 0)
-        data = cv2.imencode('.jpg', img, [cv2.IMWRITE_JPEG_QUALITY, 95])[1]
+        data = cv2.imencode('.jpg', img, [
+            cv2.IMWRITE_JPEG_QUALITY, 95,
+            cv2.IMWRITE_JPEG_SAMPLING_FACTOR, factor])[1]
         encoded.append(dict(img_bytes=data.tobytes(), gt_label=i,
                             flip=bool(i % 2), img_source=f'key {i}'))
         rgb = cv2.cvtColor(cv2.imdecode(data, cv2.IMREAD_COLOR),
@@ -502,35 +518,40 @@ def test_jpeg_batch_decodes_on_the_device_like_opencv(device):
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
     rate = 5 * len(batch) / (time.perf_counter() - start)
-    print(f'\n{device.type} JPEG decode of 112x112 q95 batches of 128: '
-          f'{rate:.0f} images/s, {decoder.fallbacks} CPU fallbacks')
     reference = torch.from_numpy(np.stack(expected)).permute(0, 3, 1, 2)
     diff = (out.cpu().int() - reference.int()).abs()
+    print(f'\n{device.type} JPEG decode of 112x112 q95 {sampling} batches '
+          f'of 128: {rate:.0f} images/s, {decoder.fallbacks} CPU fallbacks; '
+          f'vs OpenCV: max {int(diff.max())} levels, mean '
+          f'{float(diff.float().mean()):.2f}')
     assert out.shape == (128, 3, 112, 112) and out.device == device
     assert decoder.fallbacks == 0
-    assert diff.max() <= 8 and diff.float().mean() < 1.0, (
+    most, mean = JPEG_TOLERANCE[sampling]
+    assert diff.max() <= most and diff.float().mean() < mean, (
         diff.max(), diff.float().mean())
+
+
+class _NumberedImages(torch.utils.data.Dataset):
+    """Image i filled with i % 251, labelled i (module level: picklable
+    for workers of any start method)."""
+
+    def __len__(self):
+        return 4096
+
+    def __getitem__(self, i):
+        import numpy as np
+        return dict(img=np.full((112, 112, 3), i % 251, np.uint8),
+                    gt_label=i)
 
 
 def test_worker_batches_arrive_pinned_and_intact(device):
     """Workers reuse their shared blocks; with ``pin_memory`` the loader's
     pinning thread receives each batch (copying it out of its block) and
     pins it. Every kept batch holds its own images and labels."""
-    import numpy as np
-
     from mmpfc.datasets import face_collate
-
-    class Numbered(torch.utils.data.Dataset):
-        def __len__(self):
-            return 4096
-
-        def __getitem__(self, i):
-            return dict(img=np.full((112, 112, 3), i % 251, np.uint8),
-                        gt_label=i)
-
     pin = device.type == 'cuda'
     loader = torch.utils.data.DataLoader(
-        Numbered(), batch_size=128, num_workers=2, prefetch_factor=3,
+        _NumberedImages(), batch_size=128, num_workers=2, prefetch_factor=3,
         pin_memory=pin, collate_fn=face_collate)
     held = list(loader)
     for step, batch in enumerate(held):
