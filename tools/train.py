@@ -32,7 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         '--resume', nargs='?', type=str, const='auto',
         help='resume from this checkpoint; without a path, from the latest '
-        'checkpoint in the work dir')
+        'checkpoint in the work dir, or, with none there, start from the '
+        "config's load_from")
     parser.add_argument(
         '--overwrite', action='store_true',
         help='start a new run in a work dir that holds checkpoints of '
@@ -84,9 +85,8 @@ def build_cfg(args: argparse.Namespace) -> Config:
         cfg.overwrite = True
     if args.amp:
         use_amp(cfg)
-    if args.resume == 'auto':
-        cfg.resume = True
-        cfg.load_from = None
+    if args.resume == 'auto':  # the latest checkpoint of the work dir;
+        cfg.resume = 'auto'  # without one, the config's load_from
     elif args.resume is not None:
         cfg.resume = True
         cfg.load_from = args.resume

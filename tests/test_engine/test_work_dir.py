@@ -5,18 +5,22 @@ import os.path as osp
 import shutil
 
 import pytest
+import torch
 from messages import assert_mentions
+from mmengine.hooks import Hook
 from tiny_training import build_runner, make_cfg
 
 import mmpfc  # noqa: F401
-from mmpfc.engine.runners.work_dir import (WorkDirInUseError,
+from mmpfc.engine.runners.work_dir import (LAUNCH_FILE, WorkDirInUseError,
                                            existing_checkpoints,
                                            resolve_last_checkpoint)
+from mmpfc.registry import HOOKS
 
 
-def train(work_dir, max_iters=2, overwrite=False, **kwargs):
+def train(work_dir, max_iters=2, overwrite=False, extra_hooks=(), **kwargs):
     cfg = make_cfg(str(work_dir), max_iters=max_iters, interval=2, **kwargs)
     cfg.overwrite = overwrite
+    cfg.custom_hooks += [dict(type=name) for name in extra_hooks]
     runner = build_runner(cfg)
     runner.train()
     return runner
@@ -224,3 +228,72 @@ def test_every_rank_refuses_a_live_work_dir(tmp_path):
         holder.wait(timeout=30)
     assert messages[0] == messages[1]
     assert f'PID {holder.pid}' in messages[1]
+
+
+# ----------------------- which run a start continues (restarts, requeues)
+@HOOKS.register_module(force=True)
+class _DieBeforeTraining(Hook):
+    """A start that dies before its first save (a rank lost, a kill)."""
+
+    def before_train(self, runner):
+        raise RuntimeError('died before the first save')
+
+
+def test_auto_resume_without_a_checkpoint_starts_from_load_from(
+        finished, tmp_path):
+    """``--resume`` on a first start (a Slurm job requeued with the same
+    command) of a fine-tune: the config's load_from, not random weights."""
+    pretrained = str(finished / 'iter_2.pth')
+    runner = train(tmp_path, max_iters=2, resume='auto',
+                   load_from=pretrained)
+    assert runner.captured['iter'] == 0  # started, not resumed
+    reference = build_runner(make_cfg(str(tmp_path / 'ref'), max_iters=2,
+                                      load_from=pretrained))
+    reference.train()  # the same fine-tune without --resume
+    assert torch.equal(runner.captured['weight'],
+                       reference.captured['weight'])
+    again = train(tmp_path, max_iters=4, resume='auto', load_from=pretrained)
+    assert again.captured['iter'] == 2  # its own checkpoint now
+
+
+def test_overwrite_forgets_the_old_runs_last_checkpoint(finished, tmp_path):
+    work_dir = tmp_path / 'copy'
+    shutil.copytree(finished, work_dir)
+    with pytest.raises(RuntimeError, match='first save'):
+        train(work_dir, overwrite=True, extra_hooks=['_DieBeforeTraining'])
+    # a requeue with --resume must not continue the replaced run
+    assert resolve_last_checkpoint(str(work_dir)) is None
+
+
+def test_restart_of_another_launch_is_judged_as_its_first_attempt(
+        finished, tmp_path, monkeypatch):
+    """A fresh run refused in a used work dir, restarted by torchrun, is
+    refused again instead of resuming the other run's checkpoints."""
+    work_dir = tmp_path / 'run'
+    shutil.copytree(finished, work_dir)
+    (work_dir / LAUNCH_FILE).write_text('another launch')
+    monkeypatch.setenv('TORCHELASTIC_RESTART_COUNT', '1')
+    with pytest.raises(WorkDirInUseError):
+        train(work_dir, max_iters=4)
+
+
+def test_resuming_another_folders_checkpoint_into_a_used_dir(
+        finished, tmp_path):
+    used = tmp_path / 'used'
+    shutil.copytree(finished, used)
+    other = tmp_path / 'other'
+    shutil.copytree(finished, other)
+    before = snapshot(used)
+    with pytest.raises(WorkDirInUseError) as err:
+        train(used, max_iters=4, resume=True,
+              load_from=str(other / 'iter_2.pth'))
+    assert_mentions(err, str(other / 'iter_2.pth'), '--work-dir',
+                    '--overwrite')
+    assert snapshot(used) == before
+    # into a fresh dir it is fine, and last_checkpoint names it at once
+    fresh = tmp_path / 'fresh'
+    with pytest.raises(RuntimeError, match='first save'):
+        train(fresh, max_iters=4, resume=True,
+              load_from=str(other / 'iter_2.pth'),
+              extra_hooks=['_DieBeforeTraining'])
+    assert resolve_last_checkpoint(str(fresh)) == str(other / 'iter_2.pth')

@@ -32,8 +32,10 @@ from mmpfc.utils.process_group import init_process_group_for_device
 
 from .loader_workers import stop_loop_workers
 from .sharded_checkpoint import ShardedCheckpointMixin
-from .work_dir import (WorkDirLock, WorkDirLockedError, existing_checkpoints,
-                       refuse_used_work_dir, resolve_last_checkpoint)
+from .work_dir import (WorkDirInUseError, WorkDirLock, WorkDirLockedError,
+                       existing_checkpoints, launched_here, lies_in,
+                       point_last_checkpoint, record_launch,
+                       resolve_last_checkpoint, used_work_dir_message)
 
 
 class _RunComplete(Exception):
@@ -72,9 +74,13 @@ class PartialFCRunner(ShardedCheckpointMixin, Runner):
     * the train loader's workers are stopped when ``train`` ends, not
       terminated at interpreter exit (:mod:`.loader_workers`);
     * a fresh run refuses a work dir that holds checkpoints (unless
-      ``resume`` or ``overwrite=True``), ``last_checkpoint`` is resolved in
-      the work dir itself, and resuming a finished run says so and trains
-      nothing (:mod:`.work_dir`).
+      ``resume`` or ``overwrite=True``), and so does resuming another
+      folder's checkpoint there; ``last_checkpoint`` is resolved in the
+      work dir itself and only ever names a checkpoint of the run that
+      trains there; a torchrun restart resumes only its own launch's run;
+      ``resume='auto'`` (``--resume``) falls back to ``load_from`` when
+      there is nothing to resume; resuming a finished run says so and
+      trains nothing (:mod:`.work_dir`).
 
     Use it with ``runner_type='PartialFCRunner'`` (set in
     ``configs/_base_/default_runtime.py``); ``tools/train.py`` builds the
@@ -145,7 +151,7 @@ class PartialFCRunner(ShardedCheckpointMixin, Runner):
         try:
             for hook in preemption:
                 hook.install_signal_handlers()
-            self._refuse_other_runs_checkpoints()
+            self._settle_work_dir()
             # MMEngine's own loads too (CheckpointHook's published_keys)
             with allowing_mmengine_checkpoints():
                 return super().train()
@@ -179,28 +185,61 @@ class PartialFCRunner(ShardedCheckpointMixin, Runner):
             raise WorkDirLockedError(box[0])
         return lock
 
-    def _refuse_other_runs_checkpoints(self) -> None:
-        """A fresh run must not overwrite checkpoints it did not write.
-
-        Workers that torchrun restarted (``--max-restarts``) after a rank
-        failed find their own run's checkpoints: they resume from the
-        latest instead."""
-        if self._resume or self.cfg.get('overwrite', False):
-            return
-        dirs = [self.work_dir, *self._checkpoint_dirs()]
-        box = [existing_checkpoints(dirs) if self.rank == 0 else None]
+    def _settle_work_dir(self) -> None:
+        """How this run starts among the checkpoints of its work dir; rank
+        0 decides and prepares, every rank follows (:meth:`_start_plan`)."""
+        plan = [self._start_plan() if self.rank == 0 else None]
         if self.distributed:
-            broadcast_object_list(box)
-        if not box[0]:
-            return
+            broadcast_object_list(plan)
+        kind, detail = plan[0]
+        if kind == 'refuse':
+            raise WorkDirInUseError(detail)
+        if kind == 'restart':
+            self.logger.warning(detail)
+            # the latest checkpoint of this run, else where attempt 0 began
+            self._fallback_start = (bool(self._resume), self._load_from)
+            self._resume = 'auto'
+
+    def _start_plan(self) -> tuple:
+        """(kind, detail) on rank 0, where kind is ``'go'``, ``'restart'``
+        or ``'refuse'``:
+
+        * ranks restarted by torchrun (``--max-restarts``) of the launch
+          that started this work dir's run resume it from its latest
+          checkpoint; a restart of another launch (e.g. of a run refused
+          here) is judged like its first attempt;
+        * a fresh run is refused where checkpoints lie, unless
+          ``overwrite``, which also drops the old run's
+          ``last_checkpoint``;
+        * resuming a given checkpoint into checkpoint folders that hold
+          others is refused when the file lies elsewhere (another run's),
+          unless ``overwrite``; ``last_checkpoint`` then names that file;
+        * auto-resume (``--resume``) continues the run that is there.
+
+        A run that goes on marks the work dir as this launch's.
+        """
+        dirs = [self.work_dir, *self._checkpoint_dirs()]
+        found = existing_checkpoints(dirs)
         restart = int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0) or 0)
-        if restart > 0:
-            self.logger.warning(
-                f'Restarted by torchrun (restart {restart}): resuming from '
-                f'the latest checkpoint in {self.work_dir}')
-            self._resume, self._load_from = True, None
-            return
-        refuse_used_work_dir(self.work_dir, dirs, box[0])
+        if restart > 0 and launched_here(self.work_dir):
+            return 'restart', (
+                f'Restarted by torchrun (restart {restart}): resuming this '
+                f'run from the latest checkpoint in {self.work_dir}')
+        overwrite = self.cfg.get('overwrite', False)
+        auto = self._resume == 'auto' or (self._resume and
+                                          self._load_from is None)
+        given = None if auto or not self._resume else self._load_from
+        if found and not overwrite and not auto:
+            if given is None:
+                return 'refuse', used_work_dir_message(self.work_dir, dirs,
+                                                       found)
+            if not lies_in(given, dirs):
+                return 'refuse', used_work_dir_message(
+                    self.work_dir, dirs, found, resuming=given)
+        if not auto:
+            point_last_checkpoint(self.work_dir, given)
+        record_launch(self.work_dir)
+        return 'go', None
 
     def _checkpoint_dirs(self) -> list:
         """Where the CheckpointHooks will write (MMEngine's rule for
@@ -215,14 +254,25 @@ class PartialFCRunner(ShardedCheckpointMixin, Runner):
 
     def load_or_resume(self) -> None:
         """Auto-resume from this work dir's ``last_checkpoint`` (resolved in
-        the dir itself); stop before the loop if no iteration is left."""
-        if self._resume and self._load_from is None and not self._has_loaded:
-            self._load_from = resolve_last_checkpoint(self.work_dir,
-                                                      self.logger)
-            if self._load_from is None:
-                self.logger.info(f'No last_checkpoint in {self.work_dir}: '
-                                 'training from the start')
-                self._resume = False
+        the dir itself); without one, start as the config says (its
+        ``load_from`` as initial weights, or where a restarted launch first
+        started); stop before the loop if no iteration is left."""
+        auto = self._resume == 'auto' or (self._resume and
+                                          self._load_from is None)
+        if auto and not self._has_loaded:
+            latest = resolve_last_checkpoint(self.work_dir, self.logger)
+            if latest is not None:
+                self._resume, self._load_from = True, latest
+            else:
+                self._resume, self._load_from = getattr(
+                    self, '_fallback_start', (False, self._load_from))
+                self.logger.info(
+                    f'No last_checkpoint in {self.work_dir}: training from '
+                    'the start' + (f', initialized from {self._load_from}'
+                                   if self._load_from and not self._resume
+                                   else '') +
+                    (f', resuming {self._load_from}' if self._resume
+                     else ''))
         super().load_or_resume()
         loop = self._train_loop
         if self._resume and isinstance(loop, BaseLoop) and \

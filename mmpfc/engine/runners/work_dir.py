@@ -24,6 +24,9 @@ from typing import Iterable, List, Optional
 LAST_CHECKPOINT = 'last_checkpoint'
 #: The lock file of a training run, in its work dir.
 LOCK_FILE = '.mmpfc-train.lock'
+#: Names the launch whose run last started training in the work dir (a
+#: torchrun restart of that launch resumes it; any other start does not).
+LAUNCH_FILE = '.mmpfc-launch'
 _SHARD_DIR_MARK = '.shards-'
 
 
@@ -104,6 +107,52 @@ class WorkDirLock:
         self.release()
 
 
+def launch_identity() -> str:
+    """The same in every attempt of one torchrun launch, another in any
+    other launch: the host, the workers' parent (torchrun's agent, which
+    restarts them) with its start time, and torchrun's run id."""
+    agent = os.getppid()
+    try:
+        with open(f'/proc/{agent}/stat') as f:
+            started = f.read().rsplit(')', 1)[1].split()[19]
+    except (OSError, IndexError):
+        started = '?'
+    return (f'{socket.gethostname()} {agent} {started} '
+            f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}")
+
+
+def _write_atomically(path: str, text: str) -> None:
+    temp = f'{path}.{os.getpid()}.tmp'
+    with open(temp, 'w') as f:
+        f.write(text)
+    os.replace(temp, path)
+
+
+def record_launch(work_dir: str) -> None:
+    """Mark the work dir's run as this launch's."""
+    _write_atomically(osp.join(work_dir, LAUNCH_FILE), launch_identity())
+
+
+def launched_here(work_dir: str) -> bool:
+    """Whether this launch started the run in ``work_dir``."""
+    try:
+        with open(osp.join(work_dir, LAUNCH_FILE)) as f:
+            return f.read() == launch_identity()
+    except OSError:
+        return False
+
+
+def point_last_checkpoint(work_dir: str, path: Optional[str]) -> None:
+    """Make ``last_checkpoint`` name ``path`` (None: remove it), so that a
+    requeue or restart before the run's first save starts where it did."""
+    record = osp.join(work_dir, LAST_CHECKPOINT)
+    if path is None:
+        if osp.lexists(record):
+            os.remove(record)
+    else:
+        _write_atomically(record, osp.abspath(path))
+
+
 def existing_checkpoints(dirs: Iterable[str]) -> List[str]:
     """Checkpoint files, shard folders and ``last_checkpoint`` in ``dirs``."""
     found = []
@@ -117,13 +166,21 @@ def existing_checkpoints(dirs: Iterable[str]) -> List[str]:
     return found
 
 
-def refuse_used_work_dir(work_dir: str, checkpoint_dirs: Iterable[str],
-                         found: List[str]) -> None:
-    """Raise :class:`WorkDirInUseError` naming ``found`` and the ways out."""
+def used_work_dir_message(work_dir: str, checkpoint_dirs: Iterable[str],
+                          found: List[str],
+                          resuming: Optional[str] = None) -> str:
+    """Why a run may not start among ``found``, and the ways out."""
     shown = ', '.join(osp.relpath(p, work_dir) for p in found[:6])
     more = f' and {len(found) - 6} more' if len(found) > 6 else ''
     where = ', '.join(dict.fromkeys(osp.abspath(d) for d in checkpoint_dirs))
-    raise WorkDirInUseError(
+    if resuming is not None:
+        return (
+            f'{where} already holds checkpoints of another run ({shown}'
+            f'{more}); resuming {resuming}, which lies elsewhere, would '
+            'continue that other run here and overwrite or delete them. '
+            'Resume it in another folder with --work-dir, or replace them '
+            'on purpose with --overwrite (overwrite=True in the config).')
+    return (
         f'{where} already holds checkpoints of another run ({shown}{more}); '
         'a new run would overwrite or delete them. Continue that run with '
         '--resume (resume=True), start this one in another folder with '
@@ -131,13 +188,21 @@ def refuse_used_work_dir(work_dir: str, checkpoint_dirs: Iterable[str],
         '(overwrite=True in the config).')
 
 
+def lies_in(path: str, folders: Iterable[str]) -> bool:
+    """Whether ``path`` is directly in one of ``folders``."""
+    parent = osp.realpath(osp.dirname(osp.abspath(path)))
+    return any(parent == osp.realpath(osp.abspath(d)) for d in folders)
+
+
 def resolve_last_checkpoint(work_dir: str,
                             logger=None) -> Optional[str]:
     """The checkpoint named by ``work_dir/last_checkpoint``, in ``work_dir``.
 
-    A relative name is taken relative to ``work_dir``. An absolute one that
-    points elsewhere while a file of the same name lies in ``work_dir`` (the
-    dir was copied or moved) resolves to that file. Returns None without a
+    A relative name is taken relative to ``work_dir`` (or, failing that,
+    to the current directory, as MMEngine writes a relative ``out_dir``'s
+    files). An absolute one that points elsewhere while a file of the same
+    name lies in ``work_dir`` (the dir was copied or moved) resolves to
+    that file. Returns None without a
     ``last_checkpoint``; raises FileNotFoundError when it names a file that
     exists in neither place.
     """
@@ -158,8 +223,8 @@ def resolve_last_checkpoint(work_dir: str,
                 f'{record} names {stored}, another folder\'s checkpoint: '
                 f'resuming from this work dir\'s copy {local}')
         return local
-    if osp.isabs(stored) and osp.exists(stored):
-        return stored  # a CheckpointHook out_dir outside the work dir
+    if osp.exists(stored):  # an out_dir outside the work dir: MMEngine
+        return osp.abspath(stored)  # writes it as given, maybe relative
     raise FileNotFoundError(
         f'{record} names {stored}, which does not exist, and neither does '
         f'{local}: pass the checkpoint to resume from with --resume PATH')
