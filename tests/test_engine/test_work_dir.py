@@ -297,3 +297,16 @@ def test_resuming_another_folders_checkpoint_into_a_used_dir(
               load_from=str(other / 'iter_2.pth'),
               extra_hooks=['_DieBeforeTraining'])
     assert resolve_last_checkpoint(str(fresh)) == str(other / 'iter_2.pth')
+
+
+def test_last_checkpoint_relative_to_the_current_directory(tmp_path,
+                                                           monkeypatch):
+    """MMEngine writes a relative ``out_dir``'s checkpoint as given."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'ckpts' / 'run').mkdir(parents=True)
+    (tmp_path / 'ckpts' / 'run' / 'iter_2.pth').write_bytes(b'')
+    work_dir = tmp_path / 'work' / 'run'
+    work_dir.mkdir(parents=True)
+    (work_dir / 'last_checkpoint').write_text('ckpts/run/iter_2.pth')
+    assert resolve_last_checkpoint(str(work_dir)) == str(
+        tmp_path / 'ckpts' / 'run' / 'iter_2.pth')
