@@ -1,6 +1,7 @@
 """fp16 loss scaling with a sharded, sampled head (CPU fp16 + CPU GradScaler,
 the same code path as CUDA): an overflow in one rank's sampled centers makes
 every rank skip the step and halve the scale; clean steps update alike."""
+import pytest
 import torch
 import torch.distributed as dist
 from dist_utils import run_distributed
@@ -139,3 +140,38 @@ def test_head_only_overflow_skips_the_step_and_backs_off():
     scales, changed = head_only_steps(poison_step=1)
     assert changed == [True, False, True]
     assert scales == [16.0, 8.0, 8.0]
+
+
+@pytest.mark.parametrize('center_dtype', ['float16', 'bfloat16'])
+@pytest.mark.parametrize('poison', [False, True])
+def test_replicated_16bit_centers_are_loss_scaled(center_dtype, poison):
+    """A replicated head's fp16 / bf16 centers have a dense 16-bit
+    gradient, which GradScaler.unscale_ refuses (fp16) or cannot unscale on
+    CUDA (bf16): it is unscaled beside the scaler, and an inf in it skips
+    the step and halves the scale."""
+    from mmpfc.engine.optimizers import PartialFCAmpOptimWrapper
+    from mmpfc.models.heads import MarginSoftmaxHead
+    torch.manual_seed(0)
+    head = MarginSoftmaxHead(NUM_CLASSES, DIM, center_dtype=center_dtype)
+    assert head.weight.dtype == getattr(torch, center_dtype)
+    wrapper = PartialFCAmpOptimWrapper(
+        dtype='float16', loss_scale=dict(init_scale=16.0),
+        optimizer=torch.optim.SGD(head.parameters(), lr=0.5))
+    feats = torch.randn(BATCH, DIM)
+    labels = torch.arange(BATCH)
+    with wrapper.optim_context(head):
+        loss = head.loss_by_labels(feats, labels)
+    wrapper.backward(loss)
+    scaled = head.weight.grad.clone()
+    if poison:
+        head.weight.grad[0, 0] = float('inf')
+    before = head.weight.detach().clone()
+    wrapper.step()
+    if poison:
+        assert torch.equal(head.weight, before)  # skipped
+        assert wrapper.loss_scaler.get_scale() == 8.0
+        return
+    unscaled = scaled * (1 / 16.0)  # a power of two: exact
+    assert torch.equal(head.weight.grad, unscaled)
+    assert torch.equal(head.weight.detach(), before - 0.5 * unscaled)
+    assert wrapper.loss_scaler.get_scale() == 16.0

@@ -390,3 +390,17 @@ def test_train_loader_workers_stop_when_train_ends(tmp_path, persistent):
     assert runner.iter == 2
     assert {p.pid for p in multiprocessing.active_children()} <= before
     assert runner.train_dataloader._iterator is None
+
+
+def test_label_check_of_the_last_step_is_read_when_train_ends(
+        tmp_path, monkeypatch):
+    """On CUDA a step's label range check is read at the next step: the
+    last step's is read as train returns (a spy stands for the check)."""
+    from tiny_training import build_runner, make_cfg
+
+    from mmpfc.models.heads import PartialFCHead
+    read = []
+    monkeypatch.setattr(PartialFCHead, 'check_pending_labels',
+                        lambda self: read.append(self.num_classes))
+    build_runner(make_cfg(tmp_path, max_iters=2, interval=2)).train()
+    assert read == [10]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -326,11 +326,14 @@ class PartialFCAmpOptimWrapper(ShardAwareMixin, OptimWrapper):
         if self.loss_scaler is None:
             return self._plain_step(updates, **kwargs)
         scale = grad_scaler_scale(self.loss_scaler)
+        narrow = self._pop_16bit_grads()
         self.loss_scaler.unscale_(self.optimizer)
         inv_scale = scale.double().reciprocal().float()  # as unscale_
-        for _, _, grad in updates:
+        for grad in [g for _, _, g in updates] + [g for _, g in narrow]:
             grad.mul_(inv_scale.to(grad.device))
-        flag = self._share_overflow(updates)
+        for param, grad in narrow:
+            param.grad = grad
+        flag = self._share_overflow(updates, [g for _, g in narrow])
         norm = None
         if self.clip_grad_kwargs:
             # clipped before the decision is read; an overflowed step is
@@ -352,8 +355,25 @@ class PartialFCAmpOptimWrapper(ShardAwareMixin, OptimWrapper):
         self.loss_scaler.update(self._scale_update_param)
         self.message_hub.update_scalar('train/loss_scale', host[1])
 
-    def _share_overflow(self, updates: List[SparseUpdate]) -> torch.Tensor:
-        """Make every rank skip the step if any rank saw inf/NaN.
+    def _pop_16bit_grads(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """(param, grad) of dense fp16 / bf16 gradients, taken off their
+        parameters: ``GradScaler.unscale_`` refuses fp16 gradients and its
+        CUDA kernel has no bf16 (e.g. a replicated head's 16-bit centers);
+        they are unscaled and checked with the row updates instead."""
+        narrow = []
+        for group in self.optimizer.param_groups:
+            for param in group['params']:
+                grad = param.grad
+                if grad is not None and grad.dtype in (torch.float16,
+                                                       torch.bfloat16):
+                    narrow.append((param, grad))
+                    param.grad = None
+        return narrow
+
+    def _share_overflow(self, updates: List[SparseUpdate],
+                        more: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        """Make every rank skip the step if any rank saw inf/NaN (in the
+        scaler's unscaled gradients, the row updates or ``more``).
 
         Returns the shared flag (1 element, 1.0 on overflow) on the device,
         without reading it; the scaler's per-device flags are overwritten
@@ -363,7 +383,7 @@ class PartialFCAmpOptimWrapper(ShardAwareMixin, OptimWrapper):
         flag = torch.zeros(1, device=self.device)
         for value in found.values():
             flag += value.to(flag.device)
-        for _, _, grad in updates:
+        for grad in [g for _, _, g in updates] + list(more):
             flag += (~torch.isfinite(grad)).any().float().to(flag.device)
         if get_rank_and_world_size()[1] > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)

@@ -72,7 +72,9 @@ class PartialFCRunner(ShardedCheckpointMixin, Runner):
     * a :class:`PreemptionHook` gets its signal handlers for the time of
       ``train``; workers restarted by torchrun resume by themselves;
     * the train loader's workers are stopped when ``train`` ends, not
-      terminated at interpreter exit (:mod:`.loader_workers`);
+      terminated at interpreter exit (:mod:`.loader_workers`), and the
+      heads' label range check of the last step is read (on CUDA it is
+      read one step late);
     * a fresh run refuses a work dir that holds checkpoints (unless
       ``resume`` or ``overwrite=True``), and so does resuming another
       folder's checkpoint there; ``last_checkpoint`` is resolved in the
@@ -154,7 +156,9 @@ class PartialFCRunner(ShardedCheckpointMixin, Runner):
             self._settle_work_dir()
             # MMEngine's own loads too (CheckpointHook's published_keys)
             with allowing_mmengine_checkpoints():
-                return super().train()
+                model = super().train()
+            self._check_pending_labels()
+            return model
         except _RunComplete:
             self.call_hook('after_run')
             return self.model
@@ -164,6 +168,14 @@ class PartialFCRunner(ShardedCheckpointMixin, Runner):
                 hook.restore_signal_handlers()
             if lock is not None:
                 lock.release()
+
+    def _check_pending_labels(self) -> None:
+        """Read the heads' label range checks of the last step: on CUDA a
+        step's check is read at the next step, which the last one has not."""
+        for module in unwrap_model(self.model).modules():
+            check = getattr(module, 'check_pending_labels', None)
+            if callable(check):
+                check()
 
     def _lock_work_dir(self) -> Optional[WorkDirLock]:
         """Rank 0 takes the work dir's lock; every rank raises if another
