@@ -101,3 +101,27 @@ def test_previous_best_survives_a_save_that_dies(tmp_path):
     with pytest.raises(_SaveDied):
         _validate(hook, runner, 2, 0.9)
     assert (tmp_path / 'best_acc_iter_1.pth').is_file()
+
+
+@pytest.mark.parametrize('copied', [False, True])
+def test_another_folders_best_checkpoint_is_never_deleted(tmp_path, copied):
+    """A run resumed from another run's checkpoint inherits its message
+    hub, whose best checkpoint lies in that run's folder: beating its score
+    must not delete it. A copied work dir's own copy of it is its own."""
+    other = tmp_path / 'other'
+    other.mkdir()
+    (other / 'best_acc_iter_1.pth').write_text('the other run')
+    work_dir = tmp_path / 'run'
+    work_dir.mkdir()
+    if copied:
+        (work_dir / 'best_acc_iter_1.pth').write_text('the copy')
+    runner = _runner(work_dir)
+    runner.message_hub.update_info('best_ckpt',
+                                   str(other / 'best_acc_iter_1.pth'))
+    runner.message_hub.update_info('best_score', 0.5)
+    hook = _hook(runner, save_best='acc', rule='greater')
+    _step(hook, runner, 2)
+    _validate(hook, runner, 2, 0.9)
+    assert (work_dir / 'best_acc_iter_2.pth').is_file()
+    assert (other / 'best_acc_iter_1.pth').read_text() == 'the other run'
+    assert not (work_dir / 'best_acc_iter_1.pth').exists()

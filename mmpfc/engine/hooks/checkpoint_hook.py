@@ -8,9 +8,12 @@ all when ``max_keep_ckpts=1``, and no best checkpoint with ``save_best``:
 ``last_checkpoint`` still names the file just deleted. Here the removals
 MMEngine asks for are held back and carried out after the save returned
 (and, for the rotation, after ``last_checkpoint`` names the new file), so a
-crash at any point leaves the previous checkpoints in place. Everything else
-is MMEngine's hook; registered in the mmpfc scope under the same name, it is
-what ``default_hooks.checkpoint=dict(type='CheckpointHook')`` builds there.
+crash at any point leaves the previous checkpoints in place. A best
+checkpoint that a resumed run's message hub names in another folder is
+never deleted (MMEngine would delete another run's best checkpoint once
+this run beats its score). Everything else is MMEngine's hook; registered
+in the mmpfc scope under the same name, it is what
+``default_hooks.checkpoint=dict(type='CheckpointHook')`` builds there.
 """
 from __future__ import annotations
 
@@ -46,6 +49,27 @@ class _HeldRemovals:
 class CheckpointHook(MMEngineCheckpointHook):
     """``mmengine.hooks.CheckpointHook`` that removes the checkpoints it
     replaces after saving the new one (see the module doc)."""
+
+    def before_train(self, runner) -> None:
+        """MMEngine's, then the best checkpoints a resumed message hub names
+        taken as this folder's: one in another folder (the run resumed
+        another run's checkpoint, or a copied work dir names the original)
+        is not this run's to delete when its score is beaten; a file of
+        the same name here (the copy's own) is."""
+        super().before_train(runner)
+        if not self.save_best:
+            return
+        self.best_ckpt_path = self._own(getattr(self, 'best_ckpt_path', None))
+        paths = getattr(self, 'best_ckpt_path_dict', {})  # several metrics
+        for key, path in list(paths.items()):
+            paths[key] = self._own(path)
+
+    def _own(self, path):
+        if not path or osp.realpath(osp.dirname(path)) == osp.realpath(
+                self.out_dir):
+            return path
+        local = osp.join(self.out_dir, osp.basename(path))
+        return local if osp.exists(local) else None
 
     def _save_checkpoint_with_step(self, runner, step, meta):
         self._holding_removals(super()._save_checkpoint_with_step, runner,
