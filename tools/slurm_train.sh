@@ -10,6 +10,10 @@
 # time limit (srun --signal=USR1@SECONDS); REQUEUE=1 requeues the job
 # (scontrol requeue, inside an sbatch allocation) when it exits with 75.
 # Pass --resume: a first start without a checkpoint trains from the start.
+# srun's status alone does not say "preempted": --kill-on-bad-exit lets the
+# first rank to exit with 75 get the others killed, and srun then reports
+# their signal. So the ranks also write a marker file (MMPFC_PREEMPTED_FILE,
+# in the submit folder, which the nodes share) once the iteration is saved.
 set -x
 
 PARTITION=$1
@@ -22,6 +26,9 @@ SRUN_ARGS=${SRUN_ARGS:-""}
 PYTHON=${PYTHON:-python}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PREEMPTED=75
+MMPFC_PREEMPTED_FILE="$PWD/.mmpfc-preempted.${SLURM_JOB_ID:-$$}"
+export MMPFC_PREEMPTED_FILE
+rm -f "$MMPFC_PREEMPTED_FILE"
 if [ -n "${SIGNAL_AHEAD:-}" ]; then
     SRUN_ARGS="--signal=USR1@${SIGNAL_AHEAD} ${SRUN_ARGS}"
 fi
@@ -37,6 +44,10 @@ srun -p "${PARTITION}" \
     ${SRUN_ARGS} \
     "$PYTHON" -u "$ROOT/tools/train.py" "${CONFIG}" --launcher slurm "${@:4}"
 status=$?
+if [ -f "$MMPFC_PREEMPTED_FILE" ]; then
+    rm -f "$MMPFC_PREEMPTED_FILE"
+    status=$PREEMPTED
+fi
 if [ "$status" -eq "$PREEMPTED" ]; then
     echo "slurm_train.sh: preempted; the last iteration is saved: resume" \
         "with --resume" >&2

@@ -106,12 +106,23 @@ def main(argv=None) -> None:
     except TrainingPreempted as stop:
         # saved and stopped on SIGTERM / SIGUSR1: exit "resume me"
         print(f'train.py: {stop}', file=sys.stderr)
+        mark_preempted()
         if not stop.agreed:  # peers gone: no collective may wait for them
             sys.stderr.flush()
             os._exit(PREEMPTED_EXIT_CODE)
         close_process_group()
         sys.exit(PREEMPTED_EXIT_CODE)
     close_process_group()
+
+
+def mark_preempted() -> None:
+    """Create the file ``MMPFC_PREEMPTED_FILE`` names (tools/slurm_train.sh
+    sets it): the job was preempted with its iteration saved, whatever
+    status srun reports once it has killed the ranks still exiting."""
+    path = os.environ.get('MMPFC_PREEMPTED_FILE')
+    if path:
+        with open(path, 'a'):
+            pass
 
 
 def close_process_group() -> None:

@@ -122,8 +122,9 @@ def test_sigterm_to_the_whole_job_saves_and_resumes(tmp_path):
     together and exit with status 75; --resume continues from there."""
     import signal
     import time
+    marker = tmp_path / 'preempted'  # what slurm_train.sh looks for
     env = dict(os.environ, PORT=str(free_port()), PYTHON=sys.executable,
-               OMP_NUM_THREADS='1')
+               OMP_NUM_THREADS='1', MMPFC_PREEMPTED_FILE=str(marker))
     options = ['--work-dir', str(tmp_path), '--cfg-options',
                'train_cfg.max_iters=12', 'train_dataloader.batch_size=2',
                'train_dataloader.num_workers=1',
@@ -157,6 +158,7 @@ def test_sigterm_to_the_whole_job_saves_and_resumes(tmp_path):
         'train.py: preempted by SIGTERM' in text, text[-3000:]
     with open(osp.join(str(tmp_path), 'last_checkpoint')) as f:
         assert osp.basename(f.read().strip()) == f'iter_{stop}.pth'
+    assert marker.is_file()
 
     env['PORT'] = str(free_port())
     proc = subprocess.run(cmd + ['--resume'], cwd=str(tmp_path), env=env,
