@@ -25,6 +25,8 @@ from mmpfc.utils.arg_checks import (Arg, ConfigTypeError, Int, Real, arg_specs,
 
 #: Registered classes with no constructor arguments of mmpfc's own.
 NO_CHECKABLE_ARGS = {
+    'CheckpointHook': "no __init__: MMEngine CheckpointHook's arguments, "
+                      'unchanged',
     'FaceDataPreprocessor': "no __init__: mmpretrain's ClsDataPreprocessor "
                             'arguments, unchanged',
     'FlipIfRequested': 'takes no arguments',
