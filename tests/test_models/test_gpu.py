@@ -222,6 +222,33 @@ def test_fp16_loss_scaling_matches_the_cpu(device):
         close(a, b.double(), 1e-2)
 
 
+@pytest.mark.parametrize('center_dtype', ['float16', 'bfloat16'])
+def test_replicated_16bit_centers_under_loss_scaling(device, center_dtype):
+    """A replicated head's 16-bit centers give a dense 16-bit gradient,
+    which GradScaler refuses (fp16) or has no CUDA kernel for (bf16): the
+    wrapper unscales it itself; the step matches the CPU's."""
+    from mmpfc.engine.optimizers import PartialFCAmpOptimWrapper
+    from mmpfc.models.heads import MarginSoftmaxHead
+
+    def step(on):
+        torch.manual_seed(0)
+        head = MarginSoftmaxHead(20, 8, center_dtype=center_dtype).to(on)
+        wrapper = PartialFCAmpOptimWrapper(
+            dtype='float16', loss_scale=dict(init_scale=16.0),
+            optimizer=torch.optim.SGD(head.parameters(), lr=0.5))
+        gen = torch.Generator().manual_seed(1)
+        feats = torch.randn(4, 8, generator=gen).to(on)
+        with wrapper.optim_context(head):
+            loss = head.loss_by_labels(feats, torch.arange(4, device=on))
+        wrapper.backward(loss)
+        wrapper.step()
+        return head.weight.detach().cpu().double(), \
+            wrapper.loss_scaler.get_scale()
+    (got, scale), (want, want_scale) = step(device), step(CPU)
+    assert scale == want_scale == 16.0
+    close(got, want, 1e-2)
+
+
 # ---------------------------------------------------- process group
 def test_process_group_on_one_rank(device, monkeypatch):
     """NCCL on one GPU (gloo on the CPU): the backend choice, a collective
