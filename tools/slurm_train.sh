@@ -12,8 +12,8 @@
 # Pass --resume: a first start without a checkpoint trains from the start.
 # srun's status alone does not say "preempted": --kill-on-bad-exit lets the
 # first rank to exit with 75 get the others killed, and srun then reports
-# their signal. So the ranks also write a marker file (MMPFC_PREEMPTED_FILE,
-# in the submit folder, which the nodes share) once the iteration is saved.
+# their signal. So the ranks also create a marker file (MMPFC_PREEMPTED_FILE,
+# in the submit folder, which the nodes share) when they stop on the signal.
 set -x
 
 PARTITION=$1
@@ -26,7 +26,7 @@ SRUN_ARGS=${SRUN_ARGS:-""}
 PYTHON=${PYTHON:-python}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PREEMPTED=75
-MMPFC_PREEMPTED_FILE="$PWD/.mmpfc-preempted.${SLURM_JOB_ID:-$$}"
+MMPFC_PREEMPTED_FILE="$PWD/.mmpfc-preempted.${SLURM_JOB_ID:-x}.$$"
 export MMPFC_PREEMPTED_FILE
 rm -f "$MMPFC_PREEMPTED_FILE"
 if [ -n "${SIGNAL_AHEAD:-}" ]; then

@@ -85,12 +85,29 @@ def build_cfg(args: argparse.Namespace) -> Config:
         cfg.overwrite = True
     if args.amp:
         use_amp(cfg)
-    if args.resume == 'auto':  # the latest checkpoint of the work dir;
-        cfg.resume = 'auto'  # without one, the config's load_from
+    if args.resume == 'auto' and _understands_auto_resume(cfg):
+        cfg.resume = 'auto'  # the work dir's latest, else load_from
+    elif args.resume == 'auto':  # MMEngine's: load_from would be resumed
+        cfg.resume, cfg.load_from = True, None
     elif args.resume is not None:
         cfg.resume = True
         cfg.load_from = args.resume
     return cfg
+
+
+def _understands_auto_resume(cfg: Config) -> bool:
+    """Whether the config's runner is a ``PartialFCRunner`` (which takes
+    ``resume='auto'``; MMEngine's runners take a bool)."""
+    from mmengine.registry import RUNNERS as MMENGINE_RUNNERS
+
+    from mmpfc.engine.runners import PartialFCRunner
+    runner_type = cfg.get('runner_type', 'Runner')
+    if isinstance(runner_type, str):
+        from mmpfc.registry import RUNNERS
+        runner_type = RUNNERS.get(runner_type) or \
+            MMENGINE_RUNNERS.get(runner_type)
+    return isinstance(runner_type, type) and issubclass(runner_type,
+                                                        PartialFCRunner)
 
 
 @record
@@ -106,23 +123,12 @@ def main(argv=None) -> None:
     except TrainingPreempted as stop:
         # saved and stopped on SIGTERM / SIGUSR1: exit "resume me"
         print(f'train.py: {stop}', file=sys.stderr)
-        mark_preempted()
         if not stop.agreed:  # peers gone: no collective may wait for them
             sys.stderr.flush()
             os._exit(PREEMPTED_EXIT_CODE)
         close_process_group()
         sys.exit(PREEMPTED_EXIT_CODE)
     close_process_group()
-
-
-def mark_preempted() -> None:
-    """Create the file ``MMPFC_PREEMPTED_FILE`` names (tools/slurm_train.sh
-    sets it): the job was preempted with its iteration saved, whatever
-    status srun reports once it has killed the ranks still exiting."""
-    path = os.environ.get('MMPFC_PREEMPTED_FILE')
-    if path:
-        with open(path, 'a'):
-            pass
 
 
 def close_process_group() -> None:

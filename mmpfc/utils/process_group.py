@@ -60,8 +60,6 @@ def init_process_group_for_device(launcher: str = 'pytorch',
     if dist.is_available() and dist.is_initialized():
         return
     backend = choose_backend(backend)
-    if isinstance(kwargs.get('timeout'), (int, float)):
-        kwargs['timeout'] = timedelta(seconds=kwargs['timeout'])
     if backend == 'nccl' and not torch.cuda.is_available():
         raise RuntimeError(
             "backend='nccl' needs CUDA, but torch.cuda.is_available() is "
@@ -70,6 +68,8 @@ def init_process_group_for_device(launcher: str = 'pytorch',
         from mmengine.dist import init_dist
         init_dist(launcher, backend=backend, **kwargs)
         return
+    if isinstance(kwargs.get('timeout'), (int, float)):
+        kwargs['timeout'] = timedelta(seconds=kwargs['timeout'])
     if launcher == 'slurm':
         _export_slurm_env(kwargs.pop('port', None))
     if backend == 'nccl':
@@ -117,9 +117,11 @@ def _rendezvous(launcher: str, start_timeout: float | None,
 def _export_slurm_env(port: int | None) -> None:
     """Translate SLURM variables into the torch.distributed env:// ones."""
     import subprocess
-    os.environ.setdefault('RANK', os.environ['SLURM_PROCID'])
-    os.environ.setdefault('WORLD_SIZE', os.environ['SLURM_NTASKS'])
-    os.environ.setdefault('LOCAL_RANK', os.environ.get('SLURM_LOCALID', '0'))
+
+    # Slurm's say (tools/train.py sets LOCAL_RANK=0 when no launcher did)
+    os.environ['RANK'] = os.environ['SLURM_PROCID']
+    os.environ['WORLD_SIZE'] = os.environ['SLURM_NTASKS']
+    os.environ['LOCAL_RANK'] = os.environ.get('SLURM_LOCALID', '0')
     if 'MASTER_ADDR' not in os.environ:
         node_list = os.environ['SLURM_NODELIST']
         addr = subprocess.getoutput(

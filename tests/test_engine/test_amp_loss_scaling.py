@@ -175,3 +175,27 @@ def test_replicated_16bit_centers_are_loss_scaled(center_dtype, poison):
     assert torch.equal(head.weight.grad, unscaled)
     assert torch.equal(head.weight.detach(), before - 0.5 * unscaled)
     assert wrapper.loss_scaler.get_scale() == 16.0
+
+
+def test_fp16_gradients_are_clipped_by_their_fp32_norm():
+    """torch takes an fp16 gradient's norm in fp16: past 65504 it is inf
+    and the clip zeroes every gradient. Reference: the norm of the same
+    values in float64, then max_norm / norm times each gradient."""
+    from mmpfc.engine.optimizers import PartialFCOptimWrapper
+    dense = torch.nn.Parameter(torch.zeros(3))
+    narrow = torch.nn.Parameter(torch.zeros(2, dtype=torch.float16))
+    wrapper = PartialFCOptimWrapper(
+        optimizer=torch.optim.SGD([dense, narrow], lr=1.0),
+        clip_grad=dict(max_norm=5.0))
+    dense.grad = torch.tensor([3.0, 4.0, 0.0])
+    narrow.grad = torch.tensor([60000.0, 60000.0], dtype=torch.float16)
+    norm = wrapper._clip_params()
+    want = torch.tensor([3.0, 4.0, 0.0, 60000.0, 60000.0],
+                        dtype=torch.float64).norm()
+    assert abs(float(norm) - float(want)) / float(want) < 1e-6
+    coef = 5.0 / float(want)
+    torch.testing.assert_close(dense.grad.double(),
+                               torch.tensor([3.0, 4.0, 0.0]).double() * coef)
+    torch.testing.assert_close(
+        narrow.grad.double(), torch.full((2, ), 60000.0).double() * coef,
+        rtol=1e-3, atol=0)

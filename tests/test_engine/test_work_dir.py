@@ -310,3 +310,43 @@ def test_last_checkpoint_relative_to_the_current_directory(tmp_path,
     (work_dir / 'last_checkpoint').write_text('ckpts/run/iter_2.pth')
     assert resolve_last_checkpoint(str(work_dir)) == str(
         tmp_path / 'ckpts' / 'run' / 'iter_2.pth')
+
+
+def test_restart_of_a_fine_tune_before_its_first_save(finished, tmp_path,
+                                                      monkeypatch):
+    """``--resume`` with a config's load_from, restarted by torchrun before
+    its first save: it starts as its first attempt did (initialized from
+    load_from), not resumed from the pretrained file as a checkpoint."""
+    pretrained = str(finished / 'iter_2.pth')
+    with pytest.raises(RuntimeError, match='first save'):
+        train(tmp_path, resume='auto', load_from=pretrained,
+              extra_hooks=['_DieBeforeTraining'])
+    monkeypatch.setenv('TORCHELASTIC_RESTART_COUNT', '1')
+    runner = train(tmp_path, max_iters=2, resume='auto', load_from=pretrained)
+    assert runner.captured['iter'] == 0 and runner.iter == 2
+
+
+def test_a_wrong_resume_path_keeps_last_checkpoint(finished, tmp_path):
+    work_dir = tmp_path / 'run'
+    shutil.copytree(finished, work_dir)
+    with pytest.raises(Exception):
+        train(work_dir, max_iters=4, resume=True,
+              load_from=str(work_dir / 'iter_2000.pth'))  # a typo
+    assert resolve_last_checkpoint(str(work_dir)) == str(
+        work_dir / 'iter_2.pth')
+
+
+def test_launch_identity_is_the_launch_not_the_attempt(monkeypatch):
+    from mmpfc.engine.runners.work_dir import launch_identity
+    monkeypatch.delenv('TORCHELASTIC_RUN_ID', raising=False)
+    monkeypatch.setenv('TORCHELASTIC_ERROR_FILE',
+                       '/tmp/torchelastic_ab/none_cd/attempt_0/0/error.json')
+    first = launch_identity()
+    monkeypatch.setenv('TORCHELASTIC_ERROR_FILE',
+                       '/tmp/torchelastic_ab/none_cd/attempt_1/0/error.json')
+    assert launch_identity() == first  # a restart, wrapped or not
+    monkeypatch.setenv('TORCHELASTIC_ERROR_FILE',
+                       '/tmp/torchelastic_xy/none_cd/attempt_0/0/error.json')
+    assert launch_identity() != first  # another launch
+    monkeypatch.setenv('TORCHELASTIC_RUN_ID', 'job-42')  # any node
+    assert launch_identity() == 'run id job-42'

@@ -11,6 +11,7 @@ another device type is reseeded with a warning; the face preprocessor
 equals mmpretrain's.
 """
 import logging
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -353,3 +354,26 @@ def test_nccl_group_is_made_like_gloo_without_process_wide_changes(
     assert calls == [('set_device', 1), ('init', dict(
         backend='nccl', timeout=timedelta(seconds=1800), rank=1,
         world_size=2))]
+
+
+def test_nccl_under_slurm_binds_slurms_local_rank(monkeypatch):
+    """srun sets no LOCAL_RANK and tools/train.py sets it to 0: every rank
+    of a node would take GPU 0; Slurm's local id decides."""
+    import torch.distributed as dist
+
+    from mmpfc.utils import process_group
+    if dist.is_initialized():
+        pytest.skip('a process group exists already')
+    bound = []
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'set_device', bound.append)
+    monkeypatch.setattr(dist, 'init_process_group', lambda **kw: None)
+    for key, value in dict(SLURM_PROCID='5', SLURM_NTASKS='8',
+                           SLURM_LOCALID='3', LOCAL_RANK='0', RANK='0',
+                           WORLD_SIZE='1', MASTER_ADDR='127.0.0.1',
+                           MASTER_PORT='1',
+                           TORCHELASTIC_USE_AGENT_STORE='True').items():
+        monkeypatch.setenv(key, value)
+    process_group.init_process_group_for_device('slurm', backend='nccl')
+    assert bound == [3]
+    assert (os.environ['RANK'], os.environ['WORLD_SIZE']) == ('5', '8')

@@ -51,6 +51,10 @@ def test_amp_switches_to_the_shard_aware_amp_wrapper(train_tool):
 def test_resume_and_cfg_options(train_tool):
     cfg = build_cfg(train_tool, '--resume')
     assert cfg.resume == 'auto' and cfg.load_from is None
+    # MMEngine's own runner takes a bool, and would resume load_from
+    cfg = build_cfg(train_tool, '--resume', '--cfg-options',
+                    'runner_type=Runner', 'load_from=pretrained.pth')
+    assert cfg.resume is True and cfg.load_from is None
     cfg = build_cfg(train_tool, '--resume', 'w/iter_8.pth', '--cfg-options',
                     'train_dataloader.batch_size=4', 'train_cfg.max_iters=3')
     assert (cfg.resume, cfg.load_from) == (True, 'w/iter_8.pth')

@@ -42,6 +42,29 @@ CATCHABLE_SIGNALS = ('SIGTERM', 'SIGUSR1', 'SIGUSR2', 'SIGINT', 'SIGHUP')
 PREEMPTED_EXIT_CODE = 75
 
 
+#: Environment variable naming a file to create when a run stops on a
+#: preemption signal (tools/slurm_train.sh reads it: srun's own status may
+#: be the signal of ranks it killed after the first one exited with 75).
+PREEMPTED_FILE_ENV = 'MMPFC_PREEMPTED_FILE'
+
+
+def mark_preempted(logger=None) -> None:
+    """Create the file :data:`PREEMPTED_FILE_ENV` names, if any, at once
+    (before the loader's workers are joined, which may outlast the
+    scheduler's patience); a folder that cannot take it is only logged."""
+    path = os.environ.get(PREEMPTED_FILE_ENV)
+    if not path:
+        return
+    try:
+        with open(path, 'a'):
+            pass
+    except OSError as err:
+        if logger is not None:
+            logger.warning(f'could not create {PREEMPTED_FILE_ENV}={path} '
+                           f'({err}): the job script will not know this '
+                           'stop was a preemption')
+
+
 class TrainingPreempted(Exception):
     """The run stopped on a signal; ``checkpoint`` is the checkpoint to
     resume from; ``agreed``: every rank stopped at this iteration (False
@@ -188,6 +211,7 @@ class PreemptionHook(Hook):
         runner.logger.warning(
             f'Preempted ({name}): saved {path} at iteration '
             f'{runner.iter + 1}; resume with --resume in {runner.work_dir}')
+        mark_preempted(runner.logger)
         raise TrainingPreempted(
             f'preempted by {name} at iteration {runner.iter + 1}; resume '
             f'from {path} with --resume', path)
@@ -217,6 +241,7 @@ class PreemptionHook(Hook):
                 f'Preempted, but the other ranks did not agree within '
                 f'{self.agreement_timeout:.0f} s: no new checkpoint; the '
                 f'last complete one is {last}')
+            mark_preempted(runner.logger)
             raise TrainingPreempted(
                 'preempted without agreement: nothing saved at iteration '
                 f'{runner.iter + 1}; resume from {last}', last,

@@ -178,7 +178,23 @@ class ShardAwareMixin:
                   and not is_sharded(p)]
         if not params:
             return None
+        if self.clip_func is torch.nn.utils.clip_grad_norm_ and any(
+                p.grad.dtype == torch.float16 for p in params):
+            return self._clip_norm_in_fp32(params)
         return self.clip_func(params, **self.clip_grad_kwargs)
+
+    def _clip_norm_in_fp32(self, params: List[torch.Tensor]) -> torch.Tensor:
+        """``clip_grad_norm_`` with the norm taken in fp32: torch takes an
+        fp16 gradient's norm in fp16, which is inf past 65504 (the clip
+        would then zero every gradient)."""
+        kwargs = self.clip_grad_kwargs
+        norm_type = float(kwargs.get('norm_type', 2.0))
+        total = torch.linalg.vector_norm(torch.stack([
+            torch.linalg.vector_norm(p.grad, norm_type, dtype=torch.float32)
+            for p in params]), norm_type)
+        torch.nn.utils.clip_grads_with_norm_(params, kwargs['max_norm'],
+                                             total)
+        return total
 
     def _clip_grad(self) -> None:
         """Clip replicated parameters and log the norm (reads it: a sync)."""

@@ -200,16 +200,29 @@ class PartialFCRunner(ShardedCheckpointMixin, Runner):
     def _settle_work_dir(self) -> None:
         """How this run starts among the checkpoints of its work dir; rank
         0 decides and prepares, every rank follows (:meth:`_start_plan`)."""
-        plan = [self._start_plan() if self.rank == 0 else None]
+        plan, failure = [None], None
+        if self.rank == 0:
+            try:
+                plan = [self._start_plan()]
+            except Exception as err:  # the other ranks must not wait
+                plan, failure = [('error', f'{type(err).__name__}: {err}')], \
+                    err
         if self.distributed:
             broadcast_object_list(plan)
         kind, detail = plan[0]
+        if failure is not None:
+            raise failure
+        if kind == 'error':
+            raise RuntimeError(f'rank 0 could not prepare {self.work_dir}: '
+                               f'{detail}')
         if kind == 'refuse':
             raise WorkDirInUseError(detail)
         if kind == 'restart':
             self.logger.warning(detail)
             # the latest checkpoint of this run, else where attempt 0 began
-            self._fallback_start = (bool(self._resume), self._load_from)
+            given = self._resume not in (False, 'auto') and \
+                self._load_from is not None
+            self._fallback_start = (bool(given), self._load_from)
             self._resume = 'auto'
 
     def _start_plan(self) -> tuple:
@@ -225,7 +238,8 @@ class PartialFCRunner(ShardedCheckpointMixin, Runner):
           ``last_checkpoint``;
         * resuming a given checkpoint into checkpoint folders that hold
           others is refused when the file lies elsewhere (another run's),
-          unless ``overwrite``; ``last_checkpoint`` then names that file;
+          unless ``overwrite``; ``last_checkpoint`` names that file once
+          it has loaded;
         * auto-resume (``--resume``) continues the run that is there.
 
         A run that goes on marks the work dir as this launch's.
@@ -248,8 +262,10 @@ class PartialFCRunner(ShardedCheckpointMixin, Runner):
             if not lies_in(given, dirs):
                 return 'refuse', used_work_dir_message(
                     self.work_dir, dirs, found, resuming=given)
-        if not auto:
-            point_last_checkpoint(self.work_dir, given)
+        if not auto and given is None:
+            point_last_checkpoint(self.work_dir, None)
+        # a given checkpoint becomes last_checkpoint once it has loaded
+        self._point_after_load = given
         record_launch(self.work_dir)
         return 'go', None
 
@@ -286,6 +302,9 @@ class PartialFCRunner(ShardedCheckpointMixin, Runner):
                     (f', resuming {self._load_from}' if self._resume
                      else ''))
         super().load_or_resume()
+        given = getattr(self, '_point_after_load', None)
+        if given is not None and self.rank == 0:
+            point_last_checkpoint(self.work_dir, given)
         loop = self._train_loop
         if self._resume and isinstance(loop, BaseLoop) and \
                 self.iter >= loop.max_iters:
