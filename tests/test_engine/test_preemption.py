@@ -182,3 +182,22 @@ def test_checkpoint_hooks_are_looked_at_before_training():
     assert len(warnings) == 1
     assert_mentions(warnings[0], 'CheckpointHook', 'default_hooks.checkpoint',
                     'nothing saved', 'default_hooks.preemption=None')
+
+
+def test_preemption_marker_is_created_or_its_failure_logged(tmp_path,
+                                                            monkeypatch):
+    import logging
+
+    from mmpfc.engine.hooks.preemption_hook import mark_preempted
+    marker = tmp_path / 'preempted'
+    monkeypatch.setenv('MMPFC_PREEMPTED_FILE', str(marker))
+    mark_preempted()
+    assert marker.is_file()
+    monkeypatch.setenv('MMPFC_PREEMPTED_FILE', str(tmp_path / 'no' / 'x'))
+    logged = []
+
+    class Logger(logging.Logger):
+        def warning(self, msg, *args, **kwargs):
+            logged.append(msg)
+    mark_preempted(Logger('test'))  # no exception: exit 75 stays 75
+    assert logged and str(tmp_path / 'no' / 'x') in logged[0]

@@ -350,3 +350,15 @@ def test_launch_identity_is_the_launch_not_the_attempt(monkeypatch):
     assert launch_identity() != first  # another launch
     monkeypatch.setenv('TORCHELASTIC_RUN_ID', 'job-42')  # any node
     assert launch_identity() == 'run id job-42'
+
+
+def test_a_failure_preparing_the_work_dir_is_raised(tmp_path, monkeypatch):
+    """Rank 0 prepares the work dir before the other ranks hear its plan;
+    an error there is raised (on every rank: they get it in the plan)."""
+    from mmpfc.engine.runners import PartialFCRunner
+
+    def full_disk(self):
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(PartialFCRunner, '_start_plan', full_disk)
+    with pytest.raises(OSError, match='No space left'):
+        train(tmp_path)
