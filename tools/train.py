@@ -49,10 +49,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         '--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
         default='none', help='job launcher')
-    # torch.distributed.launch passes --local-rank; torchrun sets LOCAL_RANK
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    # torch.distributed.launch passes --local-rank; torchrun sets LOCAL_RANK;
+    # under srun, Slurm's local id (read when the group is made) decides
+    parser.add_argument('--local_rank', '--local-rank', type=int,
+                        default=None)
     args = parser.parse_args(argv)
-    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    if args.local_rank is not None or args.launcher != 'slurm':
+        os.environ.setdefault('LOCAL_RANK', str(args.local_rank or 0))
     return args
 
 

@@ -72,8 +72,9 @@ def init_process_group_for_device(launcher: str = 'pytorch',
         kwargs['timeout'] = timedelta(seconds=kwargs['timeout'])
     if launcher == 'slurm':
         _export_slurm_env(kwargs.pop('port', None))
-    if backend == 'nccl':
-        torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
+    if backend == 'nccl':  # (one GPU per task: srun --gpus-per-task=1)
+        torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)) %
+                              torch.cuda.device_count())
     dist.init_process_group(backend=backend, **kwargs, **_rendezvous(
         launcher, start_timeout, kwargs.get('timeout')))
 
@@ -118,10 +119,10 @@ def _export_slurm_env(port: int | None) -> None:
     """Translate SLURM variables into the torch.distributed env:// ones."""
     import subprocess
 
-    # Slurm's say (tools/train.py sets LOCAL_RANK=0 when no launcher did)
-    os.environ['RANK'] = os.environ['SLURM_PROCID']
-    os.environ['WORLD_SIZE'] = os.environ['SLURM_NTASKS']
-    os.environ['LOCAL_RANK'] = os.environ.get('SLURM_LOCALID', '0')
+    # a launcher inside srun (torchrun per node) has set its own already
+    os.environ.setdefault('RANK', os.environ['SLURM_PROCID'])
+    os.environ.setdefault('WORLD_SIZE', os.environ['SLURM_NTASKS'])
+    os.environ.setdefault('LOCAL_RANK', os.environ.get('SLURM_LOCALID', '0'))
     if 'MASTER_ADDR' not in os.environ:
         node_list = os.environ['SLURM_NODELIST']
         addr = subprocess.getoutput(

@@ -348,8 +348,18 @@ def test_launch_identity_is_the_launch_not_the_attempt(monkeypatch):
     monkeypatch.setenv('TORCHELASTIC_ERROR_FILE',
                        '/tmp/torchelastic_xy/none_cd/attempt_0/0/error.json')
     assert launch_identity() != first  # another launch
-    monkeypatch.setenv('TORCHELASTIC_RUN_ID', 'job-42')  # any node
-    assert launch_identity() == 'run id job-42'
+    # a fixed --rdzv-id repeats across launches: not enough alone
+    monkeypatch.setenv('TORCHELASTIC_RUN_ID', 'job-42')
+    again = launch_identity()
+    monkeypatch.setenv('TORCHELASTIC_ERROR_FILE',
+                       '/tmp/torchelastic_ab/none_cd/attempt_0/0/error.json')
+    assert launch_identity() != again
+    monkeypatch.setenv('TORCHELASTIC_ERROR_FILE',  # a --log-dir .../attempt_1
+                       '/logs/attempt_1/none_cd/attempt_0/0/error.json')
+    other = launch_identity()
+    monkeypatch.setenv('TORCHELASTIC_ERROR_FILE',
+                       '/logs/attempt_2/none_cd/attempt_0/0/error.json')
+    assert launch_identity() != other
 
 
 def test_a_failure_preparing_the_work_dir_is_raised(tmp_path, monkeypatch):

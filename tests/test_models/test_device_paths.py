@@ -339,6 +339,7 @@ def test_nccl_group_is_made_like_gloo_without_process_wide_changes(
         pytest.skip('a process group exists already')
     calls = []
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
     monkeypatch.setattr(torch.cuda, 'set_device',
                         lambda index: calls.append(('set_device', index)))
     monkeypatch.setattr(dist, 'init_process_group',
@@ -366,14 +367,31 @@ def test_nccl_under_slurm_binds_slurms_local_rank(monkeypatch):
         pytest.skip('a process group exists already')
     bound = []
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 8)
     monkeypatch.setattr(torch.cuda, 'set_device', bound.append)
     monkeypatch.setattr(dist, 'init_process_group', lambda **kw: None)
+    for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'):
+        monkeypatch.delenv(key, raising=False)  # restored after the test
     for key, value in dict(SLURM_PROCID='5', SLURM_NTASKS='8',
-                           SLURM_LOCALID='3', LOCAL_RANK='0', RANK='0',
-                           WORLD_SIZE='1', MASTER_ADDR='127.0.0.1',
+                           SLURM_LOCALID='3', MASTER_ADDR='127.0.0.1',
                            MASTER_PORT='1',
                            TORCHELASTIC_USE_AGENT_STORE='True').items():
         monkeypatch.setenv(key, value)
+    train_tool = load_train_tool()
+    train_tool.parse_args(['cfg.py', '--launcher', 'slurm'])
+    assert 'LOCAL_RANK' not in os.environ  # Slurm's local id decides
     process_group.init_process_group_for_device('slurm', backend='nccl')
     assert bound == [3]
     assert (os.environ['RANK'], os.environ['WORLD_SIZE']) == ('5', '8')
+
+
+def load_train_tool():
+    """tools/train.py as a module."""
+    import importlib.util
+
+    from helpers import ROOT
+    spec = importlib.util.spec_from_file_location(
+        'train_tool', os.path.join(ROOT, 'tools', 'train.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

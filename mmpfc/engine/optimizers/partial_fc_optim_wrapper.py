@@ -192,8 +192,14 @@ class ShardAwareMixin:
         total = torch.linalg.vector_norm(torch.stack([
             torch.linalg.vector_norm(p.grad, norm_type, dtype=torch.float32)
             for p in params]), norm_type)
+        if kwargs.get('error_if_nonfinite') and not torch.isfinite(total):
+            raise RuntimeError(
+                f'The total norm of order {norm_type} for gradients is '
+                'non-finite, so it cannot be clipped '
+                '(clip_grad=dict(error_if_nonfinite=True))')
         torch.nn.utils.clip_grads_with_norm_(params, kwargs['max_norm'],
-                                             total)
+                                             total,
+                                             foreach=kwargs.get('foreach'))
         return total
 
     def _clip_grad(self) -> None:

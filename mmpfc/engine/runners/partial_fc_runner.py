@@ -201,6 +201,7 @@ class PartialFCRunner(ShardedCheckpointMixin, Runner):
         """How this run starts among the checkpoints of its work dir; rank
         0 decides and prepares, every rank follows (:meth:`_start_plan`)."""
         plan, failure = [None], None
+        self._point_after_load = None
         if self.rank == 0:
             try:
                 plan = [self._start_plan()]
@@ -301,10 +302,18 @@ class PartialFCRunner(ShardedCheckpointMixin, Runner):
                                    else '') +
                     (f', resuming {self._load_from}' if self._resume
                      else ''))
+        loaded_before = self._has_loaded
         super().load_or_resume()
-        given = getattr(self, '_point_after_load', None)
-        if given is not None and self.rank == 0:
-            point_last_checkpoint(self.work_dir, given)
+        given, self._point_after_load = getattr(
+            self, '_point_after_load', None), None
+        if given is not None and self.rank == 0 and self._has_loaded and \
+                not loaded_before:
+            try:
+                point_last_checkpoint(self.work_dir, given)
+            except OSError as err:  # the run goes on; only a requeue
+                self.logger.warning(  # before its first save would miss
+                    f'could not point {self.work_dir}/last_checkpoint at '
+                    f'{given} ({err})')
         loop = self._train_loop
         if self._resume and isinstance(loop, BaseLoop) and \
                 self.iter >= loop.max_iters:

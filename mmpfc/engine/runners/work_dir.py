@@ -109,25 +109,23 @@ class WorkDirLock:
 
 def launch_identity() -> str:
     """The same in every attempt of one torchrun launch, another in any
-    other launch: torchrun's run id when it has one of its own (``--rdzv-id``,
-    or the random one of ``--standalone``: the same on every node), else
-    the per-launch folder of its error files (kept across attempts, and
-    through wrappers such as ``--no-python``), else the host and the
-    workers' parent (the agent) with its start time."""
+    other launch: the per-launch folder of torchrun's error files (made
+    once per launch and kept across its attempts, also through wrappers
+    such as ``--no-python``), else the host and the workers' parent (the
+    agent) with its start time; torchrun's run id is added, but alone it
+    may repeat across launches (a fixed ``--rdzv-id``)."""
     run_id = os.environ.get('TORCHELASTIC_RUN_ID', '')
-    if run_id and run_id != 'none':
-        return f'run id {run_id}'
     error_file = os.environ.get('TORCHELASTIC_ERROR_FILE', '')
     if '/attempt_' in error_file:
-        launch = error_file.split('/attempt_')[0]
-        return f'{socket.gethostname()} {launch}'
+        launch = error_file.rsplit('/attempt_', 1)[0]
+        return f'{socket.gethostname()} {launch} {run_id}'
     agent = os.getppid()
     try:
         with open(f'/proc/{agent}/stat') as f:
             started = f.read().rsplit(')', 1)[1].split()[19]
     except (OSError, IndexError):
         started = '?'
-    return f'{socket.gethostname()} {agent} {started}'
+    return f'{socket.gethostname()} {agent} {started} {run_id}'
 
 
 def _write_atomically(path: str, text: str) -> None:
