@@ -1,8 +1,10 @@
 """MMEngine's ``CheckpointHook``, deleting old checkpoints only once the new
 one is saved.
 
-MMEngine removes the checkpoint that ``max_keep_ckpts`` rotates out, and
-the previous best one (``save_best``), *before* it writes the new file. A
+MMEngine (0.10.7, ``CheckpointHook._save_checkpoint_with_step`` and
+``_save_best_checkpoint``) removes the checkpoint that ``max_keep_ckpts``
+rotates out, and the previous best one (``save_best``), *before* it writes
+the new file. A
 crash or ``kill -9`` inside that save then leaves no complete checkpoint at
 all when ``max_keep_ckpts=1``, and no best checkpoint with ``save_best``:
 ``last_checkpoint`` still names the file just deleted. Here the removals

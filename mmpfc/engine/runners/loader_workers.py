@@ -4,7 +4,8 @@ Persistent workers (the dataset configs' ``persistent_workers=True``), and
 the workers of the iterator an iteration-based loop keeps, otherwise live
 until the interpreter exits. There, ``multiprocessing`` terminates them and
 torch's ``SIGCHLD`` handler reports each as "killed by signal: Terminated"
-in a traceback after a run that went well. Stopping them as the run ends
+in a traceback after a run that went well (torch 2.14 with MMEngine
+0.10.7's ``IterBasedTrainLoop``). Stopping them as the run ends
 (``_shutdown_workers``, what torch itself calls when an iterator is
 deleted) joins them cleanly.
 """
