@@ -72,9 +72,8 @@ def init_process_group_for_device(launcher: str = 'pytorch',
         kwargs['timeout'] = timedelta(seconds=kwargs['timeout'])
     if launcher == 'slurm':
         _export_slurm_env(kwargs.pop('port', None))
-    if backend == 'nccl':  # (one GPU per task: srun --gpus-per-task=1)
-        torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)) %
-                              torch.cuda.device_count())
+    if backend == 'nccl':  # the GPU MMEngine's DDP wrapper will name too
+        torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
     dist.init_process_group(backend=backend, **kwargs, **_rendezvous(
         launcher, start_timeout, kwargs.get('timeout')))
 

@@ -89,7 +89,6 @@ def test_amp_step_logs_the_scale_and_norm_it_read():
 def test_backend_is_explicit_and_overridable(monkeypatch):
     from mmpfc.utils.process_group import choose_backend
     fake_cuda_available(monkeypatch)
-    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
     monkeypatch.delenv('MMPFC_DIST_BACKEND', raising=False)
     monkeypatch.delenv('SLURM_LOCALID', raising=False)
     monkeypatch.setenv('LOCAL_RANK', '1')
@@ -339,7 +338,6 @@ def test_nccl_group_is_made_like_gloo_without_process_wide_changes(
         pytest.skip('a process group exists already')
     calls = []
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
-    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
     monkeypatch.setattr(torch.cuda, 'set_device',
                         lambda index: calls.append(('set_device', index)))
     monkeypatch.setattr(dist, 'init_process_group',
@@ -367,7 +365,6 @@ def test_nccl_under_slurm_binds_slurms_local_rank(monkeypatch):
         pytest.skip('a process group exists already')
     bound = []
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
-    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 8)
     monkeypatch.setattr(torch.cuda, 'set_device', bound.append)
     monkeypatch.setattr(dist, 'init_process_group', lambda **kw: None)
     for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'):
