@@ -89,6 +89,7 @@ def test_amp_step_logs_the_scale_and_norm_it_read():
 def test_backend_is_explicit_and_overridable(monkeypatch):
     from mmpfc.utils.process_group import choose_backend
     fake_cuda_available(monkeypatch)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
     monkeypatch.delenv('MMPFC_DIST_BACKEND', raising=False)
     monkeypatch.delenv('SLURM_LOCALID', raising=False)
     monkeypatch.setenv('LOCAL_RANK', '1')
