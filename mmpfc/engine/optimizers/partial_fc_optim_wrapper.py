@@ -351,11 +351,12 @@ class PartialFCAmpOptimWrapper(ShardAwareMixin, OptimWrapper):
         narrow = self._pop_16bit_grads()
         self.loss_scaler.unscale_(self.optimizer)
         inv_scale = scale.double().reciprocal().float()  # as unscale_
-        for grad in [g for _, _, g in updates] + [g for _, g in narrow]:
+        by_hand = [g for _, _, g in updates] + [g for _, g in narrow]
+        for grad in by_hand:
             grad.mul_(inv_scale.to(grad.device))
         for param, grad in narrow:
             param.grad = grad
-        flag = self._share_overflow(updates, [g for _, g in narrow])
+        flag = self._share_overflow(by_hand)
         norm = None
         if self.clip_grad_kwargs:
             # clipped before the decision is read; an overflowed step is
@@ -383,19 +384,19 @@ class PartialFCAmpOptimWrapper(ShardAwareMixin, OptimWrapper):
         CUDA kernel has no bf16 (e.g. a replicated head's 16-bit centers);
         they are unscaled and checked with the row updates instead."""
         narrow = []
-        for group in self.optimizer.param_groups:
-            for param in group['params']:
-                grad = param.grad
-                if grad is not None and grad.dtype in (torch.float16,
-                                                       torch.bfloat16):
-                    narrow.append((param, grad))
-                    param.grad = None
+        for param in self._all_params():
+            grad = param.grad
+            if grad is not None and grad.dtype in (torch.float16,
+                                                   torch.bfloat16):
+                narrow.append((param, grad))
+                param.grad = None
         return narrow
 
-    def _share_overflow(self, updates: List[SparseUpdate],
-                        more: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+    def _share_overflow(self, by_hand: Sequence[torch.Tensor]
+                        ) -> torch.Tensor:
         """Make every rank skip the step if any rank saw inf/NaN (in the
-        scaler's unscaled gradients, the row updates or ``more``).
+        gradients the scaler unscaled, or in ``by_hand``: the row updates'
+        and the 16-bit ones, unscaled beside it).
 
         Returns the shared flag (1 element, 1.0 on overflow) on the device,
         without reading it; the scaler's per-device flags are overwritten
@@ -405,7 +406,7 @@ class PartialFCAmpOptimWrapper(ShardAwareMixin, OptimWrapper):
         flag = torch.zeros(1, device=self.device)
         for value in found.values():
             flag += value.to(flag.device)
-        for grad in [g for _, _, g in updates] + list(more):
+        for grad in by_hand:
             flag += (~torch.isfinite(grad)).any().float().to(flag.device)
         if get_rank_and_world_size()[1] > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
