@@ -11,8 +11,6 @@ deleted) joins them cleanly.
 """
 from __future__ import annotations
 
-from typing import Iterable
-
 from mmengine.runner.base_loop import BaseLoop
 
 
@@ -25,14 +23,10 @@ def stop_loop_workers(loop: object) -> None:
         return
     loader = loop.dataloader
     kept = getattr(loop, 'dataloader_iterator', None)  # IterBasedTrainLoop
-    _stop(iterator for iterator in (getattr(kept, '_iterator', None),
-                                    getattr(loader, '_iterator', None)))
-    if getattr(loader, '_iterator', None) is not None:
-        loader._iterator = None
-
-
-def _stop(iterators: Iterable[object]) -> None:
-    for iterator in iterators:
+    for iterator in (getattr(kept, '_iterator', None),
+                     getattr(loader, '_iterator', None)):
         shutdown = getattr(iterator, '_shutdown_workers', None)
         if shutdown is not None:
             shutdown()
+    if getattr(loader, '_iterator', None) is not None:
+        loader._iterator = None

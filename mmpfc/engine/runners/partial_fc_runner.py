@@ -221,10 +221,22 @@ class PartialFCRunner(ShardedCheckpointMixin, Runner):
         if kind == 'restart':
             self.logger.warning(detail)
             # the latest checkpoint of this run, else where attempt 0 began
-            given = self._resume not in (False, 'auto') and \
-                self._load_from is not None
-            self._fallback_start = (bool(given), self._load_from)
+            self._fallback_start = (self._given_checkpoint() is not None,
+                                    self._load_from)
             self._resume = 'auto'
+
+    def _auto_resume(self) -> bool:
+        """Whether to resume from the work dir's latest checkpoint:
+        ``resume='auto'`` (``--resume``), or ``resume`` without a file."""
+        return self._resume == 'auto' or (bool(self._resume) and
+                                          self._load_from is None)
+
+    def _given_checkpoint(self) -> Optional[str]:
+        """The checkpoint to resume that the config names (``--resume
+        PATH``), if any."""
+        if self._auto_resume() or not self._resume:
+            return None
+        return self._load_from
 
     def _start_plan(self) -> tuple:
         """(kind, detail) on rank 0, where kind is ``'go'``, ``'restart'``
@@ -253,9 +265,7 @@ class PartialFCRunner(ShardedCheckpointMixin, Runner):
                 f'Restarted by torchrun (restart {restart}): resuming this '
                 f'run from the latest checkpoint in {self.work_dir}')
         overwrite = self.cfg.get('overwrite', False)
-        auto = self._resume == 'auto' or (self._resume and
-                                          self._load_from is None)
-        given = None if auto or not self._resume else self._load_from
+        auto, given = self._auto_resume(), self._given_checkpoint()
         if found and not overwrite and not auto:
             if given is None:
                 return 'refuse', used_work_dir_message(self.work_dir, dirs,
@@ -286,22 +296,18 @@ class PartialFCRunner(ShardedCheckpointMixin, Runner):
         the dir itself); without one, start as the config says (its
         ``load_from`` as initial weights, or where a restarted launch first
         started); stop before the loop if no iteration is left."""
-        auto = self._resume == 'auto' or (self._resume and
-                                          self._load_from is None)
-        if auto and not self._has_loaded:
+        if self._auto_resume() and not self._has_loaded:
             latest = resolve_last_checkpoint(self.work_dir, self.logger)
             if latest is not None:
                 self._resume, self._load_from = True, latest
             else:
                 self._resume, self._load_from = getattr(
                     self, '_fallback_start', (False, self._load_from))
-                self.logger.info(
-                    f'No last_checkpoint in {self.work_dir}: training from '
-                    'the start' + (f', initialized from {self._load_from}'
-                                   if self._load_from and not self._resume
-                                   else '') +
-                    (f', resuming {self._load_from}' if self._resume
-                     else ''))
+                start = f', resuming {self._load_from}' if self._resume \
+                    else f', initialized from {self._load_from}' \
+                    if self._load_from else ''
+                self.logger.info(f'No last_checkpoint in {self.work_dir}: '
+                                 f'training from the start{start}')
         loaded_before = self._has_loaded
         super().load_or_resume()
         given, self._point_after_load = getattr(
