@@ -72,7 +72,13 @@ def replace_recorded(tmp_path: str, path: str, saved: SavedFile) -> None:
     os.replace(tmp_path, path)
     record = json.dumps(dict(file=osp.basename(path), bytes=saved.size,
                              checksum=saved.checksum)) + '\n'
-    _write_atomically(sidecar_path(path), lambda f: f.write(record.encode()))
+    write_text_atomically(sidecar_path(path), record)
+
+
+def write_text_atomically(path: str, text: str) -> None:
+    """``text`` to ``path`` through a synced temp file and ``os.replace``:
+    a crash leaves the old file or the new one, never a part."""
+    _write_atomically(path, lambda f: f.write(text.encode()))
 
 
 def _write_atomically(path: str, write: Callable[[BinaryIO], Any],

@@ -21,6 +21,8 @@ import sys
 import time
 from typing import Iterable, List, Optional
 
+from mmpfc.checkpoint.io import write_text_atomically
+
 LAST_CHECKPOINT = 'last_checkpoint'
 #: The lock file of a training run, in its work dir.
 LOCK_FILE = '.mmpfc-train.lock'
@@ -128,16 +130,9 @@ def launch_identity() -> str:
     return f'{socket.gethostname()} {agent} {started} {run_id}'
 
 
-def _write_atomically(path: str, text: str) -> None:
-    temp = f'{path}.{os.getpid()}.tmp'
-    with open(temp, 'w') as f:
-        f.write(text)
-    os.replace(temp, path)
-
-
 def record_launch(work_dir: str) -> None:
     """Mark the work dir's run as this launch's."""
-    _write_atomically(osp.join(work_dir, LAUNCH_FILE), launch_identity())
+    write_text_atomically(osp.join(work_dir, LAUNCH_FILE), launch_identity())
 
 
 def launched_here(work_dir: str) -> bool:
@@ -157,7 +152,7 @@ def point_last_checkpoint(work_dir: str, path: Optional[str]) -> None:
         if osp.lexists(record):
             os.remove(record)
     else:
-        _write_atomically(record, osp.abspath(path))
+        write_text_atomically(record, osp.abspath(path))
 
 
 def existing_checkpoints(dirs: Iterable[str]) -> List[str]:
