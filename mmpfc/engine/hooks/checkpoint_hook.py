@@ -4,9 +4,9 @@ one is saved.
 MMEngine (0.10.7, ``CheckpointHook._save_checkpoint_with_step`` and
 ``_save_best_checkpoint``) removes the checkpoint that ``max_keep_ckpts``
 rotates out, and the previous best one (``save_best``), *before* it writes
-the new file. A
-crash or ``kill -9`` inside that save then leaves no complete checkpoint at
-all when ``max_keep_ckpts=1``, and no best checkpoint with ``save_best``:
+the new file. A crash or ``kill -9`` inside that save then leaves no
+complete checkpoint at all when ``max_keep_ckpts=1``, and no best
+checkpoint with ``save_best``:
 ``last_checkpoint`` still names the file just deleted. Here the removals
 MMEngine asks for are held back and carried out after the save returned
 (and, for the rotation, after ``last_checkpoint`` names the new file), so a
